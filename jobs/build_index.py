@@ -1,0 +1,16 @@
+"""Build the FAISS similarity index from a committed tag table.
+
+    ray job submit --working-dir . -- python jobs/build_index.py --tag-table runs/tag_table --out runs/index
+"""
+
+import sys
+from pathlib import Path
+
+# Runnable from a plain checkout too (ray job submit --working-dir . ships the source, not an install).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mltag.config import parse_config
+from mltag.index import IndexConfig, build_index
+
+if __name__ == "__main__":
+    build_index(parse_config(IndexConfig, sys.argv[1:], prog="jobs/build_index.py"))

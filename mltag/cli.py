@@ -1,0 +1,57 @@
+"""``mltag <stage>``: each subcommand resolves its config (defaults -> --config YAML -> flags)
+and calls the same ``run(config)`` that the ``jobs/`` entrypoints call.
+
+    mltag sample --out catalog
+    mltag train  --manifest catalog/manifest.parquet --out runs/train
+    mltag tag    --manifest catalog/manifest.parquet --model runs/train/model --out runs/tag_table
+    mltag index  --tag-table runs/tag_table --out runs/index
+    mltag search --index runs/index --listing-id L000042
+    mltag demo   --out demo_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from mltag.config import ConfigError, add_config_arguments, config_from_args
+
+
+def _stages() -> dict[str, tuple[type, Callable]]:
+    # Imported lazily so `mltag --help` stays fast and a stage's heavy imports load only when used.
+    from mltag import demo, index, sample, tag, train
+
+    return {
+        "sample": (sample.SampleConfig, sample.run),
+        "train": (train.TrainConfig, train.run),
+        "tag": (tag.TagConfig, tag.run),
+        "index": (index.IndexConfig, index.build_index),
+        "search": (index.SearchConfig, index.run_search),
+        "demo": (demo.DemoConfig, demo.run),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mltag", description="Tag, embed and search very large image catalogs on Ray.")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (config_cls, _) in _stages().items():
+        stage = sub.add_parser(name, help=(config_cls.__doc__ or "").strip().splitlines()[0])
+        add_config_arguments(stage, config_cls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config_cls, run = _stages()[args.stage]
+    try:
+        config = config_from_args(config_cls, args)
+    except (ConfigError, ValueError) as exc:
+        print(f"mltag {args.stage}: {exc}", file=sys.stderr)
+        return 2
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

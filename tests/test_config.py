@@ -1,0 +1,44 @@
+import pytest
+
+from mltag.config import ConfigError, config_from_dict, parse_config, save_config
+from mltag.tag import TagConfig
+from mltag.train import TrainConfig
+
+
+def test_layers_defaults_then_yaml_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("manifest: m.parquet\nepochs: 7\nloss: focal\nhflip: false\n")
+    config = parse_config(TrainConfig, ["--config", str(path), "--epochs", "9", "--lr", "0.01"])
+    assert (config.manifest, config.epochs, config.loss, config.lr, config.hflip) == ("m.parquet", 9, "focal", 0.01, False)
+    assert config.batch_size == TrainConfig.batch_size  # untouched default
+
+
+def test_unknown_yaml_key_is_an_error_naming_valid_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("manifest: m.parquet\nepochz: 7\n")
+    with pytest.raises(ConfigError, match="epochz.*valid keys"):
+        parse_config(TrainConfig, ["--config", str(path)])
+
+
+def test_unknown_flag_is_rejected():
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--manifest", "m", "--epochz", "3"])
+
+
+@pytest.mark.parametrize("key,value", [("epochs", "three"), ("epochs", 2.5), ("lr", "fast"), ("hflip", "maybe")])
+def test_wrong_types_are_errors(key, value):
+    with pytest.raises(ConfigError, match=key):
+        config_from_dict(TrainConfig, {"manifest": "m", key: value})
+
+
+def test_validation_names_the_choices():
+    with pytest.raises(ValueError, match="bce, focal, asl"):
+        config_from_dict(TrainConfig, {"manifest": "m", "loss": "asl2"})
+    with pytest.raises(ValueError, match="model is required"):
+        config_from_dict(TagConfig, {"manifest": "m"})
+
+
+def test_saved_config_loads_back(tmp_path):
+    config = config_from_dict(TrainConfig, {"manifest": "m.parquet", "epochs": 3})
+    save_config(config, tmp_path / "config.yaml")
+    assert parse_config(TrainConfig, ["--config", str(tmp_path / "config.yaml")]) == config

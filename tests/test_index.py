@@ -1,0 +1,77 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mltag import tag_table
+from mltag.index import EmbeddingIndex, IndexConfig, build_index, l2_normalise
+from mltag.tag_table import UncommittedRunError
+
+
+def write_committed_table(directory, embeddings, errors, files=2):
+    """A real committed tag table (Parquet parts + _SUCCESS.json) with the given embeddings."""
+    directory.mkdir(parents=True, exist_ok=True)
+    n, dim = embeddings.shape
+    batch = pa.table({"listing_id": [f"L{i}" for i in range(n)], "image_uri": [f"/img/{i}.jpg" for i in range(n)]})
+    ok = np.array([i for i in range(n) if errors[i] is None])
+    tags = [[f"t{i % 3}"] for i in ok]
+    table = tag_table.assemble(batch, ok, np.zeros((len(ok), 3), np.float32), embeddings[ok], tags, "v1", errors)
+    names = []
+    for k, part in enumerate(np.array_split(np.arange(n), files)):
+        names.append(f"part-{k}.parquet")
+        pq.write_table(table.take(part), directory / names[-1])
+    (directory / "_SUCCESS.json").write_text(json.dumps({"run_id": "r1", "model_version": "v1", "embedding_dim": dim, "files": names}))
+    return table
+
+
+@pytest.fixture()
+def clustered(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16))
+    emb = (centres[np.arange(60) % 5] + 0.05 * rng.normal(size=(60, 16))).astype(np.float32)
+    errors = [None] * 60
+    errors[7] = "corrupt image: broken data stream"
+    write_committed_table(tmp_path / "tags", emb, errors)
+    return tmp_path, emb, errors
+
+
+def test_search_by_listing_returns_itself_first_then_true_neighbours(clustered):
+    tmp_path, emb, _ = clustered
+    meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "idx")))
+    assert meta["count"] == 59 and meta["skipped_error_rows"] == 1
+    index = EmbeddingIndex.load(str(tmp_path / "idx"))
+    result = index.search_listing("L12", k=6).to_pylist()
+    assert result[0]["listing_id"] == "L12" and result[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    # Brute-force cosine reference over the non-error rows.
+    normed = l2_normalise(emb)
+    sims = normed @ normed[12]
+    sims[7] = -np.inf
+    expected = [f"L{i}" for i in np.argsort(-sims)[:6]]
+    assert [r["listing_id"] for r in result] == expected
+    assert all(int(r["listing_id"][1:]) % 5 == 12 % 5 for r in result)  # same cluster
+    assert [r["rank"] for r in result] == list(range(1, 7))
+
+
+def test_error_rows_are_not_searchable(clustered):
+    tmp_path, _, _ = clustered
+    build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "idx")))
+    with pytest.raises(KeyError, match="L7"):
+        EmbeddingIndex.load(str(tmp_path / "idx")).search_listing("L7")
+
+
+def test_trainable_factory_streams_and_trains(clustered):
+    tmp_path, _, _ = clustered
+    meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "ivf"), factory="IVF4,Flat", batch_rows=16))
+    assert meta["count"] == 59 and meta["factory"] == "IDMap2,IVF4,Flat"
+    index = EmbeddingIndex.load(str(tmp_path / "ivf"))
+    index.set_search_parameter("nprobe", 4)  # all lists: exact
+    assert index.search_listing("L3", k=1).column("listing_id").to_pylist() == ["L3"]
+
+
+def test_uncommitted_table_is_refused(tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "part-0.parquet").write_bytes(b"PAR1")
+    with pytest.raises(UncommittedRunError, match="_SUCCESS"):
+        build_index(IndexConfig(tag_table=str(tmp_path / "half"), out=str(tmp_path / "idx")))

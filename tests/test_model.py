@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from mltag.model import Tagger, TaggerSpec, load_tagger, normalise, save_tagger, set_thresholds
+from mltag.vocabulary import Vocabulary
+
+VOCAB = Vocabulary.from_dict({"tags": ["a", {"name": "b", "parent": "a"}, "c"]})
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_forward_gives_logits_and_pooled_embedding(pooling):
+    model = Tagger("test_efficientnet", num_tags=3, pooling=pooling).eval()
+    logits, embedding = model(torch.randn(2, 3, 48, 48))
+    assert logits.shape == (2, 3) and embedding.shape == (2, model.embedding_dim)
+    features = model.backbone.forward_features(torch.zeros(1, 3, 48, 48))
+    expected = features.amax(dim=(2, 3)) if pooling == "max" else features.mean(dim=(2, 3))
+    torch.testing.assert_close(model(torch.zeros(1, 3, 48, 48))[1], expected)
+
+
+def test_save_load_round_trip_and_version(tmp_path):
+    torch.manual_seed(0)
+    model = Tagger("test_efficientnet", 3).eval()
+    spec = save_tagger(model, TaggerSpec(backbone="test_efficientnet", vocabulary=VOCAB.to_dict(), img_size=48), str(tmp_path / "m"))
+    loaded, loaded_spec = load_tagger(str(tmp_path / "m"))
+    x = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    assert loaded_spec.version == spec.version and len(spec.version) == 12
+    assert loaded_spec.vocab == VOCAB
+
+    # Same weights, same settings: same version. New thresholds: a new version.
+    again = save_tagger(model, TaggerSpec(backbone="test_efficientnet", vocabulary=VOCAB.to_dict(), img_size=48), str(tmp_path / "m2"))
+    assert again.version == spec.version
+    assert set_thresholds(str(tmp_path / "m"), [0.3, 0.4, 0.5]).version != spec.version
+
+
+def test_unknown_backbone_and_pooling():
+    with pytest.raises(ValueError, match="unknown timm backbone"):
+        Tagger("resnet_nope", 3)
+    with pytest.raises(ValueError, match="avg, max"):
+        Tagger("test_efficientnet", 3, pooling="median")
+
+
+def test_normalise_uint8_nhwc():
+    pixels = torch.full((1, 2, 2, 3), 255, dtype=torch.uint8)
+    x = normalise(pixels, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert x.shape == (1, 3, 2, 2) and torch.allclose(x, torch.ones_like(x))

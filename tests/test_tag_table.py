@@ -1,0 +1,29 @@
+import numpy as np
+import pyarrow as pa
+
+from mltag import tag_table
+
+
+def test_decide_tags_applies_thresholds_and_closes_upward():
+    names = ["tree", "forest", "sky"]
+    scores = np.array([[0.1, 0.9, 0.2], [0.6, 0.1, 0.7], [0.0, 0.0, 0.0]], np.float32)
+    thresholds = np.array([0.5, 0.8, 0.75], np.float32)
+    tags = tag_table.decide_tags(scores, thresholds, names, {"forest": ["tree"]})
+    assert tags == [["tree", "forest"], ["tree"], []]
+
+
+def test_assemble_keeps_every_row_and_carries_columns():
+    batch = pa.table({"listing_id": ["a", "b", "c"], "image_uri": ["u1", "u2", "u3"], "price": [1.0, 2.0, 3.0],
+                      "tags": pa.array([["x"], [], ["y"]], pa.list_(pa.string())), "pixels": pa.array([b"", b"", b""])})
+    ok = np.array([0, 2])
+    scores = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    emb = np.arange(8, dtype=np.float32).reshape(2, 4)
+    out = tag_table.assemble(batch, ok, scores, emb, [["x"], ["y"]], "v1", [None, "missing: u2", None])
+    assert out.num_rows == 3
+    assert out.schema.field("embedding").type == pa.list_(pa.float32(), 4)
+    rows = out.to_pylist()
+    assert rows[1]["embedding"] is None and rows[1]["scores"] is None and rows[1]["error"] == "missing: u2"
+    assert rows[2]["embedding"] == [4, 5, 6, 7] and rows[2]["tags"] == ["y"]
+    assert rows[0]["true_tags"] == ["x"] and rows[0]["price"] == 1.0 and "pixels" not in out.column_names
+    assert out.column_names[:7] == list(tag_table.CORE_COLUMNS)
+    np.testing.assert_array_equal(tag_table.embedding_matrix(out.column("embedding").filter(pa.array([True, False, True]))), emb)
