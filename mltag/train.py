@@ -57,7 +57,8 @@ class TrainConfig:
     threshold: float = 0.5  # default decision threshold per tag until calibrated
     num_workers: int = 1  # Ray Train workers (one per GPU on GPU clusters)
     use_gpu: str = "auto"  # auto | true | false
-    cpus_per_worker: int = 1  # CPUs reserved per worker (also its torch threads)
+    cpus_per_worker: int = 1  # CPUs Ray reserves per worker
+    torch_threads: int = 0  # intra-op threads per worker; 0: cpus_per_worker (raise it when data is cached)
     cache_decoded: bool = False  # decode once and keep pixels in the object store (small catalogs)
     name: str = "mltag-train"  # Ray Train run name (checkpoints under storage_path/name)
     storage_path: str = ""  # Ray Train storage, local or s3://; empty: <out>/ray_train
@@ -270,7 +271,7 @@ def run(config: TrainConfig) -> TaggerSpec:
         **{k: getattr(config, k) for k in ("backbone", "pretrained", "pooling", "img_size", "loss", "gamma_pos", "gamma_neg",
                                           "clip", "focal_gamma", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                           "hflip", "seed")},
-        "num_tags": len(vocab), "n_train": train_table.num_rows, "threads": config.cpus_per_worker, "mean": mean, "std": std,
+        "num_tags": len(vocab), "n_train": train_table.num_rows, "threads": config.torch_threads or config.cpus_per_worker, "mean": mean, "std": std,
     }
     use_gpu = _use_gpu(config.use_gpu)
     trainer = TorchTrainer(

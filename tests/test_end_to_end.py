@@ -1,0 +1,109 @@
+"""Every jobs/ entrypoint and the CLI, run as a user runs them, on a tiny real catalog."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mltag.catalog import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run_entrypoint(*args: str, timeout: int = 600) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DISABLE_IMPORT_WARNING": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """sample (CLI) -> jobs/train.py -> jobs/tag_catalog.py (with bad rows) -> jobs/build_index.py."""
+    work = tmp_path_factory.mktemp("e2e")
+    out = {"work": work}
+    run_entrypoint("-m", "mltag.cli", "sample", "--out", str(work / "catalog"), "--n-images", "40", "--size", "64")
+    manifest = work / "catalog" / "manifest.parquet"
+
+    config = work / "train.yaml"
+    config.write_text(f"manifest: {manifest}\nout: {work / 'train'}\nbackbone: test_efficientnet\nimg_size: 64\n"
+                      "epochs: 2\nbatch_size: 8\nhflip: false\n")
+    out["train_log"] = run_entrypoint("jobs/train.py", "--config", str(config), "--lr", "0.003")
+
+    # The catalog to tag: the sample plus a corrupt file and a missing one.
+    (work / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    table = read_manifest(str(manifest))  # absolute image URIs: the new manifest lives elsewhere
+    bad = pa.table({"listing_id": ["BAD1", "BAD2"], "image_uri": [str(work / "corrupt.jpg"), str(work / "missing.jpg")],
+                    "tags": pa.array([[], []], pa.list_(pa.string())), "split": ["test", "test"]})
+    pq.write_table(pa.concat_tables([table, bad]), work / "to_tag.parquet")
+    out["tag_log"] = run_entrypoint("jobs/tag_catalog.py", "--manifest", str(work / "to_tag.parquet"),
+                                    "--model", str(work / "train" / "model"), "--out", str(work / "tag_table"), "--batch-size", "16")
+    out["index_log"] = run_entrypoint("jobs/build_index.py", "--tag-table", str(work / "tag_table"), "--out", str(work / "index"))
+    return out
+
+
+def test_training_prints_validation_map_per_epoch_and_saves_a_model(pipeline):
+    log = pipeline["train_log"]
+    assert "epoch 1/2" in log and "epoch 2/2" in log and "val mAP" in log
+    spec = json.loads((pipeline["work"] / "train" / "model" / "tagger.json").read_text())
+    assert len(spec["version"]) == 12 and spec["backbone"] == "test_efficientnet"
+    assert [h["epoch"] for h in spec["extra"]["history"]] == [1, 2]
+    assert (pipeline["work"] / "train" / "config.yaml").exists()
+
+
+def test_tag_table_has_one_row_per_input_and_error_rows(pipeline):
+    import duckdb
+
+    work = pipeline["work"]
+    success = json.loads((work / "tag_table" / "_SUCCESS.json").read_text())
+    assert success["rows"] == success["manifest_rows"] == 42 and success["errors"] == 2
+    con = duckdb.connect()
+    glob = f"{work / 'tag_table'}/*.parquet"
+    rows = con.execute(f"SELECT listing_id, error, len(embedding) AS d, len(scores) AS s FROM read_parquet('{glob}')").fetchall()
+    assert len(rows) == 42 and len({r[0] for r in rows}) == 42
+    errors = {r[0]: r[1] for r in rows if r[1] is not None}
+    assert set(errors) == {"BAD1", "BAD2"}
+    assert "corrupt" in errors["BAD1"] or "not an image" in errors["BAD1"]
+    assert "missing" in errors["BAD2"]
+    dims = {r[2] for r in rows if r[1] is None}
+    assert dims == {success["embedding_dim"]} and {r[3] for r in rows if r[1] is None} == {len(success["vocabulary"])}
+    version = con.execute(f"SELECT DISTINCT model_version FROM read_parquet('{glob}')").fetchall()
+    assert version == [(json.loads((work / "train" / "model" / "tagger.json").read_text())["version"],)]
+
+
+def test_search_by_listing_and_by_image_finds_the_listing_itself_first(pipeline):
+    work = pipeline["work"]
+    by_id = run_entrypoint("-m", "mltag.cli", "search", "--index", str(work / "index"), "--listing-id", "L000005", "--k", "3")
+    first = [l for l in by_id.splitlines() if l.strip().startswith("1 ")][0]
+    assert "L000005" in first and "1.0000" in first
+    image = work / "catalog" / "images" / "000011.jpg"
+    by_image = run_entrypoint("-m", "mltag.cli", "search", "--index", str(work / "index"), "--image", str(image), "--k", "3")
+    first = [l for l in by_image.splitlines() if l.strip().startswith("1 ")][0]
+    assert "L000011" in first
+
+
+def test_rerun_replaces_the_table_without_duplicates(pipeline):
+    work = pipeline["work"]
+    run_entrypoint("jobs/tag_catalog.py", "--manifest", str(work / "to_tag.parquet"), "--model", str(work / "train" / "model"),
+                   "--out", str(work / "tag_table"), "--run-id", "second")
+    success = json.loads((work / "tag_table" / "_SUCCESS.json").read_text())
+    assert success["run_id"] == "second"
+    total = sum(pq.read_metadata(work / "tag_table" / f).num_rows for f in success["files"])
+    on_disk = sum(pq.read_metadata(p).num_rows for p in (work / "tag_table").glob("*.parquet"))
+    assert total == on_disk == 42
+    assert not list(work.glob(".tag_table.staging-*"))
+
+
+def test_cli_reports_config_errors_clearly():
+    proc = subprocess.run([sys.executable, "-m", "mltag.cli", "train", "--manifest", "m.csv", "--loss", "asl2"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "bce, focal, asl" in proc.stderr
