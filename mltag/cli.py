@@ -3,6 +3,9 @@ and calls the same ``run(config)`` that the ``jobs/`` entrypoints call.
 
     mltag sample --out catalog
     mltag train  --manifest catalog/manifest.parquet --out runs/train
+    mltag eval   --manifest catalog/manifest.parquet --model runs/train/model --out runs/eval
+    mltag calibrate --manifest catalog/manifest.parquet --model runs/train/model --target 0.9
+    mltag report --model runs/train/model --eval runs/eval --out runs/report
     mltag tag    --manifest catalog/manifest.parquet --model runs/train/model --out runs/tag_table
     mltag index  --tag-table runs/tag_table --out runs/index
     mltag search --index runs/index --listing-id L000042
@@ -20,11 +23,14 @@ from mltag.config import ConfigError, add_config_arguments, config_from_args
 
 def _stages() -> dict[str, tuple[type, Callable]]:
     # Imported lazily so `mltag --help` stays fast and a stage's heavy imports load only when used.
-    from mltag import demo, index, sample, tag, train
+    from mltag import demo, evaluate, index, report, sample, tag, thresholds, train
 
     return {
         "sample": (sample.SampleConfig, sample.run),
         "train": (train.TrainConfig, train.run),
+        "eval": (evaluate.EvalConfig, evaluate.run),
+        "calibrate": (thresholds.CalibrateConfig, thresholds.run),
+        "report": (report.ReportConfig, report.run),
         "tag": (tag.TagConfig, tag.run),
         "index": (index.IndexConfig, index.build_index),
         "search": (index.SearchConfig, index.run_search),

@@ -84,3 +84,54 @@ def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
     top = np.argpartition(-s[rows], k - 1, axis=1)[:, :k]
     hits = np.take_along_axis(y[rows], top, axis=1).any(axis=1)
     return float(hits.mean()) if hits.size else float("nan")
+
+
+def precision_recall_f1(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, np.ndarray | float]:
+    """Per-tag precision, recall and F1 of 0/1 decisions, plus micro and macro averages.
+
+    A tag with no predicted positive has precision 0 (scikit-learn's zero_division=0)."""
+    y, p = np.asarray(y_true).astype(bool), np.asarray(y_pred).astype(bool)
+    tp = (y & p).sum(axis=0).astype(np.float64)
+    predicted, actual = p.sum(axis=0), y.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
+    micro_p = tp.sum() / max(predicted.sum(), 1)
+    micro_r = tp.sum() / max(actual.sum(), 1)
+    micro_f1 = 2 * micro_p * micro_r / (micro_p + micro_r) if micro_p + micro_r > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "support": actual,
+            "micro_precision": float(micro_p), "micro_recall": float(micro_r), "micro_f1": float(micro_f1),
+            "macro_precision": float(precision.mean()), "macro_recall": float(recall.mean()), "macro_f1": float(f1.mean())}
+
+
+def level_accuracy(y_true: np.ndarray, scores: np.ndarray, level_map: np.ndarray) -> dict:
+    """Top-1 accuracy with tags collapsed to one level of the hierarchy.
+
+    ``level_map`` (tags x level classes) sends each tag to its ancestor at the level. A class
+    scores the best of its descendants; a row (with at least one true class at the level) is
+    correct when its best-scored class is one of its true classes.
+      micro: share of rows correct; macro: mean over classes of that share among the rows
+      where the class is true (balanced accuracy for single-label data);
+      confusion[true, predicted]: rows with exactly one true class at the level.
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    m = np.asarray(level_map).astype(bool)
+    n_classes = m.shape[1]
+    level_scores = np.full((len(s), n_classes), -np.inf)
+    level_true = np.zeros((len(y), n_classes), dtype=bool)
+    for c in range(n_classes):
+        members = m[:, c]
+        if members.any():
+            level_scores[:, c] = s[:, members].max(axis=1)
+            level_true[:, c] = y[:, members].any(axis=1)
+    rows = level_true.any(axis=1)
+    predicted = level_scores.argmax(axis=1)
+    correct = level_true[np.arange(len(y)), predicted] & rows
+    per_class = [float(correct[level_true[:, c]].mean()) for c in range(n_classes) if level_true[:, c].any()]
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    single = level_true.sum(axis=1) == 1
+    np.add.at(confusion, (level_true[single].argmax(axis=1), predicted[single]), 1)
+    return {"micro": float(correct[rows].mean()) if rows.any() else float("nan"),
+            "macro": float(np.mean(per_class)) if per_class else float("nan"),
+            "rows": int(rows.sum()), "confusion": confusion}

@@ -15,21 +15,26 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import yaml
 
 from mltag import catalog, storage
+from mltag.augment import augment_batch
 from mltag.config import config_hash, save_config
 from mltag.images import decode_batch, pixels_from_arrow
 from mltag.losses import LOSSES, MultiLabelLoss
 from mltag.metrics import chance_mean_average_precision, mean_average_precision
+from mltag.resampling import repeat_counts, repeat_factors
 from mltag.model import POOLINGS, Tagger, TaggerSpec, backbone_normalisation, normalise, save_tagger
 from mltag.vocabulary import Vocabulary
 
 STATE_FILE = "state.pt"
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -48,11 +53,21 @@ class TrainConfig:
     gamma_neg: float = 4.0  # ASL focusing for negatives
     clip: float = 0.05  # ASL probability margin on negatives
     focal_gamma: float = 2.0  # focal loss gamma
-    epochs: int = 5  # passes over the training split
+    pos_weight: str = "none"  # per-tag positive weights: none | balanced (sqrt(neg/pos), max 10) | YAML file tag: weight
+    epochs: int = 5  # passes over the training split (both phases together)
+    head_epochs: int = 0  # phase 1: epochs training only the head with the backbone frozen
+    backbone_lr_scale: float = 1.0  # phase 2: backbone learning rate = lr x this
     batch_size: int = 32  # images per worker per step
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    weight_decay: float = 1e-4  # AdamW weight decay
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, nesterov)
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 1e-4  # weight decay
     warmup_epochs: float = 0.5  # linear warmup from ~0, then cosine decay to 0
+    ema_decay: float = 0.0  # exponential moving average of weights (e.g. 0.999); 0: off
+    repeat_threshold: float = 0.0  # repeat-factor resampling target frequency t; 0: off
+    repeat_sqrt: bool = True  # phi = square root (true) or identity (false)
+    augment: bool = True  # random resized crop (keeps >= crop_scale of the area) + colour jitter
+    crop_scale: float = 0.7  # smallest share of the image area a training crop keeps
+    jitter: float = 0.2  # colour jitter strength (brightness, contrast, saturation)
     hflip: bool = True  # random horizontal flips (turn off when left/right matters, e.g. text)
     threshold: float = 0.5  # default decision threshold per tag until calibrated
     num_workers: int = 1  # Ray Train workers (one per GPU on GPU clusters)
@@ -77,6 +92,14 @@ class TrainConfig:
             raise ValueError("use_gpu must be auto, true or false")
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("epochs, batch_size and num_workers must be positive")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.head_epochs < self.epochs:
+            raise ValueError("head_epochs must be at least 0 and less than epochs (phase 2 needs an epoch)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must be in [0, 1)")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError("crop_scale must be in (0, 1]")
 
     def vocabulary_uri(self) -> str:
         return self.vocabulary or storage.join(storage.parent_dir(self.manifest), "vocabulary.yaml")
@@ -91,14 +114,34 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def labelled_table(table: pa.Table, vocab: Vocabulary) -> pa.Table:
-    """listing_id, image_uri and a fixed-size multi-hot ``labels`` column (closed upward)."""
+def positive_weights(labels: np.ndarray, setting: str, vocab: Vocabulary) -> list[float] | None:
+    """Per-tag positive weights: ``balanced`` is sqrt(negatives / positives) clipped to [1, 10]."""
+    if setting in ("", "none"):
+        return None
+    if setting == "balanced":
+        positives = labels.sum(axis=0)
+        ratio = (len(labels) - positives) / np.maximum(positives, 1)
+        return np.clip(np.sqrt(ratio), 1.0, 10.0).round(4).tolist()
+    try:
+        mapping = yaml.safe_load(storage.read_bytes(setting)) or {}
+    except FileNotFoundError as exc:
+        raise ValueError(f"pos_weight file not found: {setting} (or use none / balanced)") from exc
+    unknown = set(mapping) - set(vocab.names)
+    if unknown:
+        raise ValueError(f"pos_weight file names tags not in the vocabulary: {sorted(unknown)}")
+    return [float(mapping.get(name, 1.0)) for name in vocab.names]
+
+
+def labelled_table(table: pa.Table, vocab: Vocabulary, repeat_threshold: float = 0.0, repeat_sqrt: bool = True) -> pa.Table:
+    """listing_id, image_uri, a fixed-size multi-hot ``labels`` column (closed upward) and each
+    image's ``repeat_factor`` (1 when resampling is off)."""
     labels = vocab.encode(table.column("tags").to_pylist())
-    flat = pa.array(labels.ravel(), pa.float32())
+    factors = repeat_factors(labels, repeat_threshold, repeat_sqrt) if repeat_threshold > 0 else np.ones(len(labels))
     return pa.table({
         "listing_id": table.column("listing_id"),
         "image_uri": table.column("image_uri"),
-        "labels": pa.FixedSizeListArray.from_arrays(flat, len(vocab)),
+        "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.ravel(), pa.float32()), len(vocab)),
+        "repeat_factor": pa.array(factors, pa.float64()),
     })
 
 
@@ -114,6 +157,23 @@ def batch_arrays(batch: pa.Table, img_size: int) -> tuple[np.ndarray, np.ndarray
     return pixels, labels
 
 
+def resampled_batches(batches: Iterable[pa.Table], batch_size: int, seed: int, epoch: int) -> Iterator[pa.Table]:
+    """Repeats each row by its repeat count for this epoch and re-cuts fixed-size batches."""
+    carry: pa.Table | None = None
+    for batch in batches:
+        counts = repeat_counts(batch.column("repeat_factor").to_numpy(), batch.column("listing_id").to_pylist(), seed, epoch)
+        expanded = batch.take(pa.array(np.repeat(np.arange(batch.num_rows), counts)))
+        # Copies of one image are spread through the batch rather than side by side.
+        rng = np.random.default_rng([seed, epoch, batch.num_rows])
+        expanded = expanded.take(pa.array(rng.permutation(expanded.num_rows)))
+        carry = expanded if carry is None else pa.concat_tables([carry, expanded])
+        while carry.num_rows >= batch_size:
+            yield carry.slice(0, batch_size)
+            carry = carry.slice(batch_size)
+    if carry is not None and carry.num_rows:
+        yield carry
+
+
 def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64):
     """A Ray Dataset of decoded, labelled images (decoding runs in Ray Data CPU tasks)."""
     import ray.data
@@ -124,14 +184,41 @@ def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64):
 
 
 # ---- the loop each Ray Train worker runs --------------------------------------------------------
-def _state_dict(model: torch.nn.Module) -> dict:
-    return (model.module if hasattr(model, "module") else model).state_dict()
+def _unwrap(model: torch.nn.Module) -> Tagger:
+    return model.module if hasattr(model, "module") else model
+
+
+def freeze_backbone(model: Tagger, frozen: bool) -> None:
+    """Phase 1 (frozen) trains only the head; phase 2 trains everything."""
+    for p in model.backbone.parameters():
+        p.requires_grad_(not frozen)
+
+
+def _set_phase(model: Tagger, head_only: bool) -> torch.nn.Module:
+    """Freezes or unfreezes the backbone, then (re)builds DDP: DDP only synchronises the
+    parameters that required grad when it was built."""
+    import ray.train.torch
+
+    freeze_backbone(model, head_only)
+    return ray.train.torch.prepare_model(model)
+
+
+def build_optimizer(model: Tagger, config: dict) -> torch.optim.Optimizer:
+    """Two parameter groups so phase 2 can give the backbone a lower learning rate."""
+    groups = [
+        {"params": list(model.backbone.parameters()), "lr": config["lr"] * config["backbone_lr_scale"], "name": "backbone"},
+        {"params": list(model.head.parameters()), "lr": config["lr"], "name": "head"},
+    ]
+    if config["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=config["weight_decay"])
+    return torch.optim.AdamW(groups, lr=config["lr"], weight_decay=config["weight_decay"])
 
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.data
     import ray.train
     import ray.train.torch
+    from timm.utils import ModelEmaV3
 
     torch.set_num_threads(max(1, config["threads"]))
     torch.manual_seed(config["seed"])
@@ -139,47 +226,56 @@ def train_loop_per_worker(config: dict) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-
-    model = Tagger(config["backbone"], config["num_tags"], config["pooling"], config["pretrained"])
-    model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    loss_fn = MultiLabelLoss(config["loss"], config["gamma_pos"], config["gamma_neg"], config["clip"], config["focal_gamma"]).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    steps_per_epoch = max(1, math.ceil(config["n_train"] / (config["batch_size"] * world)))
+
+    tagger = Tagger(config["backbone"], config["num_tags"], config["pooling"], config["pretrained"])
+    tagger = tagger.to(device=device, memory_format=torch.channels_last)
+    pos_weight = torch.tensor(config["pos_weight"], device=device) if config["pos_weight"] else None
+    loss_fn = MultiLabelLoss(config["loss"], config["gamma_pos"], config["gamma_neg"], config["clip"], config["focal_gamma"],
+                             pos_weight=pos_weight)
+    optimizer = build_optimizer(tagger, config)
+    steps_per_epoch = max(1, math.ceil(config["n_train_effective"] / (config["batch_size"] * world)))
     total_steps = steps_per_epoch * config["epochs"]
     warmup = int(config["warmup_epochs"] * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
+    ema = ModelEmaV3(tagger, decay=config["ema_decay"]) if config["ema_decay"] > 0 else None
 
-    start_epoch, history = 0, []
+    start_epoch, history, restarts, step = 0, [], 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restart after a failure, or a resumed run: continue where it stopped
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-        (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
+        tagger.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, history, step = state["epoch"] + 1, state["history"], state["step"]
+        restarts = state.get("restarts", 0) + 1
         if rank == 0:
-            print(f"resuming from checkpoint after epoch {state['epoch'] + 1}")
+            print(f"resuming from checkpoint after epoch {state['epoch'] + 1} (restart {restarts})", flush=True)
 
-    mean, std, size = config["mean"], config["std"], config["img_size"]
-    generator = torch.Generator().manual_seed(config["seed"] + rank)
+    mean, std, size, bs = config["mean"], config["std"], config["img_size"], config["batch_size"]
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     use_amp = device.type == "cuda"
+    phase = None
 
     for epoch in range(start_epoch, config["epochs"]):
+        head_only = epoch < config["head_epochs"]
+        if phase != head_only:
+            model, phase = _set_phase(tagger, head_only), head_only
         model.train()
+        if head_only:
+            tagger.backbone.eval()  # a frozen backbone keeps its batch-norm statistics too
         started, seen, loss_sum, steps = time.time(), 0, 0.0, 0
-        for batch in train_shard.iter_batches(batch_size=config["batch_size"], batch_format="pyarrow",
-                                              local_shuffle_buffer_size=4 * config["batch_size"],
-                                              local_shuffle_seed=config["seed"] + epoch):
+        batches = train_shard.iter_batches(batch_size=bs, batch_format="pyarrow", local_shuffle_buffer_size=4 * bs,
+                                           local_shuffle_seed=config["seed"] + epoch)
+        if config["resample"]:
+            batches = resampled_batches(batches, bs, config["seed"] + rank, epoch)
+        for batch in batches:
             pixels, labels = batch_arrays(batch, size)
             x = normalise(torch.from_numpy(pixels).to(device), mean, std)
-            if config["hflip"]:
-                flip = torch.rand(x.shape[0], generator=generator) < 0.5
-                x[flip.to(device)] = x[flip.to(device)].flip(-1)
             y = torch.from_numpy(labels).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits, _ = model(x)
@@ -188,15 +284,18 @@ def train_loop_per_worker(config: dict) -> None:
             loss.backward()
             optimizer.step()
             scheduler.step()
+            step += 1
+            if ema is not None:
+                ema.update(tagger, step=step)
             seen, steps, loss_sum = seen + len(labels), steps + 1, loss_sum + float(loss)
         train_time = time.time() - started
 
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, steps), "samples_per_s": seen * world / max(train_time, 1e-9),
-                   "lr": scheduler.get_last_lr()[0]}
+        metrics = {"epoch": epoch + 1, "phase": 1 if head_only else 2, "train_loss": loss_sum / max(1, steps),
+                   "samples_per_s": seen * world / max(train_time, 1e-9), "lr": scheduler.get_last_lr()[-1], "restarts": restarts}
         if rank == 0:
-            metrics.update(evaluate(model.module if hasattr(model, "module") else model, val_shard, config, device))
+            metrics.update(evaluate(ema.module if ema is not None else tagger, val_shard, config, device))
             history.append(metrics)
-            print(f"epoch {epoch + 1}/{config['epochs']}: loss {metrics['train_loss']:.4f}  "
+            print(f"epoch {epoch + 1}/{config['epochs']} (phase {metrics['phase']}): loss {metrics['train_loss']:.4f}  "
                   f"val mAP {metrics['val_map']:.4f} (micro {metrics['val_map_micro']:.4f}, chance {metrics['val_chance_map']:.4f})  "
                   f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
         else:
@@ -204,8 +303,9 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save({"model": _state_dict(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "epoch": epoch, "history": history}, os.path.join(tmp, STATE_FILE))
+                torch.save({"model": tagger.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step,
+                            "history": history, "restarts": restarts}, os.path.join(tmp, STATE_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -213,6 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, shard, config: dict, device: torch.device) -> dict:
     """Validation mAP on the whole validation set (rank 0 sees all of it)."""
+    was_training = model.training
     model.eval()
     all_scores, all_labels = [], []
     for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="pyarrow"):
@@ -220,7 +321,7 @@ def evaluate(model: torch.nn.Module, shard, config: dict, device: torch.device) 
         logits, _ = model(normalise(torch.from_numpy(pixels).to(device), config["mean"], config["std"]))
         all_scores.append(torch.sigmoid(logits.float()).cpu().numpy())
         all_labels.append(labels)
-    model.train()
+    model.train(was_training)
     if not all_scores:
         return {"val_map": float("nan"), "val_map_micro": float("nan"), "val_chance_map": float("nan")}
     y, s = np.concatenate(all_labels), np.concatenate(all_scores)
@@ -237,8 +338,8 @@ def _use_gpu(setting: str) -> bool:
     return setting == "true"
 
 
-def run(config: TrainConfig) -> TaggerSpec:
-    """Trains, then exports the best checkpoint (by validation mAP) to ``<out>/model``."""
+def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None):
+    """The configured TorchTrainer plus what exporting its result needs (vocabulary, normalisation)."""
     import ray
     import ray.data
     import ray.train
@@ -250,28 +351,38 @@ def run(config: TrainConfig) -> TaggerSpec:
     val_table = catalog.select_split(manifest, "val")
     if train_table.num_rows == 0 or val_table.num_rows == 0:
         raise catalog.ManifestError(f"manifest {config.manifest} needs rows in both the 'train' and the 'val' split")
-    train_table, val_table = labelled_table(train_table, vocab), labelled_table(val_table, vocab)
+    train_table = labelled_table(train_table, vocab, config.repeat_threshold, config.repeat_sqrt)
+    val_table = labelled_table(val_table, vocab)
+    train_labels = np.asarray(train_table.column("labels").combine_chunks().flatten()).reshape(train_table.num_rows, -1)
 
     if not ray.is_initialized():
         ray.init()
-    out = config.out if storage.is_remote(config.out) else os.path.abspath(config.out)
-    save_config(config, os.path.join(out, "config.yaml")) if not storage.is_remote(out) else None
-    storage_path = config.storage_path or storage.join(out, "ray_train")
+    storage_path = config.storage_path or storage.join(_out_dir(config), "ray_train")
 
     # Workers iterate these datasets every epoch; their per-epoch progress bars only add noise.
-    data_context = ray.data.DataContext.get_current()
-    data_context.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False
     train_ds = image_dataset(train_table, config.img_size).randomize_block_order(seed=config.seed)
     val_ds = image_dataset(val_table, config.img_size)
     if config.cache_decoded:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    if config.augment or config.hflip:
+        # After the cache: every epoch sees fresh crops, flips and colours.
+        train_ds = train_ds.map_batches(
+            augment_batch, batch_format="pyarrow", batch_size=config.batch_size,
+            fn_kwargs={"size": config.img_size, "hflip": config.hflip, "crop_scale": config.crop_scale if config.augment else 1.0,
+                       "jitter": config.jitter if config.augment else 0.0})
 
     mean, std = backbone_normalisation(config.backbone)
     loop_config = {
         **{k: getattr(config, k) for k in ("backbone", "pretrained", "pooling", "img_size", "loss", "gamma_pos", "gamma_neg",
-                                          "clip", "focal_gamma", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-                                          "hflip", "seed")},
-        "num_tags": len(vocab), "n_train": train_table.num_rows, "threads": config.torch_threads or config.cpus_per_worker, "mean": mean, "std": std,
+                                          "clip", "focal_gamma", "epochs", "head_epochs", "backbone_lr_scale", "batch_size",
+                                          "optimizer", "lr", "weight_decay", "warmup_epochs", "ema_decay", "seed")},
+        "num_tags": len(vocab), "threads": config.torch_threads or config.cpus_per_worker, "mean": mean, "std": std,
+        "pos_weight": positive_weights(train_labels, config.pos_weight, vocab),
+        "resample": config.repeat_threshold > 0,
+        # Resampling makes an epoch longer: the scheduler must know how long.
+        "n_train_effective": float(train_table.column("repeat_factor").to_numpy().sum()),
+        **(extra_loop_config or {}),
     }
     use_gpu = _use_gpu(config.use_gpu)
     trainer = TorchTrainer(
@@ -292,29 +403,52 @@ def run(config: TrainConfig) -> TaggerSpec:
         # Each worker trains on its own slice of 'train' but rank 0 validates on all of 'val'.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+    return trainer, vocab, mean, std
+
+
+def _out_dir(config: TrainConfig) -> str:
+    return config.out if storage.is_remote(config.out) else os.path.abspath(config.out)
+
+
+def run(config: TrainConfig) -> TaggerSpec:
+    """Trains, then exports the best checkpoint (by validation mAP) to ``<out>/model``.
+
+    Re-running with the same ``name`` and storage path resumes the run from its last checkpoint.
+    """
+    import ray.data
+
+    out = _out_dir(config)
+    if not storage.is_remote(out):
+        save_config(config, os.path.join(out, "config.yaml"))
+    trainer, vocab, mean, std = build_trainer(config)
     try:
         result = trainer.fit()
     finally:
-        data_context.enable_progress_bars = True
+        ray.data.DataContext.get_current().enable_progress_bars = True
     return export_best(result, config, vocab, mean, std, out)
 
 
 def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: str) -> TaggerSpec:
-    """Loads the best checkpoint of a finished run and saves it as a tagger directory."""
+    """Loads the best checkpoint of a finished run and saves it as a tagger directory (EMA
+    weights when EMA was on: they are the ones validation scored)."""
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if not math.isnan(m.get("val_map", float("nan")))]
     best_ckpt, best_metrics = max(candidates, key=lambda cm: cm[1]["val_map"]) if candidates else (result.checkpoint, result.metrics)
     with result.checkpoint.as_directory() as d:  # the latest holds the full history
-        history = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)["history"]
+        latest = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
     with best_ckpt.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
     model = Tagger(config.backbone, len(vocab), config.pooling, pretrained="none")
-    model.load_state_dict(state["model"])
+    if state.get("ema") is not None:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
+    else:
+        model.load_state_dict(state["model"])
     spec = TaggerSpec(
         backbone=config.backbone, vocabulary=vocab.to_dict(), pooling=config.pooling, img_size=config.img_size,
         mean=tuple(mean), std=tuple(std), thresholds=[config.threshold] * len(vocab),
         extra={"best_epoch": state["epoch"] + 1, "val_map": best_metrics.get("val_map"),
                "val_map_micro": best_metrics.get("val_map_micro"), "val_chance_map": best_metrics.get("val_chance_map"),
-               "history": history, "config_hash": config_hash(config), "train_config": {k: v for k, v in vars(config).items()}},
+               "history": latest["history"], "restarts": latest.get("restarts", 0), "config_hash": config_hash(config),
+               "train_config": dict(vars(config))},
     )
     spec = save_tagger(model, spec, storage.join(out, "model"))
     print(f"model {spec.version} (best epoch {spec.extra['best_epoch']}, val mAP {spec.extra['val_map']:.4f}, "

@@ -127,6 +127,27 @@ class Vocabulary:
             out.append(node)
         return out
 
+    def level_of(self, tag: str) -> int:
+        """1 for a root tag, 2 for its children, and so on."""
+        return len(self.ancestors(tag)) + 1
+
+    @property
+    def depth(self) -> int:
+        return max(self.level_of(n) for n in self.names)
+
+    def level_map(self, level: int) -> tuple[list[str], np.ndarray]:
+        """The tags of ``level`` and a (tags x level tags) 0/1 matrix sending every tag at that
+        level or deeper to its ancestor at that level (shallower tags map to nothing)."""
+        classes = [n for n in self.names if self.level_of(n) == level]
+        column = {c: j for j, c in enumerate(classes)}
+        mapping = np.zeros((len(self.names), len(classes)), dtype=bool)
+        for i, name in enumerate(self.names):
+            depth = self.level_of(name)
+            if depth >= level:
+                lineage = [name] + self.ancestors(name)  # self, parent, grandparent, ...
+                mapping[i, column[lineage[depth - level]]] = True
+        return classes, mapping
+
     def close(self, tags: Iterable[str]) -> list[str]:
         """Canonical tags plus all their ancestors, in vocabulary order."""
         present = set()

@@ -68,3 +68,54 @@ def test_chance_map_is_what_random_scores_get():
     rng = np.random.default_rng(0)
     random_map = np.mean([mean_average_precision(y, rng.random(y.shape))["macro"] for _ in range(5)])
     assert random_map == pytest.approx(chance_mean_average_precision(y), abs=0.02)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_precision_recall_f1_match_sklearn(seed):
+    y, s = _data(seed)
+    pred = (s > 0.75).astype(int)
+    ours = __import__("mltag.metrics", fromlist=["x"]).precision_recall_f1(y, pred)
+    p, r, f, support = skm.precision_recall_fscore_support(y, pred, zero_division=0)
+    np.testing.assert_allclose(ours["precision"], p)
+    np.testing.assert_allclose(ours["recall"], r)
+    np.testing.assert_allclose(ours["f1"], f)
+    for avg in ("micro", "macro"):
+        ap, ar, af, _ = skm.precision_recall_fscore_support(y, pred, average=avg, zero_division=0)
+        assert (ours[f"{avg}_precision"], ours[f"{avg}_recall"], ours[f"{avg}_f1"]) == pytest.approx((ap, ar, af))
+
+
+def test_level_accuracy_on_a_flat_single_label_set_is_top1_and_balanced_accuracy():
+    from mltag.metrics import level_accuracy
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, 200)
+    scores = rng.random((200, 4)) + 0.4 * np.eye(4)[labels]
+    result = level_accuracy(np.eye(4)[labels], scores, np.eye(4, dtype=bool))
+    assert result["micro"] == pytest.approx(skm.accuracy_score(labels, scores.argmax(1)))
+    assert result["macro"] == pytest.approx(skm.balanced_accuracy_score(labels, scores.argmax(1)))
+    np.testing.assert_array_equal(result["confusion"], skm.confusion_matrix(labels, scores.argmax(1), labels=range(4)))
+
+
+def test_level_accuracy_collapses_a_small_taxonomy_by_hand():
+    from mltag.metrics import level_accuracy
+    from mltag.vocabulary import Vocabulary
+
+    # plant > tree > {forest}, plant > flower; animal > dog
+    vocab = Vocabulary.from_dict({"tags": ["plant", "animal", {"name": "tree", "parent": "plant"},
+                                           {"name": "flower", "parent": "plant"}, {"name": "forest", "parent": "tree"},
+                                           {"name": "dog", "parent": "animal"}]})
+    classes, mapping = vocab.level_map(1)
+    assert classes == ["plant", "animal"]
+    assert vocab.level_map(2)[0] == ["tree", "flower", "dog"] and vocab.level_map(3)[0] == ["forest"]
+    y = vocab.encode([["forest"], ["dog"], ["flower"], ["dog"]]).astype(bool)
+    #            plant animal tree flower forest dog
+    scores = np.array([[0.1, 0.2, 0.1, 0.1, 0.9, 0.3],   # forest wins -> plant: correct
+                       [0.1, 0.1, 0.8, 0.1, 0.1, 0.5],   # tree wins -> plant: wrong (dog)
+                       [0.2, 0.1, 0.1, 0.7, 0.1, 0.1],   # flower -> plant: correct
+                       [0.1, 0.1, 0.1, 0.1, 0.1, 0.6]])  # dog -> animal: correct
+    l1 = level_accuracy(y, scores, mapping)
+    assert l1["micro"] == pytest.approx(3 / 4)
+    assert l1["macro"] == pytest.approx((2 / 2 + 1 / 2) / 2)
+    assert l1["confusion"].tolist() == [[2, 0], [1, 1]]
+    l2 = level_accuracy(y, scores, vocab.level_map(2)[1])  # tree, flower, dog
+    assert l2["micro"] == pytest.approx(3 / 4)
