@@ -112,7 +112,8 @@ def level_accuracy(y_true: np.ndarray, scores: np.ndarray, level_map: np.ndarray
     correct when its best-scored class is one of its true classes.
       micro: share of rows correct; macro: mean over classes of that share among the rows
       where the class is true (balanced accuracy for single-label data);
-      confusion[true, predicted]: rows with exactly one true class at the level.
+      confusion[true, predicted]: for every row and each of its true classes, one count at the
+      row's best-scored class (the usual confusion matrix for single-label data).
     """
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
@@ -130,8 +131,8 @@ def level_accuracy(y_true: np.ndarray, scores: np.ndarray, level_map: np.ndarray
     correct = level_true[np.arange(len(y)), predicted] & rows
     per_class = [float(correct[level_true[:, c]].mean()) for c in range(n_classes) if level_true[:, c].any()]
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    single = level_true.sum(axis=1) == 1
-    np.add.at(confusion, (level_true[single].argmax(axis=1), predicted[single]), 1)
+    true_rows, true_classes = np.nonzero(level_true)
+    np.add.at(confusion, (true_classes, predicted[true_rows]), 1)
     return {"micro": float(correct[rows].mean()) if rows.any() else float("nan"),
             "macro": float(np.mean(per_class)) if per_class else float("nan"),
             "rows": int(rows.sum()), "confusion": confusion}

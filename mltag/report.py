@@ -74,7 +74,7 @@ def plot_pr_curves(labels: np.ndarray, scores: np.ndarray, per_tag, count: int, 
     for r in picked:
         j = index[r["tag"]]
         precision, recall, _ = precision_recall_curve(labels[:, j], scores[:, j])
-        ax.step(np.r_[0, recall], np.r_[precision[0], precision], where="post", label=f"{r['tag']} (AP {r['ap']:.2f})")
+        ax.step(np.r_[0, recall], np.r_[precision[0], precision], where="pre", label=f"{r['tag']} (AP {r['ap']:.2f})")
     ax.set(title=f"precision-recall: {count} worst and best tags", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
@@ -96,13 +96,15 @@ def plot_per_tag_ap(per_tag, path: str) -> None:
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: str) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
+    side = max(4.5, 1.5 + 0.6 * len(classes))
+    fig, ax = plt.subplots(figsize=(side, side))
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     for (i, j), v in np.ndenumerate(confusion):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > confusion.max() / 2 else "black", fontsize=8)
-    ax.set(title="L1 confusion (rows: true, columns: predicted)", xlabel="predicted", ylabel="true")
+    ax.set_title("L1 confusion: true class vs top-1 prediction", fontsize=10)
+    ax.set(xlabel="predicted (top-1)", ylabel="true")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

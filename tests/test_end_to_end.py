@@ -107,3 +107,74 @@ def test_cli_reports_config_errors_clearly():
     proc = subprocess.run([sys.executable, "-m", "mltag.cli", "train", "--manifest", "m.csv", "--loss", "asl2"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "bce, focal, asl" in proc.stderr
+
+
+def test_eval_metrics_match_sklearn_on_the_pipelines_scores(pipeline):
+    import numpy as np
+    from sklearn import metrics as skm
+
+    from mltag.embed import tag_images
+
+    work = pipeline["work"]
+    log = run_entrypoint("-m", "mltag.cli", "eval", "--manifest", str(work / "catalog" / "manifest.parquet"),
+                         "--model", str(work / "train" / "model"), "--out", str(work / "eval"))
+    assert "mAP" in log and "L1 accuracy" in log and "L2 accuracy" in log
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    scored = pq.read_table(work / "eval" / "scores.parquet")
+    n_tags = metrics["tags"]
+    y = np.asarray(scored.column("labels").combine_chunks().flatten()).reshape(-1, n_tags)
+    s = np.asarray(scored.column("scores").combine_chunks().flatten()).reshape(-1, n_tags)
+    assert metrics["images"] == len(y) == 10  # the val split of 40 images
+    keep = y.sum(axis=0) > 0
+    assert metrics["map_macro"] == pytest.approx(skm.average_precision_score(y[:, keep], s[:, keep], average="macro"))
+    assert metrics["map_micro"] == pytest.approx(skm.average_precision_score(y, s, average="micro"))
+    assert set(metrics["levels"]) == {"L1", "L2"} and metrics["levels"]["L1"]["classes"] == ["scene", "odd", "even"]
+    per_tag = pq.read_table(work / "eval" / "per_tag.parquet")
+    assert per_tag.num_rows == n_tags and set(per_tag.column_names) >= {"tag", "ap", "precision", "recall", "f1"}
+
+    # The Ray Data pipeline's scores are the model's scores for those very listings.
+    manifest = read_manifest(str(work / "catalog" / "manifest.parquet")).to_pylist()
+    uri = {r["listing_id"]: r["image_uri"] for r in manifest}
+    ids = scored.column("listing_id").to_pylist()[:3]
+    direct, _, _ = tag_images([uri[i] for i in ids], str(work / "train" / "model"))
+    np.testing.assert_allclose(s[:3], direct, atol=1e-4)
+
+
+def test_calibrate_saves_thresholds_as_a_new_model_version(pipeline, tmp_path):
+    import shutil
+
+    work = pipeline["work"]
+    model = tmp_path / "model"
+    shutil.copytree(work / "train" / "model", model)
+    before = json.loads((model / "tagger.json").read_text())
+    log = run_entrypoint("-m", "mltag.cli", "calibrate", "--manifest", str(work / "catalog" / "manifest.parquet"),
+                         "--model", str(model), "--target", "0.8")
+    after = json.loads((model / "tagger.json").read_text())
+    report = json.loads((model / "thresholds.json").read_text())
+    assert after["version"] != before["version"] and report["model_version"] == after["version"]
+    assert after["thresholds"] == [t["threshold"] for t in report["tags"]]
+    assert all(t["precision"] >= 0.8 for t in report["tags"] if t["reached"])
+    assert "target met" in log
+
+
+def test_report_renders_its_figures_in_a_headless_browser(pipeline):
+    import shutil
+
+    work = pipeline["work"]
+    if not (work / "eval" / "metrics.json").exists():
+        pytest.skip("needs the eval test's output")
+    run_entrypoint("-m", "mltag.cli", "report", "--model", str(work / "train" / "model"), "--eval", str(work / "eval"),
+                   "--out", str(work / "report"))
+    for name in ("training_curves.png", "pr_curves.png", "per_tag_ap.png", "confusion_l1.png"):
+        assert (work / "report" / name).stat().st_size > 5000
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless browser installed (make test installs chromium where apt-get can)")
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={work / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom",
+                           (work / "report" / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert 'data-figures="4"' in dom, proc.stderr[-2000:]
+    assert 'data-figures-rendered="4"' in dom  # every PNG decoded by the browser
+    assert "mAP (macro)" in dom
