@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mltag-installed
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test install clean
+.PHONY: demo test install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mltag demo --out $(DEMO_OUT)
 
+# The report test renders the HTML in headless Chromium; install it where apt-get can (root on
+# Debian/Ubuntu). Without it that one check is skipped, with the reason printed.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1; } || \
+	  echo "note: no chromium available; the report's browser check will be skipped"
+
 # pytest exits 5 when it collects no test: that is a failure here, never a pass.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 clean:

@@ -394,7 +394,9 @@ def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None):
         ),
         run_config=ray.train.RunConfig(
             name=config.name,
-            storage_path=storage_path,
+            # The same filesystem mltag uses everywhere, so s3:// honours AWS_ENDPOINT_URL too.
+            storage_path=storage.arrow_filesystem_for(storage_path)[1] if storage.is_remote(storage_path) else storage_path,
+            storage_filesystem=storage.arrow_filesystem_for(storage_path)[0] if storage.is_remote(storage_path) else None,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.num_to_keep, checkpoint_score_attribute="val_map", checkpoint_score_order="max"),

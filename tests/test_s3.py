@@ -102,3 +102,28 @@ def test_tag_job_reads_and_writes_s3(s3_server, s3_catalog, tiny_model_dir):
     errors = dict(zip(table.column("listing_id").to_pylist(), table.column("error").to_pylist()))
     assert "missing" in errors["GONE"] and errors["NOBUCKET"] is not None
     assert sum(e is None for e in errors.values()) == 10
+
+
+@pytest.mark.slow
+def test_training_checkpoints_to_s3_storage(s3_server, tiny_catalog, tmp_path):
+    """Ray Train's RunConfig storage on s3:// (the loopback server), through mltag's filesystem."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mltag import storage
+
+    storage._filesystem.cache_clear()
+    fs, _ = storage.filesystem_for("s3://")
+    fs.mkdir("train-storage")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--manifest", tiny_catalog["manifest"], "--out", str(tmp_path / "run"),
+         "--backbone", "test_efficientnet", "--img-size", "64", "--epochs", "2", "--batch-size", "16",
+         "--storage-path", "s3://train-storage/runs", "--name", "on-s3", "--cache-decoded", "true"],
+        cwd=root, env={**os.environ, **s3_server}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    checkpoints = [p for p in fs.ls("train-storage/runs/on-s3") if "checkpoint_" in p and not p.endswith(".json")]
+    assert len(checkpoints) == 2
+    assert any(p.endswith("state.pt") for p in fs.find(checkpoints[0]))
+    assert (tmp_path / "run" / "model" / "tagger.json").exists()

@@ -49,3 +49,16 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_catalog, tmp_path
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]  # each epoch once, none skipped
     assert spec.extra["restarts"] == 1  # the run was restarted once, from a checkpoint
     assert history[0]["restarts"] == 0 and history[-1]["restarts"] == 1
+
+
+def test_rerunning_the_same_name_resumes_instead_of_starting_over(ray_local, tiny_catalog, tmp_path):
+    from mltag.train import TrainConfig, run
+
+    common = dict(manifest=tiny_catalog["manifest"], out=str(tmp_path), backbone="test_efficientnet", img_size=64,
+                  batch_size=16, augment=False, hflip=False, cache_decoded=True, name="resumable")
+    first = run(TrainConfig(epochs=2, **common))
+    assert [h["epoch"] for h in first.extra["history"]] == [1, 2]
+    second = run(TrainConfig(epochs=3, **common))  # the same run, asked for one more epoch
+    history = second.extra["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["restarts"] for h in history] == [0, 0, 1]  # epochs 1-2 come from the first run's checkpoint
