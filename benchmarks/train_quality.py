@@ -34,8 +34,8 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-images", type=int, default=800)
-    parser.add_argument("--img-size", type=int, default=128)
+    parser.add_argument("--n-images", type=int, default=600)
+    parser.add_argument("--img-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()

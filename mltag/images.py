@@ -160,3 +160,49 @@ def decode_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXEL
     if "error" in batch.column_names:
         batch = batch.drop_columns(["error"])
     return batch.append_column("pixels", pixels_to_arrow(pixels)).append_column("error", pa.array(errors, pa.string()))
+
+
+def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """Reads only the header: returns the format (JPEG, PNG, ...) or raises ImageLoadError for
+    bytes no decoder knows and for images over the pixel limit (before any pixel is decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            fmt = image.format or "unknown"
+    except Image.UnidentifiedImageError as exc:
+        raise ImageLoadError("not an image: no decoder recognises these bytes") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"too many pixels: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError(f"corrupt image: {exc}") from exc
+    if width * height > max_pixels:
+        raise ImageLoadError(f"too many pixels: {width}x{height} is over the limit of {max_pixels}")
+    return fmt
+
+
+def fetch_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+    """Ray Data stage for device-side decoding: adds raw ``image_bytes`` and ``error``.
+
+    Only the header is read here (format and size checks); pixels are decoded by the actor."""
+    uris = batch.column("image_uri").to_pylist()
+    previous = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * len(uris)
+    blobs: list[bytes | None] = []
+    errors: list[str | None] = []
+    for uri, prior in zip(uris, previous):
+        if prior is not None:
+            blobs.append(None)
+            errors.append(prior)
+            continue
+        try:
+            data = fetch_bytes(uri)
+            probe_image(data, max_pixels)
+            blobs.append(data)
+            errors.append(None)
+        except ImageLoadError as exc:
+            blobs.append(None)
+            errors.append(str(exc))
+    if "error" in batch.column_names:
+        batch = batch.drop_columns(["error"])
+    return batch.append_column("image_bytes", pa.array(blobs, pa.binary())).append_column("error", pa.array(errors, pa.string()))

@@ -27,7 +27,7 @@ import torch
 
 from mltag import catalog, storage, tag_table
 from mltag.config import config_hash, save_config
-from mltag.images import DEFAULT_MAX_PIXELS, decode_batch, pixels_from_arrow
+from mltag.images import DEFAULT_MAX_PIXELS, decode_batch, fetch_batch, pixels_from_arrow
 from mltag.model import load_spec, load_tagger, normalise, pick_device
 
 
@@ -38,6 +38,7 @@ class TagConfig:
     manifest: str = ""  # catalog manifest (Parquet/CSV, local or s3)
     model: str = ""  # trained tagger directory (weights.pt + tagger.json)
     out: str = "runs/tag_table"  # tag-table directory (local or s3); replaced whole on re-run
+    snapshot: str = ""  # write the run under out/snapshot=VALUE (a hive partition, e.g. a date); empty: out itself
     run_id: str = ""  # recorded in _SUCCESS.json; empty: a fresh random id
     batch_size: int = 64  # images per inference call
     decode_batch_size: int = 32  # images per CPU decode task
@@ -45,6 +46,10 @@ class TagConfig:
     cpus_per_actor: int = 1  # CPUs reserved per inference actor (its torch threads)
     use_gpu: str = "auto"  # auto | true | false
     threshold: float = -1.0  # one threshold for all tags; negative: the model's saved thresholds
+    max_tags: int = 0  # keep at most this many tags per image (best scores first); 0: no limit
+    embedding_dtype: str = "float32"  # float32 | float16 (half the bytes; cosine search barely changes)
+    decode_on: str = "cpu"  # cpu: Pillow in CPU tasks | actor: JPEG decode on the actor's device (nvJPEG on GPU)
+    compile: bool = False  # torch.compile the model in each actor (pays off on long GPU runs)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (decompression bombs)
     rows_per_file: int = 100_000  # minimum rows per Parquet file (avoids thousands of tiny files)
 
@@ -57,20 +62,49 @@ class TagConfig:
             raise ValueError("use_gpu must be auto, true or false")
         if self.batch_size < 1 or self.decode_batch_size < 1:
             raise ValueError("batch sizes must be positive")
+        if self.embedding_dtype not in tag_table.EMBEDDING_DTYPES:
+            raise ValueError(f"embedding_dtype must be one of: {', '.join(tag_table.EMBEDDING_DTYPES)}")
+        if self.decode_on not in ("cpu", "actor"):
+            raise ValueError("decode_on must be cpu or actor")
+        if self.snapshot and ("/" in self.snapshot or "=" in self.snapshot):
+            raise ValueError("snapshot is a partition value such as 2026-11-23 (no '/' or '=')")
+
+    def table_dir(self) -> str:
+        out = self.out if storage.is_remote(self.out) else os.path.abspath(self.out)
+        return storage.join(out, f"snapshot={self.snapshot}") if self.snapshot else out
 
 
 class TaggerActor:
-    """One inference worker of the pool: loads the model once, tags batches of decoded pixels."""
+    """One inference worker of the pool: loads the model once, tags batches of images.
 
-    def __init__(self, model_dir: str, use_gpu: bool, threads: int, threshold: float):
+    Input rows carry either decoded ``pixels`` (decode_on=cpu) or raw ``image_bytes``
+    (decode_on=actor, decoded here on the actor's device)."""
+
+    def __init__(self, model_dir: str, use_gpu: bool, threads: int, threshold: float, max_tags: int = 0,
+                 embedding_dtype: str = "float32", compile: bool = False):
         torch.set_num_threads(max(1, threads))
         self.device = pick_device("true" if use_gpu else "false")
         self.model, self.spec = load_tagger(model_dir, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if compile else self.model
         vocab = self.spec.vocab
         self.names = list(vocab.names)
         self.ancestors = {n: vocab.ancestors(n) for n in vocab.names if vocab.ancestors(n)}
         self.thresholds = np.full(len(self.names), threshold, np.float32) if threshold >= 0 else self.spec.threshold_array()
+        self.max_tags, self.embedding_dtype = max_tags, embedding_dtype
+
+    def _pixels(self, batch: pa.Table, ok: np.ndarray, errors: list) -> tuple[torch.Tensor, np.ndarray]:
+        if "pixels" in batch.column_names:
+            pixels = pixels_from_arrow(batch.column("pixels"), self.spec.img_size)[ok]
+            return torch.from_numpy(pixels).to(self.device, non_blocking=True), ok
+        from mltag.device_decode import decode_on_device
+
+        data = batch.column("image_bytes").take(pa.array(ok)).to_pylist()
+        pixels, failures = decode_on_device(data, self.spec.img_size, self.device)
+        for k, failure in failures.items():
+            errors[ok[k]] = failure
+        keep = np.array([k for k in range(len(ok)) if k not in failures], dtype=np.int64)
+        return pixels[torch.from_numpy(keep).to(pixels.device)] if len(keep) < len(ok) else pixels, ok[keep]
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -80,14 +114,15 @@ class TaggerActor:
         scores = np.zeros((0, len(self.names)), np.float32)
         embeddings = np.zeros((0, dim), np.float32)
         if ok.size:
-            pixels = pixels_from_arrow(batch.column("pixels"), self.spec.img_size)[ok]
-            x = normalise(torch.from_numpy(pixels).to(self.device, non_blocking=True), self.spec.mean, self.spec.std)
+            pixels, ok = self._pixels(batch, ok, errors)
+        if ok.size:
+            x = normalise(pixels, self.spec.mean, self.spec.std)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                logits, emb = self.model(x)
+                logits, emb = self.forward(x)
             scores = torch.sigmoid(logits.float()).cpu().numpy()
             embeddings = emb.float().cpu().numpy()
-        tags = tag_table.decide_tags(scores, self.thresholds, self.names, self.ancestors)
-        return tag_table.assemble(batch, ok, scores, embeddings, tags, self.spec.version, errors)
+        tags = tag_table.decide_tags(scores, self.thresholds, self.names, self.ancestors, self.max_tags)
+        return tag_table.assemble(batch, ok, scores, embeddings, tags, self.spec.version, errors, self.embedding_dtype)
 
 
 def _resources(config: TagConfig) -> tuple[int, bool]:
@@ -105,18 +140,23 @@ def _resources(config: TagConfig) -> tuple[int, bool]:
 
 
 def build_pipeline(config: TagConfig, manifest: pa.Table):
-    """The Ray Data chain: read -> decode (CPU tasks) -> tag (actor pool)."""
+    """The Ray Data chain: read -> fetch + decode (CPU tasks) -> tag (actor pool)."""
     import ray.data
 
     spec = load_spec(config.model)
     num_actors, use_gpu = _resources(config)
     ds = ray.data.from_arrow(catalog.chunk_table(manifest, config.decode_batch_size))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.img_size, "max_pixels": config.max_pixels},
-                        batch_format="pyarrow", batch_size=config.decode_batch_size, udf_modifying_row_count=False)
+    if config.decode_on == "actor":
+        ds = ds.map_batches(fetch_batch, fn_kwargs={"max_pixels": config.max_pixels},
+                            batch_format="pyarrow", batch_size=config.decode_batch_size, udf_modifying_row_count=False)
+    else:
+        ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.img_size, "max_pixels": config.max_pixels},
+                            batch_format="pyarrow", batch_size=config.decode_batch_size, udf_modifying_row_count=False)
     return ds.map_batches(
         TaggerActor,
         fn_constructor_kwargs={"model_dir": config.model, "use_gpu": use_gpu, "threads": config.cpus_per_actor,
-                               "threshold": config.threshold},
+                               "threshold": config.threshold, "max_tags": config.max_tags,
+                               "embedding_dtype": config.embedding_dtype, "compile": config.compile},
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=config.batch_size,
         batch_format="pyarrow",
@@ -152,7 +192,7 @@ def run(config: TagConfig) -> dict:
     if not ray.is_initialized():
         ray.init()
     run_id = config.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    out = config.out if storage.is_remote(config.out) else os.path.abspath(config.out)
+    out = config.table_dir()
     started = time.time()
 
     # Local: write beside the target, then swap in. S3 has no rename: clear, write, mark.
@@ -170,13 +210,13 @@ def run(config: TagConfig) -> dict:
     if counts["rows"] != manifest.num_rows:  # the contract: rows out = rows in
         raise RuntimeError(f"tag table has {counts['rows']} rows for {manifest.num_rows} manifest rows; not committing")
     success = {
-        "run_id": run_id, "model_version": spec.version, "model": config.model, "manifest": config.manifest,
-        "config_hash": config_hash(config), "embedding_dim": spec.embedding_dim, "vocabulary": list(spec.vocab.names),
+        "run_id": run_id, "snapshot": config.snapshot or None, "model_version": spec.version, "model": config.model, "manifest": config.manifest,
+        "config_hash": config_hash(config), "embedding_dim": spec.embedding_dim, "embedding_dtype": config.embedding_dtype, "vocabulary": list(spec.vocab.names),
         "files": files, **counts, "manifest_rows": manifest.num_rows, "seconds": round(time.time() - started, 2),
         "images_per_s": round(manifest.num_rows / max(time.time() - started, 1e-9), 2),
     }
     if not storage.is_remote(out):
-        save_config(config, os.path.join(staging, "tag_config.yaml"))
+        save_config(config, os.path.join(staging, "_tag_config.yaml"))  # "_": dataset readers skip it
         previous = f"{staging}.previous"
         if os.path.exists(out):
             os.replace(out, previous)

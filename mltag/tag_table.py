@@ -38,6 +38,7 @@ import pyarrow.dataset as pads
 from mltag import storage
 
 SUCCESS_FILE = "_SUCCESS.json"
+EMBEDDING_DTYPES = ("float32", "float16")
 CORE_COLUMNS = ("listing_id", "image_uri", "tags", "scores", "embedding", "model_version", "error")
 
 
@@ -45,21 +46,27 @@ class UncommittedRunError(FileNotFoundError):
     """A tag-table directory without ``_SUCCESS.json``: missing, still running, or failed."""
 
 
-def schema(embedding_dim: int) -> pa.Schema:
+def schema(embedding_dim: int, embedding_dtype: str = "float32") -> pa.Schema:
+    value_type = pa.float16() if embedding_dtype == "float16" else pa.float32()
     return pa.schema([
         ("listing_id", pa.string()),
         ("image_uri", pa.string()),
         ("tags", pa.list_(pa.string())),
         ("scores", pa.list_(pa.float32())),
-        ("embedding", pa.list_(pa.float32(), embedding_dim)),
+        ("embedding", pa.list_(value_type, embedding_dim)),
         ("model_version", pa.string()),
         ("error", pa.string()),
     ])
 
 
-def decide_tags(scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]]) -> list[list[str]]:
-    """Tags per row whose score reaches its tag's threshold, plus their ancestors, vocabulary order."""
+def decide_tags(scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]],
+                max_tags: int = 0) -> list[list[str]]:
+    """Tags per row whose score reaches its tag's threshold (at most ``max_tags`` of them, best
+    first, when set), plus their ancestors, in vocabulary order."""
     chosen = scores >= thresholds[None, :]
+    if max_tags > 0 and scores.shape[1] > max_tags:
+        rank = np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1)
+        chosen &= rank < max_tags
     index = {n: i for i, n in enumerate(names)}
     for child, parents in ancestors.items():
         for parent in parents:
@@ -75,6 +82,7 @@ def assemble(
     tags: list[list[str]],
     model_version: str,
     errors: list[str | None],
+    embedding_dtype: str = "float32",
 ) -> pa.Table:
     """Builds tag-table rows for a whole batch: ``ok_rows`` (indices) got model outputs, the rest
     keep their error. Manifest columns other than the core ones are carried after them."""
@@ -88,7 +96,9 @@ def assemble(
         full_tags[i] = tags[k]
         emb[i] = embeddings[k]
         valid[i] = True
-    embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()), dim, mask=pa.array(~valid))
+    value_type = pa.float16() if embedding_dtype == "float16" else pa.float32()
+    values = pa.array(emb.ravel().astype(np.float16 if embedding_dtype == "float16" else np.float32), value_type)
+    embedding = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
     columns = {
         "listing_id": batch.column("listing_id").cast(pa.string()),
         "image_uri": batch.column("image_uri").cast(pa.string()),
@@ -98,7 +108,7 @@ def assemble(
         "model_version": pa.array([model_version] * n, pa.string()),
         "error": pa.array(errors, pa.string()),
     }
-    table = pa.table(columns, schema=schema(dim))
+    table = pa.table(columns, schema=schema(dim, embedding_dtype))
     for name in batch.column_names:
         if name == "pixels" or (name in CORE_COLUMNS and name != "tags"):
             continue

@@ -27,3 +27,21 @@ def test_assemble_keeps_every_row_and_carries_columns():
     assert rows[0]["true_tags"] == ["x"] and rows[0]["price"] == 1.0 and "pixels" not in out.column_names
     assert out.column_names[:7] == list(tag_table.CORE_COLUMNS)
     np.testing.assert_array_equal(tag_table.embedding_matrix(out.column("embedding").filter(pa.array([True, False, True]))), emb)
+
+
+def test_max_tags_keeps_the_best_scored_then_closes_upward():
+    names = ["a", "b", "c", "parent"]
+    scores = np.array([[0.9, 0.8, 0.7, 0.1]], np.float32)
+    tags = tag_table.decide_tags(scores, np.full(4, 0.5, np.float32), names, {"c": ["parent"]}, max_tags=2)
+    assert tags == [["a", "b"]]
+    tags = tag_table.decide_tags(np.array([[0.2, 0.8, 0.9, 0.1]], np.float32), np.full(4, 0.5, np.float32), names,
+                                 {"c": ["parent"]}, max_tags=1)
+    assert tags == [["c", "parent"]]  # ancestors are added after the cut
+
+
+def test_float16_embeddings_halve_the_column_and_read_back():
+    batch = pa.table({"listing_id": ["a"], "image_uri": ["u"]})
+    emb = np.array([[0.5, -1.25, 3.0]], np.float32)
+    out = tag_table.assemble(batch, np.array([0]), np.zeros((1, 2), np.float32), emb, [[]], "v", [None], "float16")
+    assert out.schema.field("embedding").type == pa.list_(pa.float16(), 3)
+    np.testing.assert_array_equal(tag_table.embedding_matrix(out.column("embedding")), emb)
