@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import io
+import os
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -65,8 +66,33 @@ def _tags_as_lists(column: pa.ChunkedArray) -> pa.ChunkedArray:
     raise ManifestError(f"column 'tags' must be list<string> or '|'-separated text, got {column.type}")
 
 
+MANIFEST_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")
+
+
+def manifest_files(uri: str) -> list[str]:
+    """A manifest may be one file, a directory of files, or a glob (``s3://b/day=*/part-*.parquet``)."""
+    fs, path = storage.filesystem_for(uri)
+    if any(c in path for c in "*?["):
+        found = sorted(fs.glob(path))
+    elif fs.isdir(path):
+        found = sorted(p for p in fs.find(path) if not os.path.basename(p).startswith(("_", ".")))
+    else:
+        return [uri]
+    prefix = uri.split("://", 1)[0] + "://" if storage.is_remote(uri) else ""
+    files = [prefix + p if prefix and not p.startswith(prefix) else p for p in found if p.lower().endswith(MANIFEST_SUFFIXES)]
+    if not files:
+        raise ManifestError(f"no manifest files (.parquet/.csv) at {uri}")
+    return files
+
+
 def read_manifest(uri: str, require_tags: bool = False) -> pa.Table:
-    """Reads and validates a manifest; returns it with absolute image URIs and list<string> tags."""
+    """Reads and validates a manifest (one file, a directory or a glob of files); returns it with
+    absolute image URIs and list<string> tags."""
+    files = manifest_files(uri)
+    if len(files) > 1:
+        tables = [read_manifest(f, require_tags) for f in files]
+        return pa.concat_tables(tables, promote_options="default")
+    uri = files[0]
     table = _read_table(uri)
     missing = [c for c in REQUIRED_COLUMNS + (("tags",) if require_tags else ()) if c not in table.column_names]
     if missing:

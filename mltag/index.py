@@ -34,7 +34,7 @@ TRAIN_SAMPLE = 100_000  # vectors a trainable index learns its quantisers from
 class IndexConfig:
     """Build a FAISS similarity index from a committed tag table."""
 
-    tag_table: str = ""  # committed tag-table directory (has _SUCCESS.json)
+    tag_table: str = ""  # committed tag-table run, or a table root: its newest committed snapshot=* is used
     out: str = "runs/index"  # index directory
     factory: str = "Flat"  # FAISS factory string for the inner index (Flat = exact search)
     batch_rows: int = 65_536  # rows streamed from Parquet per add() call
@@ -69,10 +69,11 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 def build_index(config: IndexConfig) -> dict:
     """Streams the committed tag table's embeddings (error rows skipped) into a FAISS index."""
-    success = tag_table.read_success(config.tag_table)
+    source = tag_table.latest_committed(config.tag_table)
+    success = tag_table.read_success(source)
     dim = int(success["embedding_dim"])
     index = faiss.IndexIDMap2(faiss.index_factory(dim, config.factory, faiss.METRIC_INNER_PRODUCT))
-    dataset = tag_table.open_dataset(config.tag_table)
+    dataset = tag_table.open_dataset(source)
     started, next_id, skipped = time.time(), 0, 0
     id_tables: list[pa.Table] = []
     pending: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, vectors) waiting for a trained index
@@ -108,7 +109,7 @@ def build_index(config: IndexConfig) -> dict:
     faiss.write_index(index, os.path.join(config.out, INDEX_FILE))
     pq.write_table(id_map.select(["faiss_id", "listing_id", "image_uri", "tags"]), os.path.join(config.out, IDS_FILE))
     meta = {
-        "model_version": success["model_version"], "model": success.get("model"), "tag_table": os.path.abspath(config.tag_table),
+        "model_version": success["model_version"], "model": success.get("model"), "tag_table": source if storage.is_remote(source) else os.path.abspath(source),
         "tag_table_run_id": success["run_id"], "dim": dim, "metric": "inner_product_on_l2_normalised",
         "factory": f"IDMap2,{config.factory}", "count": int(index.ntotal), "skipped_error_rows": skipped,
         "build_seconds": round(time.time() - started, 3),

@@ -118,6 +118,21 @@ def assemble(
 
 
 # ---- reading a committed run ----------------------------------------------------------------
+def latest_committed(table_path: str) -> str:
+    """The run directory to read: ``table_path`` itself when it is a committed run, else its
+    newest committed ``snapshot=*`` partition (uncommitted partitions are ignored)."""
+    if storage.exists(storage.join(table_path, SUCCESS_FILE)):
+        return table_path
+    fs, path = storage.filesystem_for(table_path)
+    snapshots = sorted((p for p in (fs.ls(path, detail=False) if fs.exists(path) else []) if "snapshot=" in p.rsplit("/", 1)[-1]),
+                       reverse=True)
+    for snap in snapshots:
+        candidate = storage.join(table_path, snap.rsplit("/", 1)[-1])
+        if storage.exists(storage.join(candidate, SUCCESS_FILE)):
+            return candidate
+    raise UncommittedRunError(f"{table_path} holds no committed tag table (no {SUCCESS_FILE}, no committed snapshot=* partition)")
+
+
 def read_success(table_dir: str) -> dict:
     marker = storage.join(table_dir, SUCCESS_FILE)
     try:

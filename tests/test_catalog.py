@@ -77,3 +77,19 @@ def test_vocabulary_closure_synonyms_and_encoding(tmp_path):
 def test_bad_vocabularies(data, match):
     with pytest.raises(VocabularyError, match=match):
         Vocabulary.from_dict(data)
+
+
+def test_manifest_as_a_directory_or_glob_of_files(tmp_path):
+    (tmp_path / "day=1").mkdir()
+    (tmp_path / "day=2").mkdir()
+    (tmp_path / "day=1" / "part-0.csv").write_text("listing_id,image_uri\na,img/a.jpg\n")
+    pq.write_table(pa.table({"listing_id": ["b"], "image_uri": ["b.jpg"], "extra": [1]}), tmp_path / "day=2" / "part-0.parquet")
+    (tmp_path / "_SUCCESS").write_text("")
+    for uri in (str(tmp_path), str(tmp_path / "day=*" / "part-*")):
+        table = read_manifest(uri)
+        rows = sorted(table.to_pylist(), key=lambda r: r["listing_id"])
+        assert [r["listing_id"] for r in rows] == ["a", "b"]
+        assert rows[0]["image_uri"] == str(tmp_path / "day=1" / "img" / "a.jpg")  # relative to its own file
+        assert rows[1]["extra"] == 1 and rows[0]["extra"] is None
+    with pytest.raises(ManifestError, match="no manifest files"):
+        read_manifest(str(tmp_path / "nothing-*.parquet"))

@@ -75,3 +75,14 @@ def test_uncommitted_table_is_refused(tmp_path):
     (tmp_path / "half" / "part-0.parquet").write_bytes(b"PAR1")
     with pytest.raises(UncommittedRunError, match="_SUCCESS"):
         build_index(IndexConfig(tag_table=str(tmp_path / "half"), out=str(tmp_path / "idx")))
+
+
+def test_table_root_uses_the_newest_committed_snapshot(tmp_path):
+    rng = np.random.default_rng(1)
+    write_committed_table(tmp_path / "root" / "snapshot=2026-11-21", rng.normal(size=(5, 8)).astype(np.float32), [None] * 5)
+    write_committed_table(tmp_path / "root" / "snapshot=2026-11-22", rng.normal(size=(7, 8)).astype(np.float32), [None] * 7)
+    half = tmp_path / "root" / "snapshot=2026-11-23"  # still being written: no _SUCCESS.json
+    half.mkdir()
+    (half / "part-0.parquet").write_bytes(b"PAR1")
+    meta = build_index(IndexConfig(tag_table=str(tmp_path / "root"), out=str(tmp_path / "idx")))
+    assert meta["count"] == 7 and meta["tag_table"].endswith("snapshot=2026-11-22")
