@@ -43,7 +43,8 @@ class TagConfig:
     batch_size: int = 64  # images per inference call
     decode_batch_size: int = 32  # images per CPU decode task
     num_actors: int = 0  # inference actors; 0: one per GPU, or one per 2 CPUs on CPU-only clusters
-    cpus_per_actor: int = 1  # CPUs reserved per inference actor (its torch threads)
+    cpus_per_actor: int = 1  # CPUs reserved per inference actor
+    torch_threads: int = 0  # intra-op threads per actor; 0: cpus_per_actor
     use_gpu: str = "auto"  # auto | true | false
     threshold: float = -1.0  # one threshold for all tags; negative: the model's saved thresholds
     max_tags: int = 0  # keep at most this many tags per image (best scores first); 0: no limit
@@ -154,7 +155,7 @@ def build_pipeline(config: TagConfig, manifest: pa.Table):
                             batch_format="pyarrow", batch_size=config.decode_batch_size, udf_modifying_row_count=False)
     return ds.map_batches(
         TaggerActor,
-        fn_constructor_kwargs={"model_dir": config.model, "use_gpu": use_gpu, "threads": config.cpus_per_actor,
+        fn_constructor_kwargs={"model_dir": config.model, "use_gpu": use_gpu, "threads": config.torch_threads or config.cpus_per_actor,
                                "threshold": config.threshold, "max_tags": config.max_tags,
                                "embedding_dtype": config.embedding_dtype, "compile": config.compile},
         compute=ray.data.ActorPoolStrategy(size=num_actors),
