@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mltag import storage, tag_table
+from mltag.index_selection import IndexChoice, choose_index, parse_bytes
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "index.json"
 TRAIN_SAMPLE = 100_000  # vectors a trainable index learns its quantisers from
@@ -36,12 +37,18 @@ class IndexConfig:
 
     tag_table: str = ""  # committed tag-table run, or a table root: its newest committed snapshot=* is used
     out: str = "runs/index"  # index directory
-    factory: str = "Flat"  # FAISS factory string for the inner index (Flat = exact search)
+    factory: str = "auto"  # auto (chosen from N and the memory budget) or a FAISS factory string, e.g. IVF4096,PQ64
+    max_index_memory: str = "4GiB"  # memory budget for the index (auto selection)
+    target_recall: float = 0.95  # nprobe is raised until recall@10 on held-out queries reaches this
+    tune_queries: int = 500  # queries sampled for nprobe tuning
     batch_rows: int = 65_536  # rows streamed from Parquet per add() call
+    seed: int = 0  # query sampling
 
     def validate(self) -> None:
         if not self.tag_table:
             raise ValueError("tag_table is required (--tag-table DIR)")
+        if not 0 < self.target_recall <= 1:
+            raise ValueError("target_recall must be in (0, 1]")
 
 
 @dataclass
@@ -67,27 +74,81 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def _ok_batches(source: str, batch_rows: int):
+    """(table of listing_id/image_uri/tags, normalised vectors) per batch, error rows skipped."""
+    dataset = tag_table.open_dataset(source)
+    for batch in dataset.scanner(columns=["listing_id", "image_uri", "tags", "embedding", "error"], batch_size=batch_rows).to_batches():
+        table = pa.Table.from_batches([batch])
+        ok = table.filter(pc.is_null(table.column("error")))
+        yield table.num_rows - ok.num_rows, ok.select(["listing_id", "image_uri", "tags"]), \
+            l2_normalise(tag_table.embedding_matrix(ok.column("embedding"))) if ok.num_rows else None
+
+
+def exact_neighbours(queries: np.ndarray, batches, k: int) -> np.ndarray:
+    """Brute-force top-k ids by inner product, streaming over (ids, vectors) batches: the
+    ground truth for recall, in memory O(queries x k)."""
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_ids = np.full((len(queries), k), -1, np.int64)
+    for ids, vectors in batches:
+        scores = queries @ vectors.T
+        all_scores = np.concatenate([best_scores, scores], axis=1)
+        all_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
+        top = np.argpartition(-all_scores, k - 1, axis=1)[:, :k]
+        best_scores = np.take_along_axis(all_scores, top, axis=1)
+        best_ids = np.take_along_axis(all_ids, top, axis=1)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best_ids, order, axis=1)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the true top-k ids that the index returned (order ignored)."""
+    hits = sum(len(set(f[f >= 0]) & set(t[t >= 0])) for f, t in zip(found, truth))
+    return hits / max(1, int((truth >= 0).sum()))
+
+
+def tune_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, nlist: int, target: float, k: int = 10) -> tuple[int, float]:
+    """The smallest power-of-two nprobe whose recall@k reaches ``target`` (or nlist)."""
+    params = faiss.ParameterSpace()
+    nprobe, recall = 1, 0.0
+    while True:
+        params.set_index_parameter(index, "nprobe", nprobe)
+        _, found = index.search(queries, k)
+        recall = recall_at_k(found, truth)
+        if recall >= target or nprobe >= nlist:
+            return nprobe, recall
+        nprobe = min(nlist, nprobe * 2)
+
+
 def build_index(config: IndexConfig) -> dict:
-    """Streams the committed tag table's embeddings (error rows skipped) into a FAISS index."""
+    """Streams the committed tag table's embeddings (error rows skipped) into a FAISS index
+    chosen for its size, tunes nprobe, and saves index + id map + metadata."""
     source = tag_table.latest_committed(config.tag_table)
     success = tag_table.read_success(source)
     dim = int(success["embedding_dim"])
-    index = faiss.IndexIDMap2(faiss.index_factory(dim, config.factory, faiss.METRIC_INNER_PRODUCT))
-    dataset = tag_table.open_dataset(source)
+    n_expected = tag_table.open_dataset(source).count_rows(filter=pc.field("error").is_null())
+    if config.factory == "auto":
+        choice = choose_index(n_expected, dim, parse_bytes(config.max_index_memory))
+    else:
+        choice = IndexChoice(config.factory, "given by --factory", 0.0, _factory_nlist(config.factory), "IVF" in config.factory)
+    index = faiss.IndexIDMap2(faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT))
     started, next_id, skipped = time.time(), 0, 0
     id_tables: list[pa.Table] = []
     pending: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, vectors) waiting for a trained index
-    scanner = dataset.scanner(columns=["listing_id", "image_uri", "tags", "embedding", "error"], batch_size=config.batch_rows)
-    for batch in scanner.to_batches():
-        table = pa.Table.from_batches([batch])
-        ok = table.filter(pc.is_null(table.column("error")))
-        skipped += table.num_rows - ok.num_rows
-        if ok.num_rows == 0:
+    rng = np.random.default_rng(config.seed)
+    sample_ids, sample_vectors, seen = [], [], 0  # reservoir of tuning queries
+    for skipped_here, ok, vectors in _ok_batches(source, config.batch_rows):
+        skipped += skipped_here
+        if vectors is None:
             continue
-        vectors = l2_normalise(tag_table.embedding_matrix(ok.column("embedding")))
         ids = np.arange(next_id, next_id + ok.num_rows, dtype=np.int64)
         next_id += ok.num_rows
-        id_tables.append(ok.select(["listing_id", "image_uri", "tags"]).append_column("faiss_id", pa.array(ids, pa.int64())))
+        id_tables.append(ok.append_column("faiss_id", pa.array(ids, pa.int64())))
+        for j in range(len(ids)):
+            seen += 1
+            if len(sample_ids) < config.tune_queries:
+                sample_ids.append(ids[j]); sample_vectors.append(vectors[j])
+            elif (r := rng.integers(0, seen)) < config.tune_queries:
+                sample_ids[r], sample_vectors[r] = ids[j], vectors[j]
         if index.is_trained:
             index.add_with_ids(vectors, ids)
             continue
@@ -104,20 +165,38 @@ def build_index(config: IndexConfig) -> dict:
     if next_id == 0:
         raise ValueError(f"{config.tag_table} has no embeddings to index (every row is an error row)")
 
+    nprobe, recall = None, None
+    if choice.nlist and sample_vectors:
+        queries = np.stack(sample_vectors)
+        k = min(10, next_id)
+        offsets = np.cumsum([0] + [t.num_rows for t in id_tables])
+        truth = exact_neighbours(queries, ((np.arange(offsets[i], offsets[i + 1]), v)
+                                           for i, (_, _, v) in enumerate(b for b in _ok_batches(source, config.batch_rows) if b[2] is not None)), k)
+        nprobe, recall = tune_nprobe(index, queries, truth, choice.nlist, config.target_recall, k)
+
     id_map = pa.concat_tables(id_tables)
     os.makedirs(config.out, exist_ok=True)
     faiss.write_index(index, os.path.join(config.out, INDEX_FILE))
     pq.write_table(id_map.select(["faiss_id", "listing_id", "image_uri", "tags"]), os.path.join(config.out, IDS_FILE))
     meta = {
-        "model_version": success["model_version"], "model": success.get("model"), "tag_table": source if storage.is_remote(source) else os.path.abspath(source),
-        "tag_table_run_id": success["run_id"], "dim": dim, "metric": "inner_product_on_l2_normalised",
-        "factory": f"IDMap2,{config.factory}", "count": int(index.ntotal), "skipped_error_rows": skipped,
-        "build_seconds": round(time.time() - started, 3),
+        "model_version": success["model_version"], "model": success.get("model"),
+        "tag_table": source if storage.is_remote(source) else os.path.abspath(source), "tag_table_run_id": success["run_id"],
+        "dim": dim, "metric": "inner_product_on_l2_normalised", "factory": f"IDMap2,{choice.factory}", "reason": choice.reason,
+        "nprobe": nprobe, "tuned_recall_at_10": recall, "count": int(index.ntotal), "next_id": int(next_id),
+        "skipped_error_rows": skipped, "build_seconds": round(time.time() - started, 3),
     }
     with open(os.path.join(config.out, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
-    print(f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim} -> {config.out}")
+    print(f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim} -> {config.out}\n"
+          f"       why: {choice.reason}" + (f"; nprobe {nprobe} gives recall@10 {recall:.3f}" if nprobe else ""))
     return meta
+
+
+def _factory_nlist(factory: str) -> int:
+    import re
+
+    match = re.search(r"IVF(\d+)", factory)
+    return int(match.group(1)) if match else 0
 
 
 def _train_and_flush(index: faiss.Index, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -146,7 +225,10 @@ class EmbeddingIndex:
         index = faiss.read_index(os.path.join(directory, INDEX_FILE), flags)
         with open(os.path.join(directory, META_FILE)) as f:
             meta = json.load(f)
-        return cls(index, pq.read_table(os.path.join(directory, IDS_FILE)), meta)
+        loaded = cls(index, pq.read_table(os.path.join(directory, IDS_FILE)), meta)
+        if meta.get("nprobe"):
+            loaded.set_search_parameter("nprobe", meta["nprobe"])
+        return loaded
 
     def __len__(self) -> int:
         return int(self.index.ntotal)

@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import timm
@@ -156,7 +154,3 @@ def pick_device(use_gpu: str | bool = "auto") -> torch.device:
     if want in ("auto", "true", "1", "yes") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def describe(spec: TaggerSpec) -> dict[str, Any]:
-    return {"backbone": spec.backbone, "version": spec.version, "tags": len(spec.vocabulary["tags"]), "img_size": spec.img_size}

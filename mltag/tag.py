@@ -211,7 +211,8 @@ def run(config: TagConfig) -> dict:
     if counts["rows"] != manifest.num_rows:  # the contract: rows out = rows in
         raise RuntimeError(f"tag table has {counts['rows']} rows for {manifest.num_rows} manifest rows; not committing")
     success = {
-        "run_id": run_id, "snapshot": config.snapshot or None, "model_version": spec.version, "model": config.model, "manifest": config.manifest,
+        "run_id": run_id, "snapshot": config.snapshot or None, "model_version": spec.version,
+        "model": config.model if storage.is_remote(config.model) else os.path.abspath(config.model), "manifest": config.manifest,
         "config_hash": config_hash(config), "embedding_dim": spec.embedding_dim, "embedding_dtype": config.embedding_dtype, "vocabulary": list(spec.vocab.names),
         "files": files, **counts, "manifest_rows": manifest.num_rows, "seconds": round(time.time() - started, 2),
         "images_per_s": round(manifest.num_rows / max(time.time() - started, 1e-9), 2),

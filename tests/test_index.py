@@ -22,7 +22,8 @@ def write_committed_table(directory, embeddings, errors, files=2):
     for k, part in enumerate(np.array_split(np.arange(n), files)):
         names.append(f"part-{k}.parquet")
         pq.write_table(table.take(part), directory / names[-1])
-    (directory / "_SUCCESS.json").write_text(json.dumps({"run_id": "r1", "model_version": "v1", "embedding_dim": dim, "files": names}))
+    (directory / "_SUCCESS.json").write_text(json.dumps({"run_id": "r1", "model_version": "v1", "embedding_dim": dim, "files": names,
+                                                                  "rows": n, "errors": sum(e is not None for e in errors)}))
     return table
 
 
