@@ -23,7 +23,7 @@ from mltag.config import ConfigError, add_config_arguments, config_from_args
 
 def _stages() -> dict[str, tuple[type, Callable]]:
     # Imported lazily so `mltag --help` stays fast and a stage's heavy imports load only when used.
-    from mltag import demo, evaluate, index, report, sample, tag, thresholds, train
+    from mltag import anomalies, demo, duplicates, evaluate, index, report, sample, tag, thresholds, train
 
     return {
         "sample": (sample.SampleConfig, sample.run),
@@ -34,6 +34,8 @@ def _stages() -> dict[str, tuple[type, Callable]]:
         "tag": (tag.TagConfig, tag.run),
         "index": (index.IndexConfig, index.build_index),
         "search": (index.SearchConfig, index.run_search),
+        "anomalies": (anomalies.AnomalyConfig, anomalies.run),
+        "duplicates": (duplicates.DuplicatesConfig, duplicates.run),
         "demo": (demo.DemoConfig, demo.run),
     }
 
