@@ -33,6 +33,7 @@ def _stages() -> dict[str, tuple[type, Callable]]:
         "report": (report.ReportConfig, report.run),
         "tag": (tag.TagConfig, tag.run),
         "index": (index.IndexConfig, index.build_index),
+        "index-update": (index.IndexUpdateConfig, index.update_index),
         "search": (index.SearchConfig, index.run_search),
         "anomalies": (anomalies.AnomalyConfig, anomalies.run),
         "duplicates": (duplicates.DuplicatesConfig, duplicates.run),

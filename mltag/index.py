@@ -58,12 +58,16 @@ class SearchConfig:
     index: str = "runs/index"  # index directory built by `mltag index`
     listing_id: str = ""  # query by a listing already in the index
     image: str = ""  # or query by an image file or URI (runs the tagger)
+    ids_file: str = ""  # or a text file of listing ids, one a line: results go to --out
+    out: str = ""  # Parquet file for --ids-file results (query_listing_id, rank, listing_id, similarity, tags)
     model: str = ""  # tagger directory for image queries; empty: the one that made the tag table
     k: int = 5  # neighbours to return
 
     def validate(self) -> None:
-        if bool(self.listing_id) == bool(self.image):
-            raise ValueError("give exactly one of --listing-id or --image")
+        if sum(map(bool, (self.listing_id, self.image, self.ids_file))) != 1:
+            raise ValueError("give exactly one of --listing-id, --image or --ids-file")
+        if self.ids_file and not self.out:
+            raise ValueError("--ids-file needs --out (a Parquet file for the results)")
         if self.k < 1:
             raise ValueError("k must be positive")
 
@@ -130,7 +134,7 @@ def build_index(config: IndexConfig) -> dict:
         choice = choose_index(n_expected, dim, parse_bytes(config.max_index_memory))
     else:
         choice = IndexChoice(config.factory, "given by --factory", 0.0, _factory_nlist(config.factory), "IVF" in config.factory)
-    index = faiss.IndexIDMap2(faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT))
+    index = _new_index(dim, choice.factory)
     started, next_id, skipped = time.time(), 0, 0
     id_tables: list[pa.Table] = []
     pending: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, vectors) waiting for a trained index
@@ -158,10 +162,7 @@ def build_index(config: IndexConfig) -> dict:
             _train_and_flush(index, pending)
     if pending:
         _train_and_flush(index, pending)
-    try:  # IVF indexes need a direct map to give vectors back (search by listing id)
-        faiss.extract_index_ivf(index.index).make_direct_map()
-    except RuntimeError:
-        pass  # not an IVF index: reconstruct already works
+    _enable_reconstruct(index)
     if next_id == 0:
         raise ValueError(f"{config.tag_table} has no embeddings to index (every row is an error row)")
 
@@ -181,7 +182,7 @@ def build_index(config: IndexConfig) -> dict:
     meta = {
         "model_version": success["model_version"], "model": success.get("model"),
         "tag_table": source if storage.is_remote(source) else os.path.abspath(source), "tag_table_run_id": success["run_id"],
-        "dim": dim, "metric": "inner_product_on_l2_normalised", "factory": f"IDMap2,{choice.factory}", "reason": choice.reason,
+        "dim": dim, "metric": "inner_product_on_l2_normalised", "factory": _factory_label(index, choice.factory), "reason": choice.reason,
         "nprobe": nprobe, "tuned_recall_at_10": recall, "count": int(index.ntotal), "next_id": int(next_id),
         "skipped_error_rows": skipped, "build_seconds": round(time.time() - started, 3),
     }
@@ -190,6 +191,32 @@ def build_index(config: IndexConfig) -> dict:
     print(f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim} -> {config.out}\n"
           f"       why: {choice.reason}" + (f"; nprobe {nprobe} gives recall@10 {recall:.3f}" if nprobe else ""))
     return meta
+
+
+def _ivf_of(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _new_index(dim: int, factory: str) -> faiss.Index:
+    """IVF indexes store our 64-bit ids themselves (and remove them correctly); anything else is
+    wrapped in an IDMap2, which maps ids for it."""
+    inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    return inner if _ivf_of(inner) is not None else faiss.IndexIDMap2(inner)
+
+
+def _enable_reconstruct(index: faiss.Index) -> None:
+    """IVF indexes need a direct map to give vectors back (search by listing id); a hash-table
+    one also survives removals (incremental updates)."""
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+
+def _factory_label(index: faiss.Index, factory: str) -> str:
+    return factory if _ivf_of(index) is not None else f"IDMap2,{factory}"
 
 
 def _factory_nlist(factory: str) -> int:
@@ -258,6 +285,18 @@ class EmbeddingIndex:
         """Top-k listings most similar to a listing in the index (itself first, similarity 1)."""
         return self.search_vectors(self.vector_of(listing_id), k)[0]
 
+    def search_listings(self, listing_ids: list[str], k: int = 5) -> pa.Table:
+        """Top-k for many listings in one batched search; ids not in the index are skipped.
+        Returns query_listing_id, rank, listing_id, similarity, image_uri, tags."""
+        present = [i for i in listing_ids if i in self._faiss_ids_of_listing]
+        if not present:
+            return pa.table({"query_listing_id": pa.array([], pa.string())})
+        vectors = np.concatenate([self.vector_of(i) for i in present])
+        tables = [t.append_column("query_listing_id", pa.array([q] * t.num_rows, pa.string()))
+                  for q, t in zip(present, self.search_vectors(vectors, k))]
+        table = pa.concat_tables(tables)
+        return table.select(["query_listing_id", "rank", "listing_id", "similarity", "image_uri", "tags"])
+
     def search_image(self, uri: str, model_dir: str, k: int = 5) -> pa.Table:
         """Top-k listings most similar to an image file or URI, embedded by the tagger."""
         from mltag.embed import embed_images
@@ -277,6 +316,14 @@ def format_neighbours(table: pa.Table) -> str:
 
 def run_search(config: SearchConfig) -> pa.Table:
     index = EmbeddingIndex.load(config.index)
+    if config.ids_file:
+        with open(config.ids_file) as f:
+            queries = [line.strip() for line in f if line.strip()]
+        result = index.search_listings(queries, config.k)
+        pq.write_table(result, config.out)
+        found = len(set(result.column("query_listing_id").to_pylist()))
+        print(f"{found} of {len(queries)} listings found in the index; {result.num_rows} neighbours -> {config.out}")
+        return result
     if config.listing_id:
         result = index.search_listing(config.listing_id, config.k)
         print(f"listings most similar to {config.listing_id}:")
@@ -288,3 +335,63 @@ def run_search(config: SearchConfig) -> pa.Table:
         print(f"listings most similar to image {config.image}:")
     print(format_neighbours(result))
     return result
+
+
+@dataclass
+class IndexUpdateConfig:
+    """Update an index in place: add a new tag-table run, remove listings, replace changed ones."""
+
+    index: str = "runs/index"  # index directory to update
+    add_tag_table: str = ""  # committed tag-table run (or root: newest snapshot) whose rows are added
+    remove_ids_file: str = ""  # text file of listing ids to remove, one a line
+    batch_rows: int = 65_536  # rows streamed per add() call
+
+    def validate(self) -> None:
+        if not self.add_tag_table and not self.remove_ids_file:
+            raise ValueError("give --add-tag-table and/or --remove-ids-file")
+
+
+def update_index(config: IndexUpdateConfig, remove: list[str] | None = None) -> dict:
+    """Removes listings and adds (or replaces) the rows of a committed run, without a rebuild.
+
+    A listing in the added run that is already indexed is replaced: its old vectors are removed
+    first, so it is never in the index twice."""
+    index = EmbeddingIndex.load(config.index)
+    meta = dict(index.meta)
+    remove = list(remove or [])
+    if config.remove_ids_file:
+        with open(config.remove_ids_file) as f:
+            remove += [line.strip() for line in f if line.strip()]
+    additions = []
+    if config.add_tag_table:
+        source = tag_table.latest_committed(config.add_tag_table)
+        success = tag_table.read_success(source)
+        if int(success["embedding_dim"]) != meta["dim"]:
+            raise ValueError(f"{source} has {success['embedding_dim']}-d embeddings; the index holds {meta['dim']}-d")
+        additions = [(ok, vectors) for _, ok, vectors in _ok_batches(source, config.batch_rows) if vectors is not None]
+        remove += [i for ok, _ in additions for i in ok.column("listing_id").to_pylist()]
+    removed_ids = sorted({f for i in set(remove) for f in index._faiss_ids_of_listing.get(i, [])})
+    if removed_ids:
+        doomed = np.array(removed_ids, dtype=np.int64)
+        # An explicit array selector: the only kind an IVF hash-table direct map accepts.
+        index.index.remove_ids(faiss.IDSelectorArray(len(doomed), faiss.swig_ptr(doomed)))
+    ids = index.ids.filter(pc.invert(pc.is_in(index.ids.column("faiss_id"), pa.array(removed_ids, pa.int64()))))
+    next_id = int(meta.get("next_id", int(index.ids.column("faiss_id").to_numpy().max(initial=-1)) + 1))
+    new_tables = []
+    for ok, vectors in additions:
+        faiss_ids = np.arange(next_id, next_id + ok.num_rows, dtype=np.int64)
+        next_id += ok.num_rows
+        index.index.add_with_ids(vectors, faiss_ids)
+        new_tables.append(ok.append_column("faiss_id", pa.array(faiss_ids, pa.int64())).select(ids.column_names))
+    ids = pa.concat_tables([ids, *new_tables])
+    faiss.write_index(index.index, os.path.join(config.index, INDEX_FILE) + ".tmp")
+    os.replace(os.path.join(config.index, INDEX_FILE) + ".tmp", os.path.join(config.index, INDEX_FILE))
+    pq.write_table(ids, os.path.join(config.index, IDS_FILE))
+    added = sum(t.num_rows for t in new_tables)
+    meta.update({"count": int(index.index.ntotal), "next_id": next_id,
+                 "last_update": {"added": added, "removed": len(removed_ids), "from": config.add_tag_table or None,
+                                 "at": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+    with open(os.path.join(config.index, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    print(f"index updated: +{added} vectors, -{len(removed_ids)} vectors, now {meta['count']} -> {config.index}")
+    return meta

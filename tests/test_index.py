@@ -65,7 +65,7 @@ def test_error_rows_are_not_searchable(clustered):
 def test_trainable_factory_streams_and_trains(clustered):
     tmp_path, _, _ = clustered
     meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "ivf"), factory="IVF4,Flat", batch_rows=16))
-    assert meta["count"] == 59 and meta["factory"] == "IDMap2,IVF4,Flat"
+    assert meta["count"] == 59 and meta["factory"] == "IVF4,Flat"
     index = EmbeddingIndex.load(str(tmp_path / "ivf"))
     index.set_search_parameter("nprobe", 4)  # all lists: exact
     assert index.search_listing("L3", k=1).column("listing_id").to_pylist() == ["L3"]
@@ -87,3 +87,43 @@ def test_table_root_uses_the_newest_committed_snapshot(tmp_path):
     (half / "part-0.parquet").write_bytes(b"PAR1")
     meta = build_index(IndexConfig(tag_table=str(tmp_path / "root"), out=str(tmp_path / "idx")))
     assert meta["count"] == 7 and meta["tag_table"].endswith("snapshot=2026-11-22")
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
+def test_incremental_update_adds_removes_and_replaces(tmp_path, factory):
+    from mltag.index import IndexUpdateConfig, update_index
+
+    rng = np.random.default_rng(3)
+    first = rng.normal(size=(30, 8)).astype(np.float32)
+    write_committed_table(tmp_path / "day1", first, [None] * 30)
+    build_index(IndexConfig(tag_table=str(tmp_path / "day1"), out=str(tmp_path / "idx"), factory=factory))
+
+    # Day 2: L0..L4 changed (new vectors), L30..L34 new; L10 and L11 deleted from the catalog.
+    second = rng.normal(size=(35, 8)).astype(np.float32)
+    table = write_committed_table(tmp_path / "day2", second, [None] * 35)
+    changed = table.filter(pa.compute.is_in(table.column("listing_id"), pa.array([f"L{i}" for i in list(range(5)) + list(range(30, 35))])))
+    (tmp_path / "day2-delta").mkdir()
+    pq.write_table(changed, tmp_path / "day2-delta" / "part-0.parquet")
+    (tmp_path / "day2-delta" / "_SUCCESS.json").write_text(json.dumps({"run_id": "d", "model_version": "v1", "embedding_dim": 8,
+                                                                      "files": ["part-0.parquet"], "rows": 10, "errors": 0}))
+    (tmp_path / "gone.txt").write_text("L10\nL11\n")
+    meta = update_index(IndexUpdateConfig(index=str(tmp_path / "idx"), add_tag_table=str(tmp_path / "day2-delta"),
+                                          remove_ids_file=str(tmp_path / "gone.txt")))
+    assert meta["count"] == 30 - 2 + 5 and meta["last_update"]["added"] == 10 and meta["last_update"]["removed"] == 7
+    index = EmbeddingIndex.load(str(tmp_path / "idx"))
+    if "IVF" in factory:
+        index.set_search_parameter("nprobe", 4)
+    listings = index.ids.column("listing_id").to_pylist()
+    assert len(listings) == len(set(listings)) == 33 and "L10" not in listings and "L34" in listings
+    # A replaced listing is found by its new vector, an untouched one by its old.
+    assert index.search_vectors(second[2:3], 1)[0].column("listing_id").to_pylist() == ["L2"]
+    assert index.search_vectors(first[20:21], 1)[0].column("listing_id").to_pylist() == ["L20"]
+    np.testing.assert_allclose(index.vector_of("L2")[0], l2_normalise(second[2:3])[0], atol=1e-6)
+
+
+def test_batch_search_by_ids(clustered):
+    tmp_path, _, _ = clustered
+    build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "idx")))
+    result = EmbeddingIndex.load(str(tmp_path / "idx")).search_listings(["L1", "L2", "NOPE"], k=3)
+    assert result.column("query_listing_id").to_pylist() == ["L1"] * 3 + ["L2"] * 3
+    assert result.to_pandas().groupby("query_listing_id")["rank"].max().tolist() == [3, 3]

@@ -45,7 +45,7 @@ def test_nprobe_is_tuned_to_the_target_recall(clustered):
     tmp_path, vectors = clustered
     meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "ivf"), factory="IVF64,Flat",
                                    target_recall=0.95, batch_rows=1000))
-    assert meta["factory"] == "IDMap2,IVF64,Flat" and 1 <= meta["nprobe"] <= 64
+    assert meta["factory"] == "IVF64,Flat" and 1 <= meta["nprobe"] <= 64
     assert meta["tuned_recall_at_10"] >= 0.95
     index = EmbeddingIndex.load(str(tmp_path / "ivf"))  # nprobe applied on load
     queries = vectors[np.random.default_rng(5).choice(len(vectors), 200, replace=False)]
