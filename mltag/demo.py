@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mltag import index, sample, tag, train
+from mltag import anomalies, duplicates, index, sample, tag, train
 from mltag.catalog import read_manifest
 from mltag.weights import LITE0_PACKAGE
 
@@ -83,9 +83,12 @@ def run(config: DemoConfig) -> dict:
     index_dir = os.path.join(out, "index")
     index.build_index(index.IndexConfig(tag_table=tag_dir, out=index_dir))
 
-    print("== 5/5 search")
+    print("== 5/5 search, anomalies, near-duplicates")
     query = read_manifest(catalog["manifest"]).column("listing_id")[-1].as_py()
     neighbours = index.run_search(index.SearchConfig(index=index_dir, listing_id=query, k=5))
+    anomaly_table = anomalies.run(anomalies.AnomalyConfig(index=index_dir, out=os.path.join(out, "anomalies.parquet"), k=10))
+    duplicate_table = duplicates.run(duplicates.DuplicatesConfig(index=index_dir, out=os.path.join(out, "duplicates.parquet"),
+                                                                 threshold=0.97))
 
     minutes = (time.time() - started) / 60
     extra = spec.extra
@@ -99,6 +102,8 @@ outputs
   model           {model_dir}   (version {spec.version})
   tag table       {tag_dir}
   index           {index_dir}
+  anomalies       {os.path.join(out, 'anomalies.parquet')}   ({int(sum(anomaly_table.column('is_outlier').to_pylist()))} flagged)
+  duplicates      {os.path.join(out, 'duplicates.parquet')}   ({duplicate_table.num_rows} listings in near-duplicate groups)
 
 try
   mltag search --index {index_dir} --listing-id {query}
@@ -109,4 +114,5 @@ analysts: paste into duckdb (pip install duckdb; only runs with a _SUCCESS.json 
   FROM (SELECT unnest(tags) AS tag FROM read_parquet('{tag_dir}/*.parquet') WHERE error IS NULL)
   GROUP BY tag ORDER BY images DESC;
 """)
-    return {"spec": spec, "tag": success, "neighbours": neighbours, "minutes": minutes, "query": query}
+    return {"spec": spec, "tag": success, "neighbours": neighbours, "minutes": minutes, "query": query,
+            "anomalies": anomaly_table, "duplicates": duplicate_table}
