@@ -226,9 +226,28 @@ def _factory_nlist(factory: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _train_ivf_on_gpus(ivf: faiss.Index, sample: np.ndarray) -> bool:
+    """k-means of an IVF-Flat coarse quantiser on every GPU faiss sees (the faiss-gpu extra).
+    False where there is none, or GPU faiss refuses: the caller trains on CPU."""
+    if faiss.get_num_gpus() == 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
+        return False
+    try:
+        clustering = faiss.Clustering(ivf.d, ivf.nlist)
+        clustering.train(sample, faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d)))
+        ivf.quantizer.add(faiss.vector_to_array(clustering.centroids).reshape(ivf.nlist, ivf.d))
+        ivf.is_trained = True
+        return True
+    except (RuntimeError, AttributeError) as exc:
+        print(f"GPU training not used ({exc}); training on CPU")
+        return False
+
+
 def _train_and_flush(index: faiss.Index, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
     if not index.is_trained:
-        index.train(np.concatenate([v for _, v in pending]))
+        sample = np.concatenate([v for _, v in pending])
+        # IVF-Flat only needs its centroids: GPU k-means when faiss-gpu is there. Everything else trains on CPU.
+        if not (isinstance(index, faiss.IndexIVFFlat) and _train_ivf_on_gpus(index, sample)):
+            index.train(sample)
     for ids, vectors in pending:
         index.add_with_ids(vectors, ids)
     pending.clear()
