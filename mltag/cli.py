@@ -23,7 +23,7 @@ from mltag.config import ConfigError, add_config_arguments, config_from_args
 
 def _stages() -> dict[str, tuple[type, Callable]]:
     # Imported lazily so `mltag --help` stays fast and a stage's heavy imports load only when used.
-    from mltag import anomalies, demo, duplicates, evaluate, index, report, sample, tag, thresholds, train
+    from mltag import anomalies, demo, duplicates, evaluate, index, reindex, report, sample, tag, thresholds, train
 
     return {
         "sample": (sample.SampleConfig, sample.run),
@@ -32,6 +32,7 @@ def _stages() -> dict[str, tuple[type, Callable]]:
         "calibrate": (thresholds.CalibrateConfig, thresholds.run),
         "report": (report.ReportConfig, report.run),
         "tag": (tag.TagConfig, tag.run),
+        "reindex": (reindex.ReindexConfig, reindex.run),
         "index": (index.IndexConfig, index.build_index),
         "index-update": (index.IndexUpdateConfig, index.update_index),
         "search": (index.SearchConfig, index.run_search),
