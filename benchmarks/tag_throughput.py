@@ -173,7 +173,7 @@ def main() -> None:
     plain = plain_dataloader_script(uris, ids, model_dir, args.img_size, args.batch_size, cores, os.path.join(work, "plain.parquet"))
     print(f"3. plain DataLoader script: {plain:.1f} images/s", flush=True)
 
-    ray.init(num_cpus=cores)
+    ray.init(address="local", num_cpus=cores)
     started = time.time()
     success = run(TagConfig(manifest=manifest_path, model=model_dir, out=os.path.join(work, "mltag"), batch_size=args.batch_size))
     ours = success["rows"] / (time.time() - started)

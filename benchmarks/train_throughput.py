@@ -91,7 +91,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="mltag-throughput-")
     catalog = build_sample_catalog(os.path.join(work, "catalog"), args.n_images, size=args.img_size, seed=0)
     plain = plain_pytorch_loop(catalog["manifest"], args.img_size, args.epochs, args.batch_size, cpus)
-    ray.init(num_cpus=cpus)
+    ray.init(address="local", num_cpus=cpus)
     one = mltag_train(catalog["manifest"], work, args.img_size, args.epochs, args.batch_size, 1, cpus)
     two = mltag_train(catalog["manifest"], work, args.img_size, args.epochs, args.batch_size, 2, max(1, cpus // 2))
 

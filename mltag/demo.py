@@ -58,7 +58,7 @@ def run(config: DemoConfig) -> dict:
     # A fresh demo every time: Ray Train would otherwise resume the previous run of the same name.
     shutil.rmtree(out, ignore_errors=True)
     if not ray.is_initialized():
-        ray.init(num_cpus=config.num_cpus or None)
+        ray.init(address="local", num_cpus=config.num_cpus or None)  # the demo is single-machine by design
 
     print("== 1/5 sample catalog")
     catalog = sample.build_sample_catalog(os.path.join(out, "catalog"), config.n_images, size=160, seed=config.seed)

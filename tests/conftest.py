@@ -15,7 +15,7 @@ os.environ.setdefault("MLTAG_CACHE", os.path.join(os.path.dirname(__file__), "..
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 

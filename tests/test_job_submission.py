@@ -61,6 +61,11 @@ def ray_head(tmp_path, monkeypatch):
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    # `ray start` recorded this head as the machine's current cluster; a later plain ray.init()
+    # would try to join the dead head. `ray stop` would clear it, but would stop every Ray here.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
 
 
 def submit(client, **kwargs) -> str:
