@@ -44,7 +44,7 @@ class TagConfig:
     decode_batch_size: int = 32  # images per CPU decode task
     num_actors: int = 0  # inference actors; 0: one per GPU, or one per 2 CPUs on CPU-only clusters
     cpus_per_actor: int = 1  # CPUs reserved per inference actor
-    torch_threads: int = 0  # intra-op threads per actor; 0: cpus_per_actor
+    torch_threads: int = 0  # intra-op threads per actor; 0: cpus_per_actor on GPU, the node's CPU share on CPU-only clusters
     use_gpu: str = "auto"  # auto | true | false
     threshold: float = -1.0  # one threshold for all tags; negative: the model's saved thresholds
     max_tags: int = 0  # keep at most this many tags per image (best scores first); 0: no limit
@@ -140,12 +140,25 @@ def _resources(config: TagConfig) -> tuple[int, bool]:
     return max(1, int(resources.get("CPU", 1)) // (2 * config.cpus_per_actor)), False
 
 
+def _torch_threads(config: TagConfig, num_actors: int, use_gpu: bool) -> int:
+    """On CPU the forward pass is the bottleneck (decoding a listing photo is ~10x cheaper): each
+    actor's threads get the whole CPU share of its actor, the decode tasks squeeze in between."""
+    import ray
+
+    if config.torch_threads > 0:
+        return config.torch_threads
+    if use_gpu:
+        return config.cpus_per_actor
+    return max(config.cpus_per_actor, int(ray.cluster_resources().get("CPU", 1)) // max(1, num_actors))
+
+
 def build_pipeline(config: TagConfig, manifest: pa.Table):
     """The Ray Data chain: read -> fetch + decode (CPU tasks) -> tag (actor pool)."""
     import ray.data
 
     spec = load_spec(config.model)
     num_actors, use_gpu = _resources(config)
+    threads = _torch_threads(config, num_actors, use_gpu)
     ds = ray.data.from_arrow(catalog.chunk_table(manifest, config.decode_batch_size))
     if config.decode_on == "actor":
         ds = ds.map_batches(fetch_batch, fn_kwargs={"max_pixels": config.max_pixels},
@@ -155,7 +168,7 @@ def build_pipeline(config: TagConfig, manifest: pa.Table):
                             batch_format="pyarrow", batch_size=config.decode_batch_size, udf_modifying_row_count=False)
     return ds.map_batches(
         TaggerActor,
-        fn_constructor_kwargs={"model_dir": config.model, "use_gpu": use_gpu, "threads": config.torch_threads or config.cpus_per_actor,
+        fn_constructor_kwargs={"model_dir": config.model, "use_gpu": use_gpu, "threads": threads,
                                "threshold": config.threshold, "max_tags": config.max_tags,
                                "embedding_dtype": config.embedding_dtype, "compile": config.compile},
         compute=ray.data.ActorPoolStrategy(size=num_actors),
