@@ -37,3 +37,13 @@ def test_a_broken_cluster_yaml_is_rejected():
     config["head_node_type"] = "no-such-type"
     with pytest.raises(ValueError, match="head_node_type"):
         validate_config(prepare_config(config))
+
+
+def test_start_commands_set_object_store_and_spilling():
+    config = _load()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in config[key] if c.startswith("ray start")][0]
+        assert "--object-store-memory=" in start and "--object-spilling-directory=" in start
+    assert any("faiss-gpu" in c and "uninstall -y faiss-cpu" in c for c in config["setup_commands"])
+    cpu_workers = config["available_node_types"]["cpu_worker"]
+    assert cpu_workers["min_workers"] == 0 and not cpu_workers["node_config"]["InstanceType"].startswith(("g", "p"))
