@@ -127,3 +127,12 @@ def test_batch_search_by_ids(clustered):
     result = EmbeddingIndex.load(str(tmp_path / "idx")).search_listings(["L1", "L2", "NOPE"], k=3)
     assert result.column("query_listing_id").to_pylist() == ["L1"] * 3 + ["L2"] * 3
     assert result.to_pandas().groupby("query_listing_id")["rank"].max().tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
+def test_memory_mapped_loading_gives_the_same_answers(clustered, factory):
+    tmp_path, _, _ = clustered
+    build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / factory), factory=factory))
+    plain = EmbeddingIndex.load(str(tmp_path / factory)).search_listing("L3", k=5)
+    mapped = EmbeddingIndex.load(str(tmp_path / factory), mmap=True).search_listing("L3", k=5)
+    assert plain.column("listing_id").to_pylist() == mapped.column("listing_id").to_pylist()
