@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("RAY_ACCEPT_CLUSTER_CONFIG", "1")
+# Every Ray the tests start (here and in the job scripts they run) is a fresh local one: never a
+# cluster some other process on this machine left behind in /tmp/ray/ray_current_cluster.
+os.environ["RAY_ADDRESS"] = "local"
 os.environ.setdefault("MLTAG_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "mltag"))
 
 

@@ -41,31 +41,33 @@ def ray_head(tmp_path, monkeypatch):
          f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"],
         stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
         # Job entrypoints say `python`: on this head that must be the environment mltag is installed in.
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+        env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     address = f"http://127.0.0.1:{dashboard}"
     from ray.job_submission import JobSubmissionClient
 
-    deadline, client, last = time.time() + 120, None, None
-    while time.time() < deadline and client is None:
-        try:
-            client = JobSubmissionClient(address)
-        except Exception as exc:  # the dashboard is still starting
-            last = exc
-            time.sleep(1)
-    if client is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail(f"the Ray head did not come up ({last!r}):\n" + (tmp_path / "head.log").read_text()[-3000:])
-    yield client
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    # `ray start` recorded this head as the machine's current cluster; a later plain ray.init()
-    # would try to join the dead head. `ray stop` would clear it, but would stop every Ray here.
-    current = Path("/tmp/ray/ray_current_cluster")
-    if current.exists() and current.read_text().strip().endswith(f":{port}"):
-        current.unlink()
+        deadline, client, last = time.time() + 180, None, None
+        while time.time() < deadline and client is None:
+            try:
+                client = JobSubmissionClient(address)
+            except Exception as exc:  # the dashboard is still starting
+                last = exc
+                time.sleep(1)
+        if client is None:
+            pytest.fail(f"the Ray head did not come up ({last!r}):\n" + (tmp_path / "head.log").read_text()[-3000:])
+        yield client
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        # `ray start` recorded this head as the machine's current cluster; a later plain ray.init()
+        # would try to join the dead head. `ray stop` would clear it, but would stop every Ray here.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def submit(client, **kwargs) -> str:
