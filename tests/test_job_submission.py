@@ -30,6 +30,7 @@ def ray_head(tmp_path, monkeypatch):
     token authentication as Ray 2.60 enables it for `ray start`: the client sends the local token
     (~/.ray/auth_token, made by Ray on first use) once told to."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the client talks to this head, by its URL
     ray = str(Path(sys.executable).parent / "ray")
     port, dashboard = _free_port(), _free_port()
     proc = subprocess.Popen(
