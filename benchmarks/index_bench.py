@@ -52,7 +52,7 @@ def main() -> None:
     import faiss
 
     from mltag.index import recall_at_k, tune_nprobe
-    from mltag.index_selection import choose_index, parse_bytes
+    from mltag.index_selection import _nlist, choose_index, parse_bytes
 
     faiss.omp_set_num_threads(os.cpu_count())
     data = clustered_vectors(args.n, args.dim, args.clusters, 0)
@@ -68,7 +68,7 @@ def main() -> None:
     del scores
 
     auto = choose_index(args.n, args.dim, parse_bytes(args.budget))
-    nlist = auto.nlist or 1024
+    nlist = auto.nlist or _nlist(args.n)  # the IVF size auto-selection would use at this N
     # PQ with exact re-ranking of a short list (RFlat) is how compressed indexes reach high recall.
     candidates = ["Flat", f"IVF{nlist},Flat", f"IVF{nlist},PQ64", f"IVF{nlist},PQ64,RFlat", f"IVF{nlist}_HNSW32,PQ64"]
     if auto.factory not in candidates:
