@@ -17,6 +17,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -29,6 +30,8 @@ from mltag.index_selection import IndexChoice, choose_index, parse_bytes
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "index.json"
 TRAIN_SAMPLE = 100_000  # vectors a trainable index learns its quantisers from
+OPQ_ITERATIONS = 10  # rotation updates when training OPQ (faiss defaults to 50)
+PLATEAU_GAIN = 0.005  # recall@k a doubling of nprobe must add to be worth its cost
 
 
 @dataclass
@@ -111,14 +114,22 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tune_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, nlist: int, target: float, k: int = 10) -> tuple[int, float]:
-    """The smallest power-of-two nprobe whose recall@k reaches ``target`` (or nlist)."""
+    """The smallest power-of-two nprobe whose recall@k reaches ``target``; where the index
+    cannot reach it (compressed codes cap recall), the nprobe after which doubling stops helping,
+    so a search never scans every list for recall it will not get."""
     params = faiss.ParameterSpace()
-    nprobe, recall = 1, 0.0
+    nprobe, best_nprobe, best_recall = 1, 1, -1.0
     while True:
         params.set_index_parameter(index, "nprobe", nprobe)
         _, found = index.search(queries, k)
         recall = recall_at_k(found, truth)
-        if recall >= target or nprobe >= nlist:
+        if recall >= target:
+            return nprobe, recall
+        if recall < best_recall + PLATEAU_GAIN:
+            params.set_index_parameter(index, "nprobe", best_nprobe)
+            return best_nprobe, best_recall
+        best_nprobe, best_recall = nprobe, recall
+        if nprobe >= nlist:
             return nprobe, recall
         nprobe = min(nlist, nprobe * 2)
 
@@ -170,9 +181,7 @@ def build_index(config: IndexConfig) -> dict:
     if choice.nlist and sample_vectors:
         queries = np.stack(sample_vectors)
         k = min(10, next_id)
-        offsets = np.cumsum([0] + [t.num_rows for t in id_tables])
-        truth = exact_neighbours(queries, ((np.arange(offsets[i], offsets[i + 1]), v)
-                                           for i, (_, _, v) in enumerate(b for b in _ok_batches(source, config.batch_rows) if b[2] is not None)), k)
+        truth = exact_neighbours(queries, _numbered_batches(source, config.batch_rows), k)  # a second streamed pass
         nprobe, recall = tune_nprobe(index, queries, truth, choice.nlist, config.target_recall, k)
 
     id_map = pa.concat_tables(id_tables)
@@ -191,6 +200,16 @@ def build_index(config: IndexConfig) -> dict:
     print(f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim} -> {config.out}\n"
           f"       why: {choice.reason}" + (f"; nprobe {nprobe} gives recall@10 {recall:.3f}" if nprobe else ""))
     return meta
+
+
+def _numbered_batches(source: str, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(FAISS ids, vectors) of the embedding rows in read order, numbered as the build numbers them."""
+    next_id = 0
+    for _, _, vectors in _ok_batches(source, batch_rows):
+        if vectors is None:
+            continue
+        yield np.arange(next_id, next_id + len(vectors), dtype=np.int64), vectors
+        next_id += len(vectors)
 
 
 def _ivf_of(index: faiss.Index):
@@ -242,12 +261,24 @@ def _train_ivf_on_gpus(ivf: faiss.Index, sample: np.ndarray) -> bool:
         return False
 
 
+def train_index(index: faiss.Index, sample: np.ndarray) -> None:
+    """Trains a fresh index's quantisers on ``sample``: IVF-Flat centroids by GPU k-means when
+    faiss-gpu is there, everything else on CPU, with OPQ's rotation search bounded."""
+    if isinstance(index, faiss.IndexIVFFlat) and _train_ivf_on_gpus(index, sample):
+        return
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            transform = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(transform, faiss.OPQMatrix):
+                # Each OPQ iteration retrains the whole PQ; faiss's default 50 of them take hours
+                # at 256 sub-quantisers on a few cores, for little recall over the first ten.
+                transform.niter = min(transform.niter, OPQ_ITERATIONS)
+    index.train(sample)
+
+
 def _train_and_flush(index: faiss.Index, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
     if not index.is_trained:
-        sample = np.concatenate([v for _, v in pending])
-        # IVF-Flat only needs its centroids: GPU k-means when faiss-gpu is there. Everything else trains on CPU.
-        if not (isinstance(index, faiss.IndexIVFFlat) and _train_ivf_on_gpus(index, sample)):
-            index.train(sample)
+        train_index(index, np.concatenate([v for _, v in pending]))
     for ids, vectors in pending:
         index.add_with_ids(vectors, ids)
     pending.clear()
