@@ -34,15 +34,37 @@ class ClusteredEmbeddings:
         self.centres = (2.0 * rng.normal(size=(clusters, intrinsic))).astype(np.float32)
         self.dim = dim
 
-    def sample(self, n: int, seed: int, chunk: int = 50_000) -> np.ndarray:
+    def chunks(self, n: int, seed: int, chunk: int = 50_000):
+        """The same ``n`` vectors every time for a seed, ``chunk`` rows at a time: an index build
+        streams them instead of holding the whole matrix beside the index (1M x 2048 is 8 GiB)."""
         rng = np.random.default_rng(seed)
-        out = np.empty((n, self.dim), np.float32)
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
-            latent = self.centres[rng.integers(0, len(self.centres), m)] + rng.normal(size=(m, self.basis.shape[0])).astype(np.float32)
-            block = latent @ self.basis + 0.1 * rng.normal(size=(m, self.dim)).astype(np.float32)
-            out[start : start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
+            latent = self.centres[rng.integers(0, len(self.centres), m)] + rng.standard_normal((m, self.basis.shape[0]), np.float32)
+            block = latent @ self.basis + 0.1 * rng.standard_normal((m, self.dim), np.float32)
+            yield block / np.linalg.norm(block, axis=1, keepdims=True)
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        out = np.empty((n, self.dim), np.float32)
+        start = 0
+        for block in self.chunks(n, seed):
+            out[start : start + len(block)] = block
+            start += len(block)
         return out
+
+
+def serialized_bytes(index) -> int:
+    """The index's size on disk, counted as faiss writes it (no copy of an 8 GiB index in memory)."""
+    import faiss
+
+    total = 0
+
+    def count(chunk: bytes) -> None:
+        nonlocal total
+        total += len(chunk)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
+    return total
 
 
 def numpy_top_k(queries: np.ndarray, data: np.ndarray, k: int, chunk: int = 100) -> np.ndarray:
@@ -95,9 +117,14 @@ def main() -> None:
     tune_queries = model.sample(200, seed=3)  # nprobe is tuned on other queries than the measured ones
     print(f"{args.n:,} x {args.dim} vectors ({data.nbytes / 2**30:.1f} GiB) made", flush=True)
 
+    # The plain alternatives hold the whole matrix in memory; the indexes below are fed from the
+    # generator instead, so the matrix and an index never need memory together.
     truth, numpy_s = timed(numpy_top_k, queries, data, k)
     _, torch_s = timed(torch_top_k, queries, data, k)
     tune_truth = numpy_top_k(tune_queries, data, k)
+    rng = np.random.default_rng(4)
+    train = data[np.sort(rng.choice(args.n, min(args.n, TRAIN_SAMPLE), replace=False))]  # as much as `mltag index` uses
+    del data
     print(f"numpy brute force {args.queries / numpy_s:.1f} q/s, torch {args.queries / torch_s:.1f} q/s", flush=True)
 
     autos = {budget: choose_index(args.n, args.dim, parse_bytes(budget)) for budget in args.budgets}
@@ -105,18 +132,18 @@ def main() -> None:
     # PQ with exact re-ranking of a short list (RFlat) is how compressed indexes reach high recall.
     candidates = args.candidates or ["Flat", f"IVF{nlist},Flat", f"IVF{nlist}_HNSW32,PQ64", f"IVF{nlist},PQ64,RFlat"]
     candidates += [a.factory for a in autos.values() if a.factory not in candidates]
-    rng = np.random.default_rng(4)
-    train = data[np.sort(rng.choice(args.n, min(args.n, TRAIN_SAMPLE), replace=False))]  # as much as `mltag index` uses
     rows, exact_qps = [], None
     for factory in candidates:
         index = faiss.index_factory(args.dim, factory, faiss.METRIC_INNER_PRODUCT)
         started = time.time()
         if not index.is_trained:
             train_index(index, train)
-        for start in range(0, args.n, 50_000):
-            index.add(data[start : start + 50_000])
         build = time.time() - started
-        size = faiss.serialize_index(index).nbytes
+        for block in model.chunks(args.n, seed=1):  # generating is not timed, adding is
+            started = time.time()
+            index.add(block)
+            build += time.time() - started
+        size = serialized_bytes(index)
         nprobe = None
         if "RFlat" in factory:
             faiss.ParameterSpace().set_index_parameter(index, "k_factor_rf", REFINE_K_FACTOR)

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 import warnings
@@ -79,36 +80,48 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
-def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decodes bytes to a (size, size, 3) uint8 RGB array (the whole image, squashed: no tag is
-    cropped away). Raises ImageLoadError with the reason."""
+@contextlib.contextmanager
+def _image_load_errors():
+    """Turns each way Pillow fails into an ImageLoadError whose message names the reason (it
+    becomes the row's ``error``); the decompression-bomb warning counts as a failure."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageLoadError(f"too many pixels: {width}x{height} is over the limit of {max_pixels}")
-            if getattr(image, "is_animated", False):
-                image.seek(0)  # the first frame stands for an animated image
-            if image.format == "JPEG":
-                # Decode at the smallest DCT scale still >= 2x the target: ~3x faster for photos.
-                image.draft("RGB", (size * 2, size * 2))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
-            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-            return np.asarray(image, dtype=np.uint8)
+            yield
     except ImageLoadError:
         raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(f"too many pixels: {exc}") from exc
-    except Image.DecompressionBombWarning as exc:
-        raise ImageLoadError(f"too many pixels: {exc}") from exc
-    except Image.UnidentifiedImageError as exc:
+    except Image.UnidentifiedImageError as exc:  # an OSError: caught before the next line
         raise ImageLoadError("not an image: no decoder recognises these bytes") from exc
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise ImageLoadError(f"corrupt image: {exc}") from exc
+
+
+def _open_within_limit(data: bytes, max_pixels: int) -> Image.Image:
+    """Opens (reads the header only) and refuses images over ``max_pixels`` before any decoding."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageLoadError(f"too many pixels: {width}x{height} is over the limit of {max_pixels}")
+    return image
+
+
+def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decodes bytes to a (size, size, 3) uint8 RGB array (the whole image, squashed: no tag is
+    cropped away). Raises ImageLoadError with the reason."""
+    with _image_load_errors():
+        image = _open_within_limit(data, max_pixels)
+        if getattr(image, "is_animated", False):
+            image.seek(0)  # the first frame stands for an animated image
+        if image.format == "JPEG":
+            # Decode at the smallest DCT scale still >= 2x the target: ~3x faster for photos.
+            image.draft("RGB", (size * 2, size * 2))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
+        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return np.asarray(image, dtype=np.uint8)
 
 
 def load_image(uri: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str | None]:
@@ -165,21 +178,8 @@ def decode_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXEL
 def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """Reads only the header: returns the format (JPEG, PNG, ...) or raises ImageLoadError for
     bytes no decoder knows and for images over the pixel limit (before any pixel is decoded)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            fmt = image.format or "unknown"
-    except Image.UnidentifiedImageError as exc:
-        raise ImageLoadError("not an image: no decoder recognises these bytes") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"too many pixels: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageLoadError(f"corrupt image: {exc}") from exc
-    if width * height > max_pixels:
-        raise ImageLoadError(f"too many pixels: {width}x{height} is over the limit of {max_pixels}")
-    return fmt
+    with _image_load_errors():
+        return _open_within_limit(data, max_pixels).format or "unknown"
 
 
 def fetch_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
