@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results import save  # noqa: E402
 
 REFINE_K_FACTOR = 16  # RFlat re-ranks 16 x k PQ candidates with the raw vectors
+GOAL_RECALL, GOAL_SPEEDUP = 0.95, 20.0  # the bar for an approximate index
 
 
 class ClusteredEmbeddings:
@@ -174,6 +175,11 @@ def write_results(args, autos, rows, exact_qps, numpy_qps, torch_qps, done) -> N
     table = "\n".join(lines)
     if done:
         print(table)
+    meets = [r["factory"] for r in rows if r["recall_at_10"] >= GOAL_RECALL and r["qps"] / exact_qps >= GOAL_SPEEDUP]
+    verdict = (f"Goal (recall@10 >= {GOAL_RECALL} at >= {GOAL_SPEEDUP:.0f}x exact search's speed) met by: "
+               + (", ".join(f"`{f}`" for f in meets) if meets else "none of them") + ". "
+               "An index with PQ codes only (no raw vectors to re-rank with) stops where its codes cap recall; "
+               "nprobe tuning then stops too, rather than scan every list for nothing.")
     reasons = " ".join(f"With a {budget} budget auto-selection picks `{a.factory}`: {a.reason}." for budget, a in autos.items())
     save("index_bench", {"args": vars(args), "complete": done, "auto": {b: a.factory for b, a in autos.items()},
                          "auto_reason": {b: a.reason for b, a in autos.items()}, "numpy_qps": numpy_qps, "torch_qps": torch_qps, "rows": rows},
@@ -182,7 +188,7 @@ def write_results(args, autos, rows, exact_qps, numpy_qps, torch_qps, done) -> N
          f"the same distribution; recall@10 against exact search; nprobe tuned to recall {args.target_recall} (or to where "
          f"doubling it stops helping) on 200 other queries; RFlat re-ranks {REFINE_K_FACTOR}x k candidates exactly. "
          f"Built on 2 cores, so build times are long; they scale with cores. {reasons} CPU only (no GPU was lent)."
-         + ("" if done else " **Incomplete run: the rows measured before it stopped.**") + f"\n\n{table}")
+         + ("" if done else " **Incomplete run: the rows measured before it stopped.**") + f"\n\n{table}\n\n{verdict}")
 
 if __name__ == "__main__":
     main()

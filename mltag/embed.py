@@ -25,7 +25,8 @@ def tag_images(uris: list[str], model_dir: str, device: str = "cpu") -> tuple[np
         errors.append(error)
         if pixels is None:
             continue
-        logits, emb = model(normalise(torch.from_numpy(pixels[None]).to(device), spec.mean, spec.std))
+        batch = torch.from_numpy(pixels[None].copy())  # a decoded image is a read-only view of Pillow's buffer
+        logits, emb = model(normalise(batch.to(device), spec.mean, spec.std))
         scores[i] = torch.sigmoid(logits.float())[0].cpu().numpy()
         embeddings[i] = emb.float()[0].cpu().numpy()
     return scores, embeddings, errors

@@ -2,7 +2,8 @@
 (= cosine similarity), with the listing-id mapping beside it.
 
 An index directory holds
-  ``index.faiss``  the FAISS index (an IDMap2, so vectors can be removed and re-added by id)
+  ``index.faiss``  the FAISS index; it maps vectors to 64-bit ids (IVF indexes themselves, others
+                   through an IDMap2), so listings can be removed and re-added by id
   ``ids.parquet``  faiss_id -> listing_id, image_uri, tags
   ``index.json``   model version, dimension, metric, factory string, count, source tag table
 
@@ -30,6 +31,7 @@ from mltag.index_selection import IndexChoice, choose_index, parse_bytes
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "index.json"
 TRAIN_SAMPLE = 100_000  # vectors a trainable index learns its quantisers from
+REFINE_K_FACTOR = 16  # candidates a refine stage (RFlat) re-ranks exactly, times k
 OPQ_ITERATIONS = 10  # rotation updates when training OPQ (faiss defaults to 50)
 PLATEAU_GAIN = 0.005  # recall@k a doubling of nprobe must add to be worth its cost
 
@@ -220,10 +222,16 @@ def _ivf_of(index: faiss.Index):
 
 
 def _new_index(dim: int, factory: str) -> faiss.Index:
-    """IVF indexes store our 64-bit ids themselves (and remove them correctly); anything else is
-    wrapped in an IDMap2, which maps ids for it."""
+    """IVF indexes (alone or behind a transform such as OPQ) store our 64-bit ids themselves and
+    remove them correctly; anything else (Flat, HNSW, a refine stage) is wrapped in an IDMap2."""
     inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    return inner if _ivf_of(inner) is not None else faiss.IndexIDMap2(inner)
+    top = faiss.downcast_index(inner)
+    if isinstance(top, faiss.IndexPreTransform):
+        top = faiss.downcast_index(top.index)
+    if isinstance(top, faiss.IndexRefine):
+        # Re-rank k_factor x k candidates exactly; faiss's default 1 re-ranks nothing. Saved with the index.
+        top.k_factor = REFINE_K_FACTOR
+    return inner if isinstance(top, faiss.IndexIVF) else faiss.IndexIDMap2(inner)
 
 
 def _enable_reconstruct(index: faiss.Index) -> None:
@@ -235,7 +243,7 @@ def _enable_reconstruct(index: faiss.Index) -> None:
 
 
 def _factory_label(index: faiss.Index, factory: str) -> str:
-    return factory if _ivf_of(index) is not None else f"IDMap2,{factory}"
+    return f"IDMap2,{factory}" if isinstance(index, faiss.IndexIDMap2) else factory
 
 
 def _factory_nlist(factory: str) -> int:
@@ -424,7 +432,11 @@ def update_index(config: IndexUpdateConfig, remove: list[str] | None = None) -> 
     if removed_ids:
         doomed = np.array(removed_ids, dtype=np.int64)
         # An explicit array selector: the only kind an IVF hash-table direct map accepts.
-        index.index.remove_ids(faiss.IDSelectorArray(len(doomed), faiss.swig_ptr(doomed)))
+        try:
+            index.index.remove_ids(faiss.IDSelectorArray(len(doomed), faiss.swig_ptr(doomed)))
+        except RuntimeError as exc:  # faiss has no removal for some types (a refine stage)
+            raise ValueError(f"{meta['factory']} cannot remove or replace vectors ({len(doomed)} needed): "
+                             f"rebuild it with `mltag index`, or choose a factory without a refine stage") from exc
     ids = index.ids.filter(pc.invert(pc.is_in(index.ids.column("faiss_id"), pa.array(removed_ids, pa.int64()))))
     next_id = int(meta.get("next_id", int(index.ids.column("faiss_id").to_numpy().max(initial=-1)) + 1))
     new_tables = []

@@ -117,6 +117,29 @@ def _select(table: pa.Table, keys: list[tuple[str, str]]) -> pa.Table:
     return table.filter(pa.array(mask, pa.bool_()))
 
 
+def _plan_columns(snapshot_dir: str) -> pa.Table:
+    """What planning needs of a snapshot: keys, fingerprints, model versions (not its embeddings)."""
+    dataset = tag_table.open_dataset(snapshot_dir)
+    return dataset.to_table(columns=[c for c in ("listing_id", "image_uri", "fingerprint", "model_version") if c in dataset.schema.names])
+
+
+def _carry_over(snapshot_dir: str, keys: list[tuple[str, str]], path: str) -> int:
+    """Streams a snapshot file by file, batch by batch, and writes the rows whose key is in
+    ``keys`` to ``path`` exactly as they were, in their order. Returns the rows written."""
+    wanted, written = set(keys), 0
+    dataset = tag_table.open_dataset(snapshot_dir)
+    with pq.ParquetWriter(path, dataset.schema) as writer:
+        for fragment in dataset.get_fragments():  # the committed files, in their listed order
+            for batch in fragment.to_batches():
+                keep = pa.array([k in wanted for k in zip(batch.column("listing_id").to_pylist(), batch.column("image_uri").to_pylist())],
+                                pa.bool_())
+                kept = batch.filter(keep)
+                if kept.num_rows:
+                    writer.write_batch(kept)
+                    written += kept.num_rows
+    return written
+
+
 def _previous_snapshot(table_root: str, snapshot: str) -> str | None:
     """The newest committed snapshot strictly before today's (so a re-run of today is idempotent)."""
     if not os.path.isdir(table_root):
@@ -149,8 +172,7 @@ def run(config: ReindexConfig) -> dict:
     today = pa.concat_tables(list(ds.map_batches(fingerprint_batch, fn_kwargs={"mode": config.fingerprint},
                                                  batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None)))
     previous_dir = _previous_snapshot(root, snapshot)
-    previous = pq.read_table(previous_dir) if previous_dir else None
-    parts = plan(today, previous, spec.version)
+    parts = plan(today, _plan_columns(previous_dir) if previous_dir else None, spec.version)
     work = os.path.join(root, f".reindex-{snapshot}")
     os.makedirs(work, exist_ok=True)
 
@@ -178,8 +200,7 @@ def run(config: ReindexConfig) -> dict:
             shutil.copyfile(os.path.join(tagged_dir, name), os.path.join(staging, f"tagged-{name}"))
             files.append(f"tagged-{name}")
     if parts["unchanged"]:
-        carried = _select(previous, parts["unchanged"])
-        pq.write_table(carried, os.path.join(staging, "carried.parquet"))
+        _carry_over(previous_dir, parts["unchanged"], os.path.join(staging, "carried.parquet"))
         files.append("carried.parquet")
     rows = sum(pq.read_metadata(os.path.join(staging, f)).num_rows for f in files)
     if rows != today.num_rows:

@@ -75,3 +75,49 @@ def test_exact_neighbours_streaming_matches_one_shot():
     one_shot = np.argsort(-(queries @ data.T), axis=1)[:, :7]
     streamed = exact_neighbours(queries, [(np.arange(i, min(i + 64, 500)), data[i:i + 64]) for i in range(0, 500, 64)], 7)
     np.testing.assert_array_equal(streamed, one_shot)
+
+
+def test_nprobe_tuning_stops_where_recall_stops_growing(clustered):
+    """Tiny PQ codes cap recall far below the target: the tuning must not climb to a full scan
+    for recall it cannot get, and what it keeps is as good as scanning every list."""
+    import faiss
+
+    from mltag.index import PLATEAU_GAIN, tune_nprobe
+
+    _, vectors = clustered
+    index = faiss.index_factory(vectors.shape[1], "IVF64,PQ2", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    queries = vectors[np.random.default_rng(6).choice(len(vectors), 200, replace=False)]
+    truth = exact_neighbours(queries, [(np.arange(len(vectors)), vectors)], 10)
+    nprobe, recall = tune_nprobe(index, queries, truth, 64, target=0.99)
+    assert nprobe < 64 and recall < 0.99
+    assert index.nprobe == nprobe  # left set to the value it returns
+    index.nprobe = 64
+    _, everything = index.search(queries, 10)
+    assert recall_at_k(everything, truth) < recall + 2 * PLATEAU_GAIN
+
+
+def test_refine_stage_reranks_exactly_and_refuses_removal_clearly(clustered):
+    """`--factory ...,RFlat`: 4-byte codes alone are far from the target; the refine stage
+    re-ranks candidates with the raw vectors (its k_factor saved with the index) and reaches it."""
+    import faiss
+
+    from mltag.index import REFINE_K_FACTOR, IndexUpdateConfig, update_index
+
+    tmp_path, vectors = clustered
+    meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "rf"), factory="IVF64,PQ4,RFlat",
+                                   target_recall=0.95, batch_rows=1000))
+    assert meta["tuned_recall_at_10"] >= 0.95 and meta["factory"] == "IDMap2,IVF64,PQ4,RFlat"
+    index = EmbeddingIndex.load(str(tmp_path / "rf"))
+    refine = faiss.downcast_index(faiss.downcast_index(index.index).index)
+    assert refine.k_factor == REFINE_K_FACTOR
+    queries = vectors[np.random.default_rng(8).choice(len(vectors), 200, replace=False)]
+    truth = exact_neighbours(queries, [(np.arange(len(vectors)), vectors)], 10)
+    _, found = index.index.search(queries, 10)
+    assert recall_at_k(found, truth) >= 0.93
+    refine.k_factor = 1  # the codes alone
+    _, coarse = index.index.search(queries, 10)
+    assert recall_at_k(coarse, truth) < 0.8
+    with pytest.raises(ValueError, match="cannot remove"):
+        update_index(IndexUpdateConfig(index=str(tmp_path / "rf")), remove=["L1"])
