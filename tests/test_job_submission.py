@@ -36,11 +36,13 @@ def _env(**extra: str) -> dict:
     return {**env, **extra}
 
 
-@pytest.fixture()
-def ray_head(tmp_path):
-    """A head node of its own (--block: stopping this process stops exactly this cluster). Ray
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A head node of its own, shared by this module's jobs (--block: stopping this process stops
+    exactly this cluster; that takes ~30 s, so once). Ray
     2.60 turns token authentication on for `ray start`; the CLI sends the local token
     (~/.ray/auth_token) once RAY_AUTH_MODE=token."""
+    tmp_path = tmp_path_factory.mktemp("ray_head")
     port, dashboard = _free_port(), _free_port()
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dashboard}",

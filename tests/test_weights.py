@@ -58,7 +58,7 @@ def test_converted_lite0_recognises_a_palace(lite0):
 
     _, model = lite0
     image = Image.fromarray(load_sample_image("china.jpg")).resize((224, 224), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float()[None] / 255
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255
     x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         top5 = model(x).softmax(-1).topk(5).indices[0].tolist()
