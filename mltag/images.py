@@ -88,8 +88,6 @@ def _image_load_errors():
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
-    except ImageLoadError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(f"too many pixels: {exc}") from exc
     except Image.UnidentifiedImageError as exc:  # an OSError: caught before the next line

@@ -111,10 +111,9 @@ def plan(today: pa.Table, previous: pa.Table | None, model_version: str) -> dict
     return out
 
 
-def _select(table: pa.Table, keys: list[tuple[str, str]]) -> pa.Table:
-    wanted = set(keys)
-    mask = [k in wanted for k in _keys(table)]
-    return table.filter(pa.array(mask, pa.bool_()))
+def _select(table: pa.Table | pa.RecordBatch, wanted: set[tuple[str, str]]) -> pa.Table | pa.RecordBatch:
+    """The rows whose (listing, image) key is in ``wanted``, in their order."""
+    return table.filter(pa.array([k in wanted for k in _keys(table)], pa.bool_()))
 
 
 def _plan_columns(snapshot_dir: str) -> pa.Table:
@@ -123,21 +122,17 @@ def _plan_columns(snapshot_dir: str) -> pa.Table:
     return dataset.to_table(columns=[c for c in ("listing_id", "image_uri", "fingerprint", "model_version") if c in dataset.schema.names])
 
 
-def _carry_over(snapshot_dir: str, keys: list[tuple[str, str]], path: str) -> int:
+def _carry_over(snapshot_dir: str, keys: list[tuple[str, str]], path: str) -> None:
     """Streams a snapshot file by file, batch by batch, and writes the rows whose key is in
-    ``keys`` to ``path`` exactly as they were, in their order. Returns the rows written."""
-    wanted, written = set(keys), 0
+    ``keys`` to ``path`` exactly as they were, in their order."""
+    wanted = set(keys)
     dataset = tag_table.open_dataset(snapshot_dir)
     with pq.ParquetWriter(path, dataset.schema) as writer:
         for fragment in dataset.get_fragments():  # the committed files, in their listed order
             for batch in fragment.to_batches():
-                keep = pa.array([k in wanted for k in zip(batch.column("listing_id").to_pylist(), batch.column("image_uri").to_pylist())],
-                                pa.bool_())
-                kept = batch.filter(keep)
-                if kept.num_rows:
+                kept = _select(batch, wanted)
+                if kept.num_rows:  # no empty row groups
                     writer.write_batch(kept)
-                    written += kept.num_rows
-    return written
 
 
 def _previous_snapshot(table_root: str, snapshot: str) -> str | None:
@@ -177,7 +172,7 @@ def run(config: ReindexConfig) -> dict:
     os.makedirs(work, exist_ok=True)
 
     # 1. Tag new and changed rows: a committed run of its own, reused on restart.
-    to_tag = _select(today, parts["new"] + parts["changed"])
+    to_tag = _select(today, set(parts["new"] + parts["changed"]))
     signature = hashlib.sha256(json.dumps(sorted(_keys(to_tag)) + [spec.version, config.fingerprint]).encode()).hexdigest()[:16]
     tagged_dir = os.path.join(work, "tagged")
     reused = False
