@@ -3,8 +3,9 @@ same torchvision call on CPU elsewhere, Pillow for anything torchvision refuses.
 
 JPEGs are decoded in one batched ``torchvision.io.decode_jpeg`` call; if that call fails (one bad
 image fails the batch), each image is retried alone, and an image that still fails, or is not a
-JPEG, goes through the CPU path of ``mltag.images`` (which handles every mode and format). Images
-are resized on the device with antialiasing to the model's square input.
+JPEG, goes through the CPU path of ``mltag.images`` (which handles every mode and every format the
+``FetchPolicy`` allows). Images are resized on the device with antialiasing to the model's square
+input.
 
 Example:
     >>> pixels, failures = decode_on_device([open("a.jpg", "rb").read()], 224, torch.device("cpu"))  # doctest: +SKIP
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mltag.images import ImageLoadError, decode_image
+from mltag.uri_policy import DEFAULT_POLICY, FetchPolicy
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -36,12 +38,14 @@ def _jpeg(data: bytes, device: torch.device) -> torch.Tensor:
                        apply_exif_orientation=True)
 
 
-def decode_on_device(blobs: list[bytes], size: int, device: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
+def decode_on_device(blobs: list[bytes], size: int, device: torch.device, *,
+                     policy: FetchPolicy | None = None) -> tuple[torch.Tensor, dict[int, str]]:
     """Returns (N_ok, size, size, 3) uint8 on ``device`` and {index: error} for the failures
-    (the tensor holds the successful images in input order)."""
+    (the tensor holds the successful images in input order). Only ``policy.formats`` are decoded."""
+    policy = policy or DEFAULT_POLICY
     images: dict[int, torch.Tensor] = {}
     failures: dict[int, str] = {}
-    jpegs = [i for i, b in enumerate(blobs) if b[:3] == JPEG_MAGIC]
+    jpegs = [i for i, b in enumerate(blobs) if b[:3] == JPEG_MAGIC] if "JPEG" in policy.formats else []
     if jpegs:
         try:
             decoded = decode_jpeg([torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs],
@@ -57,7 +61,7 @@ def decode_on_device(blobs: list[bytes], size: int, device: torch.device) -> tup
         if i in images:
             continue
         try:  # not a JPEG, or one torchvision could not read: the CPU path knows every format
-            images[i] = torch.from_numpy(np.array(decode_image(data, size))).to(device)
+            images[i] = torch.from_numpy(np.array(decode_image(data, size, policy=policy))).to(device)
         except ImageLoadError as exc:
             failures[i] = str(exc)
     order = [i for i in range(len(blobs)) if i in images]

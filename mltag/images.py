@@ -1,65 +1,275 @@
-"""Fetch image bytes (local or s3) and decode them safely into fixed-size uint8 RGB arrays.
+"""Fetch image bytes (local, s3, http(s) when allowed) and decode them safely into fixed-size
+uint8 RGB arrays.
 
 Every failure is a value, not an exception: ``load_image`` returns ``(pixels, None)`` or
 ``(None, "why")`` so one bad file can never crash a job or drop a listing. The arrays travel
 between Ray stages as one Arrow ``fixed_size_binary`` column (``pixels``): zero-copy to numpy on
 the other side, and no Ray tensor extension types leak into the outputs.
 
+What may be fetched and decoded is a ``FetchPolicy`` (``mltag.uri_policy``): by default local
+files and ``s3://``, ten common image formats, 30 s per fetch. Error texts never carry a query
+string or ``user:password@`` (``redact_uri``). Each error starts with a fixed prefix the tag
+pipeline classifies by:
+
+  permanent  ``missing:``, ``permission denied:``, ``not a file:``, ``too large:``, ``empty file:``,
+             ``too many pixels:``, ``not an image:``, ``corrupt image:``, ``refused uri:``,
+             ``unsupported format:``
+  transient  ``fetch failed after``, ``timeout:``
+
 Example:
     >>> pixels, error = decode_image(open("photo.jpg", "rb").read(), size=224)  # doctest: +SKIP
     >>> pixels.shape                                                            # doctest: +SKIP
     (224, 224, 3)
+    >>> load_image("http://169.254.169.254/latest/meta-data/", 224)
+    (None, "refused uri: scheme 'http' is not in allowed_schemes [file, s3]")
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import socket
+import threading
 import time
 import warnings
+from typing import Callable, TypeVar
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps
 
 from mltag import storage
+from mltag.uri_policy import (DEFAULT_POLICY, FetchPolicy, RefusedURI, check_uri, local_path, public_addresses, redact_text,
+                              redact_uri, scheme_of)
+
+try:  # the `heif` extra: HEIC/HEIF photos (iPhones)
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_PLUGIN = True
+except ImportError:
+    HEIF_PLUGIN = False
 
 # Larger images are refused before their pixels are decoded (a decompression bomb is a few KB of
 # file that expands to gigabytes). 64 Mpx covers any real listing photo.
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 FETCH_RETRIES = 3
+MAX_REDIRECTS = 5
+HTTP_CHUNK = 1 << 16
 # Truncated files must be errors, not silently grey-filled images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+T = TypeVar("T")
 
 
 class ImageLoadError(Exception):
     """One image could not be fetched or decoded (becomes that row's ``error`` value)."""
 
 
-def fetch_bytes(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, retries: int = FETCH_RETRIES) -> bytes:
-    """Reads an object's bytes; retries transient storage errors, not missing or forbidden ones."""
+class _DeadlinePassed(Exception):
+    pass
+
+
+# ---- fetching ------------------------------------------------------------------------------------
+def _call_with_deadline(fn: Callable[[], T], timeout_s: float) -> T:
+    """Runs ``fn`` in a daemon thread and gives up waiting after ``timeout_s``: a storage call
+    that never returns (a server that accepts and stays silent, a hung network mount) costs one
+    parked thread, not the task. Socket timeouts and a deadline in the read loop end the thread."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="mltag-fetch", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise _DeadlinePassed()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _connect_pinned(addresses: list[str], port: int, _address, timeout=None, source_address=None) -> socket.socket:
+    """http.client's connect, to the addresses the policy checked (not a fresh DNS answer)."""
+    error: OSError | None = None
+    for address in addresses:
+        try:
+            return socket.create_connection((address, port), timeout, source_address)
+        except OSError as exc:
+            error = exc
+    raise error or OSError("no address to connect to")
+
+
+def _http_read(uri: str, policy: FetchPolicy, max_bytes: int, deadline: float) -> bytes:
+    """GET over http(s) with the policy applied to every redirect hop and every resolved address.
+    Raises FileNotFoundError / PermissionError / OSError (transient) / ImageLoadError like the
+    fsspec path does."""
+    import http.client
+    from urllib.parse import urljoin, urlsplit
+
+    for _ in range(MAX_REDIRECTS + 1):
+        check_uri(uri, policy)
+        shown = redact_uri(uri)
+        try:
+            parts = urlsplit(uri)
+            host, port = parts.hostname, parts.port
+        except ValueError as exc:
+            raise RefusedURI(f"refused uri: {shown} is not a valid URL ({exc})") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not host:
+            raise RefusedURI(f"refused uri: {shown} is not an http(s) URL with a host")
+        port = port or (443 if scheme == "https" else 80)
+        addresses = public_addresses(host, port, policy)
+        connection_class = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        connection = connection_class(host, port, timeout=max(0.01, deadline - time.monotonic()))
+        connection._create_connection = functools.partial(_connect_pinned, addresses, port)
+        try:
+            connection.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                               headers={"User-Agent": "mltag", "Accept": "image/*"})
+            response = connection.getresponse()
+            if response.status in (301, 302, 303, 307, 308):
+                location = response.getheader("Location")
+                if not location:
+                    raise OSError(f"HTTP {response.status} redirect without a Location")
+                uri = urljoin(uri, location)
+                continue
+            if response.status in (404, 410):
+                raise FileNotFoundError(f"HTTP {response.status}")
+            if response.status in (401, 403):
+                raise PermissionError(f"HTTP {response.status}")
+            if response.status in (408, 429) or response.status >= 500:
+                raise OSError(f"HTTP {response.status} {response.reason}")
+            if response.status != 200:
+                raise ImageLoadError(f"fetch failed after 1 attempt: {shown}: HTTP {response.status} {response.reason}")
+            length = response.getheader("Content-Length") or ""
+            if length.isdigit() and int(length) > max_bytes:
+                raise ImageLoadError(f"too large: {shown} is over {max_bytes} bytes")
+            chunks, total = [], 0
+            while total <= max_bytes:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("deadline passed while reading")
+                chunk = response.read(min(HTTP_CHUNK, max_bytes + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+            return b"".join(chunks)
+        finally:
+            connection.close()
+    raise ImageLoadError(f"fetch failed after 1 attempt: {redact_uri(uri)}: more than {MAX_REDIRECTS} redirects")
+
+
+def _read_once(uri: str, policy: FetchPolicy, max_bytes: int) -> bytes:
+    deadline = time.monotonic() + policy.fetch_timeout_s
+    scheme = scheme_of(uri)
+    if scheme in ("http", "https"):
+        return _http_read(uri, policy, max_bytes, deadline)
+    if scheme == "file" and policy.allowed_roots:
+        uri = local_path(uri)  # read the very file the root check resolved (no symlink detour)
+    fs, path = storage.filesystem_for(uri)
+    with fs.open(path, "rb") as f:
+        return f.read(max_bytes + 1)
+
+
+def fetch_bytes(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, retries: int = FETCH_RETRIES, *,
+                policy: FetchPolicy | None = None) -> bytes:
+    """Reads an object's bytes under ``policy`` (default: ``DEFAULT_POLICY``); retries transient
+    storage errors, not missing, forbidden, refused or timed-out ones. Raises ImageLoadError."""
+    policy = policy or DEFAULT_POLICY
+    shown = redact_uri(uri)
+    try:
+        check_uri(uri, policy)
+    except RefusedURI as exc:
+        raise ImageLoadError(str(exc)) from None
     for attempt in range(retries):
         try:
-            fs, path = storage.filesystem_for(uri)
-            with fs.open(path, "rb") as f:
-                data = f.read(max_bytes + 1)
+            data = _call_with_deadline(lambda: _read_once(uri, policy, max_bytes), policy.fetch_timeout_s)
             break
+        except (_DeadlinePassed, TimeoutError):
+            # Not retried: a hung object would hold the task for retries x the timeout.
+            raise ImageLoadError(f"timeout: no answer from {shown} within {policy.fetch_timeout_s:g} s") from None
+        except RefusedURI as exc:  # an http redirect or a resolved address the policy refuses
+            raise ImageLoadError(str(exc)) from None
         except FileNotFoundError as exc:
-            raise ImageLoadError(f"missing: {uri} does not exist") from exc
+            raise ImageLoadError(f"missing: {shown} does not exist") from exc
         except PermissionError as exc:
-            raise ImageLoadError(f"permission denied: {uri}") from exc
+            raise ImageLoadError(f"permission denied: {shown}") from exc
         except IsADirectoryError as exc:
-            raise ImageLoadError(f"not a file: {uri} is a directory") from exc
+            raise ImageLoadError(f"not a file: {shown} is a directory") from exc
         except OSError as exc:
             if attempt == retries - 1:
-                raise ImageLoadError(f"fetch failed after {retries} attempts: {uri}: {exc}") from exc
+                raise ImageLoadError(f"fetch failed after {retries} attempts: {shown}: {redact_text(str(exc))}") from exc
             time.sleep(0.2 * 2**attempt)
     if len(data) > max_bytes:
-        raise ImageLoadError(f"too large: {uri} is over {max_bytes} bytes")
+        raise ImageLoadError(f"too large: {shown} is over {max_bytes} bytes")
     if not data:
-        raise ImageLoadError(f"empty file: {uri} has zero bytes")
+        raise ImageLoadError(f"empty file: {shown} has zero bytes")
     return data
+
+
+# ---- formats -------------------------------------------------------------------------------------
+_HEIC_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+_HEIF_BRANDS = {b"mif1", b"msf1", b"mif2"}
+_POLICY_NAME = {"HEIC": "HEIF", "HEIF": "HEIF", "AVIF": "AVIF"}  # what a FetchPolicy calls them
+
+
+@functools.lru_cache(maxsize=16)
+def installed_formats(formats: tuple[str, ...]) -> tuple[str, ...]:
+    """The formats of ``formats`` that an installed Pillow plugin can open."""
+    Image.init()
+    return tuple(f for f in formats if f in Image.OPEN)
+
+
+def _ftyp_format(data: bytes) -> str | None:
+    """HEIC / AVIF / HEIF from an ISO-BMFF ``ftyp`` box (major brand, then compatible brands);
+    None for other files, MP4 and QuickTime included."""
+    if len(data) < 16 or data[4:8] != b"ftyp":
+        return None
+    size = int.from_bytes(data[:4], "big")
+    brands = [data[8:12]] + [data[i:i + 4] for i in range(16, min(len(data), max(size, 16), 1024) - 3, 4)]
+    for candidates in ([brands[0]], brands):  # the major brand decides when it is specific
+        if any(b in _HEIC_BRANDS for b in candidates):
+            return "HEIC"
+        if any(b in _AVIF_BRANDS for b in candidates):
+            return "AVIF"
+    return "HEIF" if any(b in _HEIF_BRANDS for b in brands) else None
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format these bytes claim to be, from magic numbers only (no parser runs): HEIC, AVIF
+    and HEIF from the ftyp box, anything else from Pillow's own signature checks."""
+    found = _ftyp_format(data)
+    if found:
+        return found
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        with contextlib.suppress(Exception):
+            if accept is not None and accept(prefix) is True:
+                return name
+    return None
+
+
+def _unidentified(data: bytes, policy: FetchPolicy) -> ImageLoadError:
+    """Why Pillow, restricted to the policy's formats, could not open ``data``."""
+    claimed = sniff_format(data)
+    if claimed is None:
+        return ImageLoadError("not an image: no decoder recognises these bytes")
+    key = _POLICY_NAME.get(claimed, claimed)
+    if key not in policy.formats:
+        return ImageLoadError(f"unsupported format: {claimed} (allowed: {', '.join(policy.formats)})")
+    if key not in installed_formats(policy.formats):
+        hint = "install mltag[heif]" if key == "HEIF" else f"this Pillow build cannot read {key}"
+        return ImageLoadError(f"unsupported format: {claimed} ({hint})")
+    return ImageLoadError(f"corrupt image: looks like {claimed} but its header cannot be read")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -81,7 +291,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 @contextlib.contextmanager
-def _image_load_errors():
+def _image_load_errors(data: bytes, policy: FetchPolicy):
     """Turns each way Pillow fails into an ImageLoadError whose message names the reason (it
     becomes the row's ``error``); the decompression-bomb warning counts as a failure."""
     try:
@@ -91,25 +301,27 @@ def _image_load_errors():
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(f"too many pixels: {exc}") from exc
     except Image.UnidentifiedImageError as exc:  # an OSError: caught before the next line
-        raise ImageLoadError("not an image: no decoder recognises these bytes") from exc
+        raise _unidentified(data, policy) from exc
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise ImageLoadError(f"corrupt image: {exc}") from exc
 
 
-def _open_within_limit(data: bytes, max_pixels: int) -> Image.Image:
-    """Opens (reads the header only) and refuses images over ``max_pixels`` before any decoding."""
-    image = Image.open(io.BytesIO(data))
+def _open_within_limit(data: bytes, max_pixels: int, policy: FetchPolicy) -> Image.Image:
+    """Opens (reads the header only) with the policy's formats only, and refuses images over
+    ``max_pixels`` before any decoding."""
+    image = Image.open(io.BytesIO(data), formats=installed_formats(policy.formats))
     width, height = image.size
     if width * height > max_pixels:
         raise ImageLoadError(f"too many pixels: {width}x{height} is over the limit of {max_pixels}")
     return image
 
 
-def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *, policy: FetchPolicy | None = None) -> np.ndarray:
     """Decodes bytes to a (size, size, 3) uint8 RGB array (the whole image, squashed: no tag is
-    cropped away). Raises ImageLoadError with the reason."""
-    with _image_load_errors():
-        image = _open_within_limit(data, max_pixels)
+    cropped away), in one of ``policy.formats``. Raises ImageLoadError with the reason."""
+    policy = policy or DEFAULT_POLICY
+    with _image_load_errors(data, policy):
+        image = _open_within_limit(data, max_pixels, policy)
         if getattr(image, "is_animated", False):
             image.seek(0)  # the first frame stands for an animated image
         if image.format == "JPEG":
@@ -122,14 +334,20 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
         return np.asarray(image, dtype=np.uint8)
 
 
-def load_image(uri: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str | None]:
-    """Fetch + decode; returns (pixels, None) or (None, error message)."""
+def _error_text(exc: Exception) -> str:
+    """A row's ``error``: the ImageLoadError's message, or an unforeseen exception named (it is
+    still this row's problem, not the job's); redacted either way."""
+    text = str(exc) if isinstance(exc, ImageLoadError) else f"unexpected {type(exc).__name__}: {exc}"
+    return redact_text(text)
+
+
+def load_image(uri: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+               policy: FetchPolicy | None = None) -> tuple[np.ndarray | None, str | None]:
+    """Fetch + decode under ``policy``; returns (pixels, None) or (None, error message)."""
     try:
-        return decode_image(fetch_bytes(uri), size, max_pixels), None
-    except ImageLoadError as exc:
-        return None, str(exc)
-    except Exception as exc:  # anything unforeseen is still this row's problem, not the job's
-        return None, f"unexpected {type(exc).__name__}: {exc}"
+        return decode_image(fetch_bytes(uri, policy=policy), size, max_pixels, policy=policy), None
+    except Exception as exc:
+        return None, _error_text(exc)
 
 
 # ---- the Arrow column that carries pixels between Ray stages ------------------------------------
@@ -151,10 +369,12 @@ def pixels_from_arrow(column: pa.ChunkedArray | pa.Array, size: int) -> np.ndarr
     return raw.reshape(len(array), size, size, 3)
 
 
-def decode_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+def decode_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                 policy: FetchPolicy | None = None) -> pa.Table:
     """Ray Data stage: adds ``pixels`` and ``error`` columns; keeps every row and every column.
 
     Rows that fail get zero pixels and an error message (an ``error`` already set upstream wins).
+    ``policy`` (default ``DEFAULT_POLICY``) says which URIs and formats are allowed.
     """
     uris = batch.column("image_uri").to_pylist()
     previous = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * len(uris)
@@ -164,7 +384,7 @@ def decode_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXEL
         if prior is not None:
             errors.append(prior)
             continue
-        array, error = load_image(uri, size, max_pixels)
+        array, error = load_image(uri, size, max_pixels, policy=policy)
         if array is not None:
             pixels[i] = array
         errors.append(error)
@@ -173,17 +393,20 @@ def decode_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXEL
     return batch.append_column("pixels", pixels_to_arrow(pixels)).append_column("error", pa.array(errors, pa.string()))
 
 
-def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, policy: FetchPolicy | None = None) -> str:
     """Reads only the header: returns the format (JPEG, PNG, ...) or raises ImageLoadError for
-    bytes no decoder knows and for images over the pixel limit (before any pixel is decoded)."""
-    with _image_load_errors():
-        return _open_within_limit(data, max_pixels).format or "unknown"
+    bytes no allowed decoder knows and for images over the pixel limit (before any pixel is
+    decoded)."""
+    policy = policy or DEFAULT_POLICY
+    with _image_load_errors(data, policy):
+        return _open_within_limit(data, max_pixels, policy).format or "unknown"
 
 
-def fetch_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+def fetch_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS, *, policy: FetchPolicy | None = None) -> pa.Table:
     """Ray Data stage for device-side decoding: adds raw ``image_bytes`` and ``error``.
 
-    Only the header is read here (format and size checks); pixels are decoded by the actor."""
+    Only the header is read here (policy, format and size checks); pixels are decoded by the
+    actor (``decode_on_device``, given the same policy)."""
     uris = batch.column("image_uri").to_pylist()
     previous = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * len(uris)
     blobs: list[bytes | None] = []
@@ -194,13 +417,13 @@ def fetch_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Tab
             errors.append(prior)
             continue
         try:
-            data = fetch_bytes(uri)
-            probe_image(data, max_pixels)
+            data = fetch_bytes(uri, policy=policy)
+            probe_image(data, max_pixels, policy=policy)
             blobs.append(data)
             errors.append(None)
-        except ImageLoadError as exc:
+        except Exception as exc:  # never the job's problem: an error row
             blobs.append(None)
-            errors.append(str(exc))
+            errors.append(_error_text(exc))
     if "error" in batch.column_names:
         batch = batch.drop_columns(["error"])
     return batch.append_column("image_bytes", pa.array(blobs, pa.binary())).append_column("error", pa.array(errors, pa.string()))
