@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mltag.anomalies import neighbours_of_all
+from mltag.anomalies import describe_short_rows, neighbours_of_all
 from mltag.index import EmbeddingIndex
 
 
@@ -71,12 +71,14 @@ def duplicate_groups(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
 
 def run(config: DuplicatesConfig) -> pa.Table:
     index = EmbeddingIndex.load(config.index)
-    faiss_ids, neighbour_ids, neighbour_sims = neighbours_of_all(index, config.k, config.batch)
+    faiss_ids, neighbour_ids, neighbour_sims, stats = neighbours_of_all(index, config.k, config.batch)
+    if note := describe_short_rows(stats, config.k, len(faiss_ids)):
+        print(note)
     position = {int(f): i for i, f in enumerate(faiss_ids)}
     pairs, best = [], np.full(len(faiss_ids), -np.inf)
     for i, (ids, sims) in enumerate(zip(neighbour_ids, neighbour_sims)):
         for j, s in zip(ids, sims):
-            if j >= 0 and s >= config.threshold:
+            if s >= config.threshold:
                 pairs.append((i, position[int(j)]))
                 best[i] = max(best[i], s)
     groups = duplicate_groups(len(faiss_ids), pairs)

@@ -6,7 +6,10 @@ the pooled backbone features are the embedding written to the tag table and inde
 A trained tagger is saved as one directory, everything needed to use it elsewhere:
   ``weights.pt``   the state dict
   ``tagger.json``  backbone, pooling, image size, normalisation, vocabulary, thresholds, version
-The version is a content hash of both, so any change of weights or settings is a new version.
+The version is a content hash of both, so any change of weights or settings is a new version, and
+``load_tagger`` refuses a directory whose weights do not hash to its version (tampered with, or
+half-written). Saving is all-or-nothing locally (a staging directory renamed into place); on S3,
+which has no rename, the weights go first and ``tagger.json`` last.
 
 Example:
     >>> model = Tagger("test_efficientnet", num_tags=5)
@@ -20,6 +23,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,6 +40,10 @@ from mltag.weights import timm_pretrained_kwargs
 POOLINGS = ("avg", "max", "avgmax")
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "tagger.json"
+
+
+class ModelIntegrityError(ValueError):
+    """A tagger directory whose weights do not match the version in its tagger.json."""
 
 
 class Tagger(nn.Module):
@@ -106,20 +116,54 @@ def _version(weights: bytes, spec: TaggerSpec) -> str:
     return h.hexdigest()[:12]
 
 
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_tagger(model: Tagger, spec: TaggerSpec, out_dir: str) -> TaggerSpec:
-    """Saves weights + spec under ``out_dir`` (local or s3) and returns the spec with its version."""
+    """Saves weights + spec under ``out_dir`` (local or s3) and returns the spec with its version.
+
+    Locally both files are written to a staging directory beside ``out_dir`` first: a new
+    directory is renamed into place whole; in an existing one (which may hold other files, such
+    as calibration reports) the weights are replaced, then tagger.json. On S3 the weights are
+    written first and tagger.json last. A reader between the two steps sees a version mismatch,
+    which ``load_tagger`` refuses, never a silently mixed model."""
     buf = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, buf)
     weights = buf.getvalue()
     spec.embedding_dim = model.embedding_dim
     spec.version = _version(weights, spec)
-    storage.write_bytes(storage.join(out_dir, WEIGHTS_FILE), weights)
-    storage.write_bytes(storage.join(out_dir, META_FILE), json.dumps(asdict(spec), indent=2).encode())
-    return spec
+    meta = json.dumps(asdict(spec), indent=2).encode()
+    if storage.is_remote(out_dir):
+        storage.write_bytes(storage.join(out_dir, WEIGHTS_FILE), weights)
+        storage.write_bytes(storage.join(out_dir, META_FILE), meta)  # last: it names the weights' version
+        return spec
+    out = storage.filesystem_for(out_dir)[1]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.staging-", dir=os.path.dirname(out))
+    try:
+        _write_synced(os.path.join(staging, WEIGHTS_FILE), weights)
+        _write_synced(os.path.join(staging, META_FILE), meta)
+        if not os.path.isdir(out) or not os.listdir(out):
+            try:
+                os.rename(staging, out)  # atomic; replaces an empty directory
+                return spec
+            except OSError:  # created meanwhile by someone else: replace file by file below
+                pass
+        os.makedirs(out, exist_ok=True)
+        os.replace(os.path.join(staging, WEIGHTS_FILE), os.path.join(out, WEIGHTS_FILE))
+        os.replace(os.path.join(staging, META_FILE), os.path.join(out, META_FILE))
+        return spec
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_spec(model_dir: str) -> TaggerSpec:
+    """tagger.json alone (cheap: the weights are neither read nor checked; ``load_tagger`` does)."""
     try:
         meta = json.loads(storage.read_bytes(storage.join(model_dir, META_FILE)))
     except FileNotFoundError as exc:
@@ -128,11 +172,28 @@ def load_spec(model_dir: str) -> TaggerSpec:
     return TaggerSpec(**meta)
 
 
+def verify_weights(weights: bytes, spec: TaggerSpec, model_dir: str) -> None:
+    """Raises ModelIntegrityError unless ``weights`` and ``spec`` hash to ``spec.version``."""
+    actual = _version(weights, spec)
+    if actual != spec.version:
+        raise ModelIntegrityError(
+            f"refusing to load the tagger at {model_dir}: {WEIGHTS_FILE} and {META_FILE} do not match "
+            f"(content hash {actual}, recorded version {spec.version or '(none)'}); the directory was modified "
+            f"or is half-written. Re-export or re-save the model to make it consistent.")
+
+
 def load_tagger(model_dir: str, device: str | torch.device = "cpu") -> tuple[Tagger, TaggerSpec]:
-    """Rebuilds the tagger (through timm.create_model, no download) and loads its weights."""
+    """Rebuilds the tagger (through timm.create_model, no download) and loads its weights, after
+    checking they hash to the recorded version (ModelIntegrityError otherwise) and with
+    ``weights_only=True``: the file is tensors, never code."""
     spec = load_spec(model_dir)
+    try:
+        weights = storage.read_bytes(storage.join(model_dir, WEIGHTS_FILE))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"the tagger at {model_dir} has no {WEIGHTS_FILE}") from exc
+    verify_weights(weights, spec, model_dir)
     model = Tagger(spec.backbone, len(spec.vocabulary["tags"]), spec.pooling, pretrained="none")
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(model_dir, WEIGHTS_FILE))), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), spec
 

@@ -4,6 +4,9 @@ Figures: training and validation curves, precision-recall curves of the worst an
 per-tag AP, the L1 confusion matrix; and the metrics table. Inputs are a tagger directory (its
 training history) and an ``mltag eval`` output directory.
 
+Tag names come from a vocabulary file, which is data: every one of them is HTML-escaped in the
+page, and shown literally (no mathtext) in the figures.
+
 Example:
     mltag report --model runs/train/model --eval runs/eval --out runs/report
 """
@@ -47,6 +50,12 @@ def _plt():
     return plt
 
 
+def _literal(text: str) -> str:
+    """A label matplotlib draws as written: an unescaped '$' would start mathtext (and a
+    malformed formula in a tag name would fail the whole report)."""
+    return str(text).replace("$", r"\$")
+
+
 def plot_training_curves(history: list[dict], path: str) -> None:
     plt = _plt()
     epochs = [h["epoch"] for h in history]
@@ -74,7 +83,7 @@ def plot_pr_curves(labels: np.ndarray, scores: np.ndarray, per_tag, count: int, 
     for r in picked:
         j = index[r["tag"]]
         precision, recall, _ = precision_recall_curve(labels[:, j], scores[:, j])
-        ax.step(np.r_[0, recall], np.r_[precision[0], precision], where="pre", label=f"{r['tag']} (AP {r['ap']:.2f})")
+        ax.step(np.r_[0, recall], np.r_[precision[0], precision], where="pre", label=f"{_literal(r['tag'])} (AP {r['ap']:.2f})")
     ax.set(title=f"precision-recall: {count} worst and best tags", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
@@ -87,7 +96,7 @@ def plot_per_tag_ap(per_tag, path: str) -> None:
     plt = _plt()
     rows = sorted((r for r in per_tag.to_pylist() if not np.isnan(r["ap"])), key=lambda r: r["ap"])
     fig, ax = plt.subplots(figsize=(7, max(3, 0.25 * len(rows) + 1)))
-    ax.barh([r["tag"] for r in rows], [r["ap"] for r in rows], color="tab:blue")
+    ax.barh([_literal(r["tag"]) for r in rows], [r["ap"] for r in rows], color="tab:blue")
     ax.set(title="average precision per tag", xlabel="AP", xlim=(0, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -99,8 +108,9 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: str) -> None
     side = max(4.5, 1.5 + 0.6 * len(classes))
     fig, ax = plt.subplots(figsize=(side, side))
     ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    labels = [_literal(c) for c in classes]
+    ax.set_xticks(range(len(classes)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), labels)
     for (i, j), v in np.ndenumerate(confusion):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > confusion.max() / 2 else "black", fontsize=8)
     ax.set_title("L1 confusion: true class vs top-1 prediction", fontsize=10)
