@@ -1,52 +1,59 @@
-"""``mltag reindex``: the nightly incremental re-index. Only new or changed images are tagged.
+"""``mltag reindex``: the nightly incremental re-index, one MERGE commit that pays only for what changed.
 
 Each image's identity is (listing_id, image_uri) plus a content fingerprint: the object's ETag,
-size and modification time from its filesystem (``--fingerprint stat``, cheap) or a hash of its
-bytes (``--fingerprint hash``). Against the last committed snapshot of the tag table:
-  new       (listing, image) pairs not in it           -> tagged
-  changed   a different fingerprint or model version   -> tagged
-  unchanged the same fingerprint and model version     -> carried over, row for row
-  deleted   in the snapshot but not in today's catalog -> dropped (and removed from the index)
-The new snapshot is written as ``<table>/snapshot=<date>/`` with its ``_SUCCESS.json`` and the
-FAISS index, when given, is updated in place. A new model version re-tags everything.
+size and modification time (``--fingerprint stat``, cheap) or a hash of its bytes (``hash``).
+Against the table's current version, today's catalog splits into
+  new        keys the table does not have                       -> tagged, inserted
+  changed    another fingerprint, or another model version       -> tagged, updated
+  retry      same fingerprint, but a transient error last time   -> tagged again, updated
+             (fetch failed, timeout, throttled, credentials: ``mltag.row_errors``)
+  unchanged  same fingerprint and model, tagged or a permanent error -> not touched
+  deleted    keys in the table but not in today's catalog         -> deleted
+and the whole night is one Delta MERGE keyed on (listing_id, image_uri). A table written by
+another model version is re-tagged whole (one overwrite commit). A manifest that repeats a key
+keeps its first row; the repeats are counted in the night's metadata, never a failed night.
 
-Idempotent and resumable: work happens in ``<table>/.reindex-<date>/``; the tagged part is a
-committed run of its own, reused on restart when it covers the same rows, and the snapshot is
-swapped in whole at the end. Re-running a finished date gives the same snapshot.
+Resumable: the tagging is a sharded run (``mltag.sharded_run``) whose id is derived from the
+table version it was planned against and today's manifest, so the same command after a crash
+tags only the shards it had not finished. Re-running a night that committed finds nothing to do.
 
     mltag reindex --manifest s3://bucket/catalog/today.parquet --model s3://bucket/models/v3 \\
-        --table s3://bucket/tag_table --index /data/index --snapshot 2026-11-24
+        --table s3://bucket/tag_table --snapshot 2026-11-24 --index /data/index
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from mltag import catalog, storage, tag_table
+from mltag import catalog, delta_table, storage, tag_table
 from mltag.model import load_spec
+from mltag.row_errors import TRANSIENT
+from mltag.sharded_run import KEY_COLUMNS, Plan, ShardedRun, Totals, drop_duplicate_keys
+from mltag.tag import (
+    TagConfig, check_error_gate, check_identifier, commit_metadata, derived_run_id, manifest_signature, merge_tagged, tag_shards,
+)
 
 FINGERPRINTS = ("stat", "hash")
 
 
 @dataclass
 class ReindexConfig:
-    """Nightly incremental re-index: tag only new or changed images, carry the rest over."""
+    """Nightly incremental re-index: tag only new, changed or transiently failed images; one MERGE."""
 
     manifest: str = ""  # today's catalog manifest
     model: str = ""  # tagger directory
-    table: str = "runs/tag_table"  # tag-table root holding snapshot=* partitions (local)
-    snapshot: str = ""  # today's partition value; empty: today's UTC date
-    index: str = ""  # FAISS index directory to update in place; empty: none
+    table: str = "runs/tag_table"  # the Delta tag table (local or s3://)
+    snapshot: str = ""  # the night's label recorded with the commit; empty: today's UTC date
+    index: str = ""  # index directory to bring to the new table version; empty: none
     fingerprint: str = "stat"  # stat: ETag/size/mtime | hash: sha256 of the bytes
+    max_error_rate: float = 0.1  # a night whose tagged rows fail more often than this is not committed
+    shard_rows: int = 50_000  # rows per shard (the unit of resume)
     batch_size: int = 64  # inference batch size
     num_actors: int = 0  # inference actors (0: from the cluster's resources)
 
@@ -55,8 +62,8 @@ class ReindexConfig:
             raise ValueError("manifest and model are required")
         if self.fingerprint not in FINGERPRINTS:
             raise ValueError(f"unknown fingerprint {self.fingerprint!r}; choose one of: {', '.join(FINGERPRINTS)}")
-        if storage.is_remote(self.table):
-            raise ValueError("reindex swaps snapshot directories in place: --table must be a local or mounted path")
+        if self.snapshot:
+            check_identifier("snapshot", self.snapshot)
 
     def snapshot_value(self) -> str:
         return self.snapshot or time.strftime("%Y-%m-%d", time.gmtime())
@@ -85,147 +92,137 @@ def fingerprint_batch(batch: pa.Table, mode: str) -> pa.Table:
     return batch.append_column("fingerprint", pa.array(prints, pa.string()))
 
 
-def _keys(table: pa.Table) -> list[tuple[str, str]]:
-    return list(zip(table.column("listing_id").to_pylist(), table.column("image_uri").to_pylist()))
+OUTCOMES = ("new", "changed", "retry", "unchanged")
 
 
-def plan(today: pa.Table, previous: pa.Table | None, model_version: str) -> dict[str, list[tuple[str, str]]]:
-    """Splits today's (listing, image) keys into new / changed / unchanged, and lists deleted ones."""
-    if previous is None:
-        return {"new": _keys(today), "changed": [], "unchanged": [], "deleted": []}
-    before = {}
-    has_print = "fingerprint" in previous.column_names
-    for key, fp, version in zip(_keys(previous), previous.column("fingerprint").to_pylist() if has_print else [None] * previous.num_rows,
-                                previous.column("model_version").to_pylist()):
-        before[key] = (fp, version)
-    out = {"new": [], "changed": [], "unchanged": [], "deleted": []}
-    for key, fp in zip(_keys(today), today.column("fingerprint").to_pylist()):
-        if key not in before:
-            out["new"].append(key)
-        elif not fp or before[key][0] != fp or before[key][1] != model_version:
-            out["changed"].append(key)
-        else:
-            out["unchanged"].append(key)
-    today_keys = set(_keys(today))
-    out["deleted"] = [k for k in before if k not in today_keys]
-    return out
-
-
-def _select(table: pa.Table | pa.RecordBatch, wanted: set[tuple[str, str]]) -> pa.Table | pa.RecordBatch:
-    """The rows whose (listing, image) key is in ``wanted``, in their order."""
-    return table.filter(pa.array([k in wanted for k in _keys(table)], pa.bool_()))
-
-
-def _plan_columns(snapshot_dir: str) -> pa.Table:
-    """What planning needs of a snapshot: keys, fingerprints, model versions (not its embeddings)."""
-    dataset = tag_table.open_dataset(snapshot_dir)
-    return dataset.to_table(columns=[c for c in ("listing_id", "image_uri", "fingerprint", "model_version") if c in dataset.schema.names])
-
-
-def _carry_over(snapshot_dir: str, keys: list[tuple[str, str]], path: str) -> None:
-    """Streams a snapshot file by file, batch by batch, and writes the rows whose key is in
-    ``keys`` to ``path`` exactly as they were, in their order."""
-    wanted = set(keys)
-    dataset = tag_table.open_dataset(snapshot_dir)
-    with pq.ParquetWriter(path, dataset.schema) as writer:
-        for fragment in dataset.get_fragments():  # the committed files, in their listed order
-            for batch in fragment.to_batches():
-                kept = _select(batch, wanted)
-                if kept.num_rows:  # no empty row groups
-                    writer.write_batch(kept)
-
-
-def _previous_snapshot(table_root: str, snapshot: str) -> str | None:
-    """The newest committed snapshot strictly before today's (so a re-run of today is idempotent)."""
-    if not os.path.isdir(table_root):
-        return None
-    names = sorted((n for n in os.listdir(table_root) if n.startswith("snapshot=") and n < f"snapshot={snapshot}"), reverse=True)
-    for name in names:
-        if os.path.exists(os.path.join(table_root, name, tag_table.SUCCESS_FILE)):
-            return os.path.join(table_root, name)
-    return None
+def plan(today: pa.Table, previous: pa.Table, model_version: str) -> tuple[pa.Array, pa.Table]:
+    """Classifies today's rows (keys unique, with ``fingerprint``) against the table's key,
+    fingerprint, model_version and error_reason columns, with Arrow joins (no Python objects
+    per row). Returns (outcome per row of ``today``, in its order; deleted keys)."""
+    keys = list(KEY_COLUMNS)
+    left = today.select(keys + ["fingerprint"]).append_column("_row", pa.array(np.arange(today.num_rows, dtype=np.int64)))
+    prev_cols = {"fingerprint": pa.string(), "model_version": pa.string(), "error_reason": pa.string()}
+    right = previous.select(keys + [c for c in prev_cols if c in previous.column_names])
+    for name, type_ in prev_cols.items():
+        if name not in right.column_names:
+            right = right.append_column(name, pa.nulls(right.num_rows, type_))
+    right = right.rename_columns(keys + ["prev_" + c for c in right.column_names[len(keys):]])
+    right = right.append_column("_present", pa.array(np.ones(right.num_rows, dtype=bool)))
+    joined = left.join(right, keys=keys, join_type="left outer", use_threads=False).sort_by("_row")
+    present = pc.fill_null(joined.column("_present"), False)
+    fingerprint = joined.column("fingerprint")
+    same_print = pc.fill_null(pc.and_(pc.equal(fingerprint, joined.column("prev_fingerprint")), pc.not_equal(fingerprint, "")), False)
+    same_model = pc.fill_null(pc.equal(joined.column("prev_model_version"), model_version), False)
+    transient = pc.fill_null(pc.is_in(joined.column("prev_error_reason"), pa.array(sorted(TRANSIENT))), False)
+    outcome = pc.if_else(pc.invert(present), "new",
+                         pc.if_else(pc.invert(pc.and_(same_print, same_model)), "changed",
+                                    pc.if_else(transient, "retry", "unchanged")))
+    deleted = right.select(keys).join(today.select(keys), keys=keys, join_type="left anti", use_threads=False)
+    return outcome.combine_chunks() if isinstance(outcome, pa.ChunkedArray) else outcome, deleted
 
 
 # ---- the stage ------------------------------------------------------------------------------------
-def run(config: ReindexConfig) -> dict:
-    import ray
+def _fingerprinted(today: pa.Table, mode: str) -> pa.Table:
+    """Fingerprints in parallel: a stat (or a read) per image is the slow part of the planning."""
     import ray.data
 
-    from mltag.index import IndexUpdateConfig, update_index
-    from mltag.tag import TagConfig
-    from mltag.tag import run as tag_run
+    ds = ray.data.from_arrow(catalog.chunk_table(today, 256))
+    batches = ds.map_batches(fingerprint_batch, fn_kwargs={"mode": mode}, batch_format="pyarrow")
+    return pa.concat_tables(list(batches.iter_batches(batch_format="pyarrow", batch_size=None)))
+
+
+def run(config: ReindexConfig) -> dict:
+    import ray
 
     started = time.time()
     snapshot = config.snapshot_value()
-    root = os.path.abspath(config.table)
     spec = load_spec(config.model)
-    today = catalog.read_manifest(config.manifest)
+    uri = delta_table.table_uri(config.table)
+    raw = catalog.read_manifest(config.manifest)
+    today, duplicated = drop_duplicate_keys(raw)
+    duplicates = int(pc.sum(duplicated.column("extra_copies")).as_py() or 0)
+    if duplicates:
+        print(f"manifest repeats {duplicated.num_rows} (listing_id, image_uri) keys ({duplicates} extra rows): each kept once, "
+              f"e.g. {duplicated.slice(0, 3).select(list(KEY_COLUMNS)).to_pylist()}")
     if not ray.is_initialized():
         ray.init()
-    # Fingerprints in parallel: a stat (or a read) per image is the slow part of the planning.
-    ds = ray.data.from_arrow(catalog.chunk_table(today, 256))
-    today = pa.concat_tables(list(ds.map_batches(fingerprint_batch, fn_kwargs={"mode": config.fingerprint},
-                                                 batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None)))
-    previous_dir = _previous_snapshot(root, snapshot)
-    parts = plan(today, _plan_columns(previous_dir) if previous_dir else None, spec.version)
-    work = os.path.join(root, f".reindex-{snapshot}")
-    os.makedirs(work, exist_ok=True)
+    today = _fingerprinted(today, config.fingerprint)
+    tag_config = TagConfig(manifest=config.manifest, model=config.model, out=uri, snapshot=snapshot, shard_rows=config.shard_rows,
+                           batch_size=config.batch_size, num_actors=config.num_actors, max_error_rate=config.max_error_rate)
 
-    # 1. Tag new and changed rows: a committed run of its own, reused on restart.
-    to_tag = _select(today, set(parts["new"] + parts["changed"]))
-    signature = hashlib.sha256(json.dumps(sorted(_keys(to_tag)) + [spec.version, config.fingerprint]).encode()).hexdigest()[:16]
-    tagged_dir = os.path.join(work, "tagged")
-    reused = False
-    if to_tag.num_rows:
-        marker = os.path.join(tagged_dir, tag_table.SUCCESS_FILE)
-        if os.path.exists(marker) and json.load(open(marker)).get("run_id") == signature:
-            reused = True
-        else:
-            subset = os.path.join(work, "to_tag.parquet")
-            pq.write_table(to_tag, subset)
-            tag_run(TagConfig(manifest=subset, model=config.model, out=tagged_dir, run_id=signature,
-                              batch_size=config.batch_size, num_actors=config.num_actors))
-    # 2. Carry unchanged rows over, exactly as they were.
-    staging = os.path.join(work, f"snapshot={snapshot}")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    files = []
-    if to_tag.num_rows:
-        for name in tag_table.read_success(tagged_dir)["files"]:
-            shutil.copyfile(os.path.join(tagged_dir, name), os.path.join(staging, f"tagged-{name}"))
-            files.append(f"tagged-{name}")
-    if parts["unchanged"]:
-        _carry_over(previous_dir, parts["unchanged"], os.path.join(staging, "carried.parquet"))
-        files.append("carried.parquet")
-    rows = sum(pq.read_metadata(os.path.join(staging, f)).num_rows for f in files)
-    if rows != today.num_rows:
-        raise RuntimeError(f"snapshot would have {rows} rows for {today.num_rows} catalog rows; not committing")
-    clean = sum(pq.read_table(os.path.join(staging, f), columns=["error"]).column("error").null_count for f in files)
-    summary = {
-        "run_id": f"reindex-{snapshot}", "snapshot": snapshot, "model_version": spec.version, "manifest": config.manifest,
-        "previous_snapshot": os.path.basename(previous_dir) if previous_dir else None,
-        "new": len(parts["new"]), "changed": len(parts["changed"]), "unchanged": len(parts["unchanged"]),
-        "deleted": len(parts["deleted"]), "rows": rows, "errors": rows - clean, "manifest_rows": today.num_rows,
-        "tagged_reused_after_restart": reused, "embedding_dim": spec.embedding_dim, "vocabulary": list(spec.vocab.names),
-        "files": files,
-    }
-    # 3. Swap the snapshot in whole, then mark it committed.
-    final = os.path.join(root, f"snapshot={snapshot}")
-    if os.path.exists(final):
-        os.replace(final, final + ".previous")
-    os.replace(staging, final)
-    shutil.rmtree(final + ".previous", ignore_errors=True)
-    summary["seconds"] = round(time.time() - started, 2)
-    with open(os.path.join(final, tag_table.SUCCESS_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
-    # 4. The index follows: changed and new rows replace, deleted ones go.
-    if config.index:
-        deleted_ids = sorted({k[0] for k in parts["deleted"]} - {k[0] for k in _keys(today)})
-        update_index(IndexUpdateConfig(index=config.index, add_tag_table=tagged_dir if to_tag.num_rows else ""),
-                     remove=deleted_ids) if (to_tag.num_rows or deleted_ids) else None
-    shutil.rmtree(work, ignore_errors=True)
-    with open(os.path.join(root, f"_reindex-{snapshot}.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"reindex {snapshot}: {summary['new']} new, {summary['changed']} changed, {summary['unchanged']} unchanged, "
-          f"{summary['deleted']} deleted, {summary['errors']} errors, {summary['seconds']} s -> {final}")
+    table_model = tag_table.run_metadata(uri).get("model_version") if delta_table.exists(uri) else None
+    if table_model != spec.version:
+        # First night, or a new model: every row is tagged by it, and the night replaces the table.
+        why = "no table yet" if table_model is None else f"model {spec.version} replaces {table_model}"
+        print(f"reindex {snapshot}: {why}: tagging all {today.num_rows} rows (one overwrite commit)")
+        summary = _overwrite(tag_config, today, spec, started, duplicates)
+    else:
+        summary = _merge_night(config, tag_config, uri, today, spec, started, snapshot, duplicates)
+    if config.index and summary.get("committed", True):
+        from mltag.index import IndexUpdateConfig, update_index
+
+        update_index(IndexUpdateConfig(index=config.index, tag_table=uri))
     return summary
+
+
+def _overwrite(tag_config: TagConfig, today: pa.Table, spec, started: float, duplicates: int) -> dict:
+    import pyarrow.parquet as pq
+
+    uri = tag_config.out
+    run_id = derived_run_id("night", tag_config.snapshot, manifest_signature(tag_config.manifest), spec.version, "overwrite")
+    tag_config.run_id = run_id
+    run = ShardedRun(uri, run_id)
+    app_id = f"mltag-{run_id}"
+    if delta_table.app_committed(uri, app_id):
+        run.remove()
+        return {**tag_table.run_metadata(uri), "committed": False}
+    plan_, totals, resumed = tag_shards(tag_config, run, today, data_prefix="")
+    check_error_gate(run, totals, tag_config.max_error_rate)
+    fs, root = storage.arrow_filesystem_for(uri)
+    schema = pq.read_schema(f"{root}/{totals.files[0]['path']}", filesystem=fs)
+    metadata = commit_metadata(tag_config, spec, run_id, "reindex", plan_, totals, started, new=totals.rows, changed=0, retry=0,
+                               unchanged=0, deleted=0, manifest_rows=today.num_rows + duplicates, shards_resumed=resumed)
+    metadata["duplicates_dropped"] = duplicates
+    version = delta_table.commit_overwrite(uri, [delta_table.add_action(f["path"], f["size"], f["rows"]) for f in totals.files],
+                                           schema, metadata, app_id)
+    run.remove()
+    print(f"reindex {tag_config.snapshot}: {totals.rows} rows tagged ({totals.errors} errors) -> {uri} version {version}")
+    return {**metadata, "table_version": version, "table": uri}
+
+
+def _merge_night(config: ReindexConfig, tag_config: TagConfig, uri: str, today: pa.Table, spec, started: float, snapshot: str,
+                 duplicates: int) -> dict:
+    dt = delta_table.open_table(uri)
+    columns = [c for c in ("listing_id", "image_uri", "fingerprint", "model_version", "error_reason") if c in dt.schema().to_arrow().names]
+    previous = dt.to_pyarrow_dataset().to_table(columns=columns)
+    outcome, deleted = plan(today, previous, spec.version)
+    counts = {name: int(pc.sum(pc.equal(outcome, name)).as_py() or 0) for name in OUTCOMES}
+    counts["deleted"] = deleted.num_rows
+    to_tag = today.filter(pc.is_in(outcome, pa.array(["new", "changed", "retry"])))
+    if to_tag.num_rows == 0 and deleted.num_rows == 0:
+        print(f"reindex {snapshot}: nothing changed since version {dt.version()} ({counts['unchanged']} rows unchanged); no commit")
+        return {**counts, "committed": False, "table_version": dt.version(), "rows": today.num_rows, "snapshot": snapshot}
+    run_id = derived_run_id("night", snapshot, dt.version(), manifest_signature(config.manifest), spec.version, config.fingerprint)
+    tag_config.run_id = run_id
+    run = ShardedRun(uri, run_id)
+    app_id = f"mltag-{run_id}"
+    if delta_table.app_committed(uri, app_id):
+        run.remove()
+        return {**tag_table.run_metadata(uri), "committed": False}
+    if to_tag.num_rows:
+        plan_, totals, resumed = tag_shards(tag_config, run, to_tag, data_prefix=f"_mltag_runs/{run_id}/data/")
+        check_error_gate(run, totals, config.max_error_rate)
+    else:  # only deletions tonight
+        plan_, totals, resumed = Plan(run_id, 0, []), Totals(0, 0, {}, []), 0
+    metadata = commit_metadata(tag_config, spec, run_id, "reindex", plan_, totals, started, **counts, read_version=dt.version(),
+                               manifest_rows=today.num_rows + duplicates, shards_resumed=resumed)
+    metadata.update(duplicates_dropped=duplicates, rows=today.num_rows,
+                    summary=f"mltag reindex {snapshot}: {counts['new']} new, {counts['changed']} changed, {counts['retry']} retried, "
+                            f"{counts['deleted']} deleted")
+    metrics = merge_tagged(uri, dt, run, totals, deleted, metadata, app_id)
+    run.remove()
+    version = delta_table.latest_version(uri)
+    print(f"reindex {snapshot}: {counts['new']} new, {counts['changed']} changed, {counts['retry']} retried, "
+          f"{counts['unchanged']} unchanged, {counts['deleted']} deleted, {totals.errors} errors, "
+          f"{round(time.time() - started, 1)} s -> {uri} version {version}")
+    return {**metadata, "table_version": version, "table": uri, "merge": metrics}

@@ -102,3 +102,24 @@ def remove_tree(uri: str) -> None:
     fs, path = filesystem_for(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Writes so that a reader sees the old content or the new, never half of it: a temporary file
+    renamed into place locally; on S3 a single PUT, which is atomic by itself."""
+    if is_remote(uri):
+        write_bytes(uri, data)
+        return
+    fs, path = filesystem_for(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute; URIs as they are (recorded with outputs: where things came from)."""
+    return uri if is_remote(uri) else os.path.abspath(uri)

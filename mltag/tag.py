@@ -1,20 +1,24 @@
-"""Tag a catalog with Ray Data: manifest -> bytes -> pixels (CPU tasks) -> tagger actors -> Parquet.
+"""Tag a catalog with Ray Data: manifest -> bytes -> pixels (CPU tasks) -> tagger actors -> Delta.
 
 Launch:
     mltag tag --manifest catalog/manifest.parquet --model runs/train/model --out runs/tag_table
     ray job submit --working-dir . -- python jobs/tag_catalog.py --config configs/demo.yaml
 
 Every manifest row becomes exactly one tag-table row (see ``mltag.tag_table``): images that
-cannot be read or decoded become rows with an ``error`` value. The run is written to a staging
-directory and swapped into place only when complete, then ``_SUCCESS.json`` is written last, so
-a re-run replaces the previous table whole and a crashed run never looks finished.
+cannot be read or decoded become rows with an ``error``; a (listing_id, image_uri) the manifest
+repeats is kept once and counted. The run is cut into shards (``mltag.sharded_run``) whose files
+are written beside the table and recorded as each shard finishes; when every shard is done, the
+run is one Delta commit (``mltag.delta_table``) that replaces the table's content. Until then
+readers see the previous version. The same command after a crash tags only the shards that were
+not finished. A run whose error rows exceed ``max_error_rate`` is not committed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-import os
-import shutil
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,21 +29,40 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from mltag import catalog, storage, tag_table
-from mltag.config import config_hash, save_config
+from mltag import catalog, delta_table, storage, tag_table
+from mltag.config import config_dict, config_hash
 from mltag.images import DEFAULT_MAX_PIXELS, decode_batch, fetch_batch, pixels_from_arrow
 from mltag.model import load_spec, load_tagger, normalise, pick_device
+from mltag.sharded_run import SHARD_COLUMN, Plan, ShardedRun, Totals, format_reasons, write_shard_files
+
+# Run ids and snapshot labels reach paths and the table's history.
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_identifier(kind: str, value: str) -> str:
+    if not IDENTIFIER.match(value) or ".." in value:
+        raise ValueError(f"{kind} {value!r} is not allowed: use letters, digits, '.', '_' and '-' "
+                         f"(pattern {IDENTIFIER.pattern}, no '..')")
+    return value
+
+
+class ErrorGateError(RuntimeError):
+    """Too many rows failed: the run was not committed (the table is as it was)."""
 
 
 @dataclass
 class TagConfig:
-    """Tag every image of a catalog manifest and write the Parquet tag table."""
+    """Tag every image of a catalog manifest into the Delta tag table (one commit per run)."""
 
-    manifest: str = ""  # catalog manifest (Parquet/CSV, local or s3)
+    manifest: str = ""  # catalog manifest (Parquet/CSV, a directory or a glob; local or s3)
     model: str = ""  # trained tagger directory (weights.pt + tagger.json)
-    out: str = "runs/tag_table"  # tag-table directory (local or s3); replaced whole on re-run
-    snapshot: str = ""  # write the run under out/snapshot=VALUE (a hive partition, e.g. a date); empty: out itself
-    run_id: str = ""  # recorded in _SUCCESS.json; empty: a fresh random id
+    out: str = "runs/tag_table"  # Delta tag table (local or s3://); a run replaces its content in one commit
+    snapshot: str = ""  # label recorded with the commit (e.g. the catalog date 2026-11-23): --as-of finds it
+    run_id: str = ""  # names the run; empty: derived from the inputs, so the same command resumes its own run
+    retry_errors: bool = False  # re-tag only the error rows of the table's current version (one MERGE commit)
+    max_error_rate: float = 0.1  # a run with a larger share of error rows is not committed (exit 1)
+    shard_rows: int = 50_000  # rows per shard: the unit of resume after a crash
+    rows_per_file: int = 50_000  # at most this many rows per data file
     batch_size: int = 64  # images per inference call
     decode_batch_size: int = 32  # images per CPU decode task
     num_actors: int = 0  # inference actors; 0: one per GPU, or one per 2 CPUs on CPU-only clusters
@@ -52,27 +75,31 @@ class TagConfig:
     decode_on: str = "cpu"  # cpu: Pillow in CPU tasks | actor: JPEG decode on the actor's device (nvJPEG on GPU)
     compile: bool = False  # torch.compile the model in each actor (pays off on long GPU runs)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (decompression bombs)
-    rows_per_file: int = 100_000  # minimum rows per Parquet file (avoids thousands of tiny files)
 
     def validate(self) -> None:
-        if not self.manifest:
-            raise ValueError("manifest is required (--manifest PATH)")
         if not self.model:
             raise ValueError("model is required (--model DIR, a trained tagger directory)")
+        if not self.manifest and not self.retry_errors:
+            raise ValueError("manifest is required (--manifest PATH)")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ValueError("use_gpu must be auto, true or false")
-        if self.batch_size < 1 or self.decode_batch_size < 1:
-            raise ValueError("batch sizes must be positive")
+        if self.batch_size < 1 or self.decode_batch_size < 1 or self.shard_rows < 1 or self.rows_per_file < 1:
+            raise ValueError("batch sizes, shard_rows and rows_per_file must be positive")
         if self.embedding_dtype not in tag_table.EMBEDDING_DTYPES:
             raise ValueError(f"embedding_dtype must be one of: {', '.join(tag_table.EMBEDDING_DTYPES)}")
         if self.decode_on not in ("cpu", "actor"):
             raise ValueError("decode_on must be cpu or actor")
-        if self.snapshot and ("/" in self.snapshot or "=" in self.snapshot):
-            raise ValueError("snapshot is a partition value such as 2026-11-23 (no '/' or '=')")
+        if not 0 <= self.max_error_rate <= 1:
+            raise ValueError("max_error_rate must be in [0, 1]")
+        if self.run_id:
+            check_identifier("run_id", self.run_id)
+        if self.snapshot:
+            check_identifier("snapshot", self.snapshot)
 
-    def table_dir(self) -> str:
-        out = self.out if storage.is_remote(self.out) else os.path.abspath(self.out)
-        return storage.join(out, f"snapshot={self.snapshot}") if self.snapshot else out
+    def result_fields(self) -> dict:
+        """The settings that change the rows a run writes (not how fast it writes them)."""
+        keep = ("threshold", "max_tags", "embedding_dtype", "decode_on", "max_pixels")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
 class TaggerActor:
@@ -152,14 +179,15 @@ def _torch_threads(config: TagConfig, num_actors: int, use_gpu: bool) -> int:
     return max(config.cpus_per_actor, int(ray.cluster_resources().get("CPU", 1)) // max(1, num_actors))
 
 
-def build_pipeline(config: TagConfig, manifest: pa.Table):
-    """The Ray Data chain: read -> fetch + decode (CPU tasks) -> tag (actor pool)."""
+def build_pipeline(config: TagConfig, source):
+    """The Ray Data chain: fetch + decode (CPU tasks) -> tag (actor pool). ``source`` is a Ray
+    Dataset of manifest rows, or a manifest table."""
     import ray.data
 
     spec = load_spec(config.model)
     num_actors, use_gpu = _resources(config)
     threads = _torch_threads(config, num_actors, use_gpu)
-    ds = ray.data.from_arrow(catalog.chunk_table(manifest, config.decode_batch_size))
+    ds = ray.data.from_arrow(catalog.chunk_table(source, config.decode_batch_size)) if isinstance(source, pa.Table) else source
     if config.decode_on == "actor":
         ds = ds.map_batches(fetch_batch, fn_kwargs={"max_pixels": config.max_pixels},
                             batch_format="pyarrow", batch_size=config.decode_batch_size, udf_modifying_row_count=False)
@@ -180,64 +208,175 @@ def build_pipeline(config: TagConfig, manifest: pa.Table):
     )
 
 
-def _summarise(directory: str, files: list[str]) -> dict:
-    """Counts straight from the written files: what readers will actually see."""
-    fs, _ = storage.arrow_filesystem_for(directory)
-    rows = errors = tagged = 0
-    tag_counts: dict[str, int] = {}
-    for f in files:
-        _, path = storage.arrow_filesystem_for(storage.join(directory, f))
-        table = pq.read_table(path, columns=["error", "tags"], filesystem=fs)
-        rows += table.num_rows
-        errors += table.num_rows - table.column("error").null_count
-        flat = pc.list_flatten(table.column("tags"))
-        tagged += len(flat)
-        for value in pc.value_counts(flat).to_pylist():
-            tag_counts[value["values"]] = tag_counts.get(value["values"], 0) + value["counts"]
-    return {"rows": rows, "errors": errors, "tags_assigned": tagged, "tag_counts": dict(sorted(tag_counts.items()))}
+# ---- a run: shards -> files -> one commit ----------------------------------------------------------
+def manifest_signature(uri: str) -> str:
+    """Changes when any manifest file does (path, size, modification time or ETag): a rewritten
+    manifest is a new run, the same one resumes."""
+    parts = []
+    for path in catalog.manifest_files(uri):
+        fs, inner = storage.filesystem_for(path)
+        info = fs.info(inner)
+        parts.append([path, info.get("size"), str(info.get("mtime") or info.get("LastModified") or ""), str(info.get("ETag") or "")])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def derived_run_id(prefix: str, *parts) -> str:
+    return f"{prefix}-{hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]}"
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
+def tag_shards(config: TagConfig, run: ShardedRun, manifest: pa.Table, data_prefix: str) -> tuple[Plan, Totals, int]:
+    """Tags every unfinished shard of ``run`` into files under the table, marking shards done as
+    they finish. Returns (plan, totals over all shards, shards already done before this call)."""
+    import ray.data
+
+    plan = run.prepare(manifest, config.shard_rows)
+    todo = run.unfinished_manifests(plan)
+    resumed = plan.n_shards - len(todo)
+    if resumed:
+        print(f"resuming run {run.run_id}: {resumed} of {plan.n_shards} shards already done, tagging {len(todo)}")
+    if todo:
+        _init_ray()
+        fs, _ = storage.arrow_filesystem_for(run.table_uri)
+        paths = [storage.arrow_filesystem_for(run.shard_manifest(s))[1] for s in todo]
+        tagged = build_pipeline(config, ray.data.read_parquet(paths, filesystem=fs))
+        records = tagged.map_batches(
+            write_shard_files, fn_kwargs={"table_uri": run.table_uri, "data_prefix": data_prefix, "run_id": run.run_id},
+            batch_format="pyarrow", batch_size=min(config.rows_per_file, config.shard_rows), udf_modifying_row_count=True)
+        finished = [resumed]
+
+        def progress() -> None:
+            finished[0] += 1
+            if finished[0] == plan.n_shards or finished[0] % max(1, plan.n_shards // 10) == 0:
+                print(f"shards done: {finished[0]}/{plan.n_shards}")
+
+        run.collect(records.iter_batches(batch_format="pyarrow", batch_size=None), plan, progress)
+    return plan, run.totals(plan), resumed
+
+
+def check_error_gate(run: ShardedRun, totals: Totals, max_error_rate: float) -> None:
+    """Refuses to commit a run whose share of error rows is above ``max_error_rate``: its files
+    and shards are removed, so the same command after the cause is fixed tags everything again."""
+    if totals.error_rate <= max_error_rate:
+        return
+    run.remove_data_files(totals)
+    run.remove()
+    raise ErrorGateError(
+        f"{totals.errors} of {totals.rows} rows ({totals.error_rate:.1%}) failed, over max_error_rate {max_error_rate:.1%}: "
+        f"not committed, the table is unchanged. Reasons:\n{format_reasons(totals.reasons, totals.rows)}")
+
+
+def commit_metadata(config, spec, run_id: str, operation: str, plan: Plan, totals: Totals, started: float, **counts) -> dict:
+    return {
+        "operation": operation, "run_id": run_id, "snapshot": config.snapshot or time.strftime("%Y-%m-%d", time.gmtime()),
+        "model_version": spec.version, "model": storage.absolute(config.model), "manifest": config.manifest,
+        "config_hash": config_hash(config), "config": config_dict(config), "embedding_dim": spec.embedding_dim,
+        "embedding_dtype": getattr(config, "embedding_dtype", "float32"), "vocabulary": list(spec.vocab.names),
+        "rows": totals.rows, "errors": totals.errors, "ok": totals.rows - totals.errors,
+        "error_reasons": {k: v["count"] for k, v in totals.reasons.items()}, "duplicates_dropped": plan.duplicates,
+        "seconds": round(time.time() - started, 2), **counts,
+        "summary": f"mltag {operation} {run_id}: {totals.rows} rows, {totals.errors} errors, model {spec.version}",
+    }
 
 
 def run(config: TagConfig) -> dict:
-    """Runs the pipeline and commits the tag table; returns the ``_SUCCESS.json`` content."""
-    import ray
-
+    """Tags the manifest and commits the run as one new table version; returns the commit's
+    metadata (rows, errors, run id, table version...)."""
+    if config.retry_errors:
+        return retry_errors(config)
+    started = time.time()
     manifest = catalog.read_manifest(config.manifest)  # a bad manifest fails here, before any work
     spec = load_spec(config.model)
-    if not ray.is_initialized():
-        ray.init()
-    run_id = config.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    out = config.table_dir()
+    uri = delta_table.table_uri(config.out)
+    run_id = config.run_id or derived_run_id("tag", manifest_signature(config.manifest), spec.version, config.result_fields())
+    app_id = f"mltag-{run_id}"
+    run = ShardedRun(uri, run_id)
+    if delta_table.app_committed(uri, app_id):
+        run.remove()  # a crash came after the commit, before the clean-up
+        meta = tag_table.run_metadata(uri)
+        print(f"run {run_id} is already committed to {uri} (table version {meta['table_version']}); nothing to do. "
+              f"Give --run-id to tag again.")
+        return meta
+    plan, totals, resumed = tag_shards(config, run, manifest, data_prefix="")
+    check_error_gate(run, totals, config.max_error_rate)
+    schema = pq.read_schema(storage.join(uri, totals.files[0]["path"]), filesystem=storage.arrow_filesystem_for(uri)[0]) \
+        if not storage.is_remote(uri) else _remote_schema(uri, totals.files[0]["path"])
+    metadata = commit_metadata(config, spec, run_id, "tag", plan, totals, started, manifest_rows=manifest.num_rows,
+                               shards=plan.n_shards, shards_resumed=resumed)
+    actions = [delta_table.add_action(f["path"], f["size"], f["rows"]) for f in totals.files]
+    version = delta_table.commit_overwrite(uri, actions, schema, metadata, app_id)
+    run.remove()
+    metadata["table_version"], metadata["table"] = version, uri
+    rate = totals.rows / max(time.time() - started, 1e-9)
+    print(f"tag table: {totals.rows} rows ({totals.errors} errors, {plan.duplicates} duplicate rows dropped) in "
+          f"{metadata['seconds']} s ({rate:.1f} images/s) -> {uri} version {version}"
+          + (f"; {resumed} of {plan.n_shards} shards were done before this run" if resumed else ""))
+    return metadata
+
+
+def _remote_schema(uri: str, relative: str) -> pa.Schema:
+    fs, root = storage.arrow_filesystem_for(uri)
+    return pq.read_schema(f"{root}/{relative}", filesystem=fs)
+
+
+def merge_tagged(uri: str, dt, run: ShardedRun, totals: Totals, deleted: pa.Table | None, metadata: dict, app_id: str) -> dict:
+    """One MERGE commit: the run's tagged rows (files under the run directory) upserted, the
+    ``deleted`` keys removed. Returns delta-rs's merge metrics."""
+    fs, root = storage.arrow_filesystem_for(uri)
+    paths = [f"{root}/{f['path']}" for f in totals.files]
+    table_schema = pa.schema(dt.schema().to_arrow())
+    source_schema = pq.read_schema(paths[0], filesystem=fs) if paths else table_schema
+    for name in table_schema.names:  # a source without a table column (e.g. fingerprint) gets nulls
+        if name not in source_schema.names:
+            source_schema = source_schema.append(table_schema.field(name))
+    schema = source_schema.append(pa.field("_action", pa.string()))
+
+    def batches():
+        for path in paths:
+            for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=8192):
+                table = pa.Table.from_batches([batch])
+                for field in source_schema:
+                    if field.name not in table.column_names:
+                        table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+                table = table.select(source_schema.names).cast(source_schema)
+                yield from table.append_column("_action", pa.array(["upsert"] * table.num_rows, pa.string())).to_batches()
+        if deleted is not None and deleted.num_rows:
+            columns = {f.name: (deleted.column(f.name) if f.name in ("listing_id", "image_uri") else pa.nulls(deleted.num_rows, f.type))
+                       for f in source_schema}
+            table = pa.table(columns, schema=source_schema)
+            yield from table.append_column("_action", pa.array(["delete"] * table.num_rows, pa.string())).to_batches()
+
+    return delta_table.merge_rows(dt, batches(), schema, metadata, app_id)
+
+
+def retry_errors(config: TagConfig) -> dict:
+    """Re-tags the error rows of the table's current version; one MERGE commit updates them."""
     started = time.time()
-
-    # Local: write beside the target, then swap in. S3 has no rename: clear, write, mark.
-    staging = out if storage.is_remote(out) else os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.staging-{run_id}")
-    storage.remove_tree(staging)
-    if storage.is_remote(out):
-        storage.remove_tree(out)
-    fs, path = storage.arrow_filesystem_for(staging)
-    build_pipeline(config, manifest).write_parquet(path, filesystem=fs, min_rows_per_file=config.rows_per_file)
-
-    ffs, fpath = storage.filesystem_for(staging)
-    files = sorted(os.path.relpath(p, fpath) if not storage.is_remote(staging) else p[len(fpath) + 1:]
-                   for p in ffs.find(fpath) if p.endswith(".parquet"))
-    counts = _summarise(staging, files)
-    if counts["rows"] != manifest.num_rows:  # the contract: rows out = rows in
-        raise RuntimeError(f"tag table has {counts['rows']} rows for {manifest.num_rows} manifest rows; not committing")
-    success = {
-        "run_id": run_id, "snapshot": config.snapshot or None, "model_version": spec.version,
-        "model": config.model if storage.is_remote(config.model) else os.path.abspath(config.model), "manifest": config.manifest,
-        "config_hash": config_hash(config), "embedding_dim": spec.embedding_dim, "embedding_dtype": config.embedding_dtype, "vocabulary": list(spec.vocab.names),
-        "files": files, **counts, "manifest_rows": manifest.num_rows, "seconds": round(time.time() - started, 2),
-        "images_per_s": round(manifest.num_rows / max(time.time() - started, 1e-9), 2),
-    }
-    if not storage.is_remote(out):
-        save_config(config, os.path.join(staging, "_tag_config.yaml"))  # "_": dataset readers skip it
-        previous = f"{staging}.previous"
-        if os.path.exists(out):
-            os.replace(out, previous)
-        os.replace(staging, out)
-        shutil.rmtree(previous, ignore_errors=True)
-    storage.write_bytes(storage.join(out, tag_table.SUCCESS_FILE), json.dumps(success, indent=2).encode())
-    print(f"tag table: {counts['rows']} rows ({counts['errors']} errors) in {success['seconds']} s "
-          f"({success['images_per_s']} images/s) -> {out}")
-    return success
+    spec = load_spec(config.model)
+    uri = delta_table.table_uri(config.out)
+    dt = delta_table.open_table(uri)
+    failed = dt.to_pyarrow_dataset().to_table(filter=pc.field("error").is_valid())
+    output_columns = set(tag_table.CORE_COLUMNS) - {"listing_id", "image_uri"}
+    manifest = failed.drop_columns([c for c in failed.column_names if c in output_columns])
+    if "true_tags" in manifest.column_names:
+        manifest = manifest.rename_columns(["tags" if c == "true_tags" else c for c in manifest.column_names])
+    if manifest.num_rows == 0:
+        print(f"{uri} version {dt.version()} has no error rows; nothing to retry")
+        return {"rows": 0, "errors": 0, "table_version": dt.version()}
+    run_id = config.run_id or derived_run_id("retry", uri, dt.version(), spec.version, config.result_fields())
+    run = ShardedRun(uri, run_id)
+    plan, totals, resumed = tag_shards(config, run, manifest, data_prefix=f"_mltag_runs/{run_id}/data/")
+    metadata = commit_metadata(config, spec, run_id, "retry-errors", plan, totals, started, retried=totals.rows,
+                               healed=totals.rows - totals.errors, read_version=dt.version())
+    metrics = merge_tagged(uri, dt, run, totals, None, metadata, f"mltag-{run_id}")
+    run.remove()
+    metadata.update(table_version=delta_table.latest_version(uri), table=uri, merge=metrics)
+    print(f"retried {totals.rows} error rows of version {dt.version()}: {totals.rows - totals.errors} now tagged, "
+          f"{totals.errors} still failing -> {uri} version {metadata['table_version']}")
+    return metadata

@@ -1,6 +1,6 @@
-"""The tag table: the Parquet contract between ``mltag tag`` and everyone downstream.
+"""The tag table: the row contract between ``mltag tag`` and everyone downstream.
 
-One row per manifest row, always:
+One row per (listing_id, image_uri) of the manifest, always:
 
 ============== =============================== ===============================================
 column         type                            meaning
@@ -14,36 +14,33 @@ scores         list<float32>                   sigmoid score per vocabulary tag,
 embedding      fixed_size_list<float32>[D]     pooled backbone features (null on error rows)
 model_version  string                          content hash of the tagger that produced the row
 error          string                          null, or why this image could not be tagged
+error_reason   string                          null, or the error's reason code
+                                               (``mltag.row_errors``: transient or permanent)
 true_tags      list<string>                    the manifest's own ``tags``, when it had them
+fingerprint    string                          (nightly re-index) the image's content fingerprint
 ...            as in the manifest              any other manifest column, carried through
 ============== =============================== ===============================================
 
-A committed run directory holds ``part-*.parquet`` files and ``_SUCCESS.json`` (written last,
-with run id, model version, config hash, vocabulary and counts). Readers trust only directories
-that have it (``committed_files``).
+The rows live in a Delta Lake table (``mltag.delta_table``): every run is one commit, and readers
+open a version of it, never a directory of Parquet files.
 
 Example:
-    >>> files = committed_files("demo_out/tag_table")  # doctest: +SKIP
+    >>> rows = read_rows("demo_out/tag_table", columns=["listing_id", "tags"])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import json
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from mltag import storage
+from mltag import delta_table
+from mltag.row_errors import reason_column
 
-SUCCESS_FILE = "_SUCCESS.json"
 EMBEDDING_DTYPES = ("float32", "float16")
-CORE_COLUMNS = ("listing_id", "image_uri", "tags", "scores", "embedding", "model_version", "error")
-
-
-class UncommittedRunError(FileNotFoundError):
-    """A tag-table directory without ``_SUCCESS.json``: missing, still running, or failed."""
+CORE_COLUMNS = ("listing_id", "image_uri", "tags", "scores", "embedding", "model_version", "error", "error_reason")
 
 
 def schema(embedding_dim: int, embedding_dtype: str = "float32") -> pa.Schema:
@@ -56,6 +53,7 @@ def schema(embedding_dim: int, embedding_dtype: str = "float32") -> pa.Schema:
         ("embedding", pa.list_(value_type, embedding_dim)),
         ("model_version", pa.string()),
         ("error", pa.string()),
+        ("error_reason", pa.string()),
     ])
 
 
@@ -107,54 +105,36 @@ def assemble(
         "embedding": embedding,
         "model_version": pa.array([model_version] * n, pa.string()),
         "error": pa.array(errors, pa.string()),
+        "error_reason": reason_column(pa.array(errors, pa.string())),
     }
     table = pa.table(columns, schema=schema(dim, embedding_dtype))
     for name in batch.column_names:
-        if name == "pixels" or (name in CORE_COLUMNS and name != "tags"):
+        if name in ("pixels", "image_bytes") or (name in CORE_COLUMNS and name != "tags"):
             continue
         out_name = "true_tags" if name == "tags" else name
         table = table.append_column(out_name, batch.column(name))
     return table
 
 
-# ---- reading a committed run ----------------------------------------------------------------
-def latest_committed(table_path: str) -> str:
-    """The run directory to read: ``table_path`` itself when it is a committed run, else its
-    newest committed ``snapshot=*`` partition (uncommitted partitions are ignored)."""
-    if storage.exists(storage.join(table_path, SUCCESS_FILE)):
-        return table_path
-    fs, path = storage.filesystem_for(table_path)
-    snapshots = sorted((p for p in (fs.ls(path, detail=False) if fs.exists(path) else []) if "snapshot=" in p.rsplit("/", 1)[-1]),
-                       reverse=True)
-    for snap in snapshots:
-        candidate = storage.join(table_path, snap.rsplit("/", 1)[-1])
-        if storage.exists(storage.join(candidate, SUCCESS_FILE)):
-            return candidate
-    raise UncommittedRunError(f"{table_path} holds no committed tag table (no {SUCCESS_FILE}, no committed snapshot=* partition)")
+# ---- reading the table -------------------------------------------------------------------------
+def open_dataset(table_uri: str, as_of: str | int | None = None) -> pads.Dataset:
+    """A pyarrow dataset over one version of the table (the latest, or ``as_of``): only the files
+    that version's log names, so a run in progress or a failed one is never read."""
+    return delta_table.open_table(table_uri, as_of).to_pyarrow_dataset()
 
 
-def read_success(table_dir: str) -> dict:
-    marker = storage.join(table_dir, SUCCESS_FILE)
-    try:
-        return json.loads(storage.read_bytes(marker))
-    except FileNotFoundError as exc:
-        raise UncommittedRunError(
-            f"{table_dir} is not a committed tag table (no {SUCCESS_FILE}): the run is missing, still running or failed"
-        ) from exc
+def read_rows(table_uri: str, columns: list[str] | None = None, as_of: str | int | None = None) -> pa.Table:
+    """One version of the table in memory (small tables, tests; stream ``open_dataset`` otherwise)."""
+    return open_dataset(table_uri, as_of).to_table(columns=columns)
 
 
-def committed_files(table_dir: str) -> list[str]:
-    """The Parquet files listed by a committed run's ``_SUCCESS.json`` (never stray files)."""
-    success = read_success(table_dir)
-    return [storage.join(table_dir, f) for f in success["files"]]
-
-
-def open_dataset(table_dir: str) -> pads.Dataset:
-    """A pyarrow dataset over a committed run (for streaming scans)."""
-    files = committed_files(table_dir)
-    fs, _ = storage.arrow_filesystem_for(table_dir)
-    paths = [storage.arrow_filesystem_for(f)[1] for f in files]
-    return pads.dataset(paths, format="parquet", filesystem=fs)
+def run_metadata(table_uri: str, as_of: str | int | None = None) -> dict:
+    """What mltag recorded about the version: run id, model version, embedding dim, counts..."""
+    dt = delta_table.open_table(table_uri, as_of)
+    meta = delta_table.commit_metadata(dt)
+    meta["table_version"] = dt.version()
+    meta["table"] = delta_table.table_uri(table_uri)
+    return meta
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
