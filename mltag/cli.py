@@ -7,7 +7,9 @@ and calls the same ``run(config)`` that the ``jobs/`` entrypoints call.
     mltag calibrate --manifest catalog/manifest.parquet --model runs/train/model --target 0.9
     mltag report --model runs/train/model --eval runs/eval --out runs/report
     mltag tag    --manifest catalog/manifest.parquet --model runs/train/model --out runs/tag_table
-    mltag index  --tag-table runs/tag_table --out runs/index
+    mltag reindex --manifest catalog/today.parquet --model runs/train/model --table runs/tag_table
+    mltag history --table runs/tag_table
+    mltag index  --tag-table runs/tag_table --out runs/index   [--as-of 2026-11-20]
     mltag search --index runs/index --listing-id L000042
     mltag demo   --out demo_out
 """
@@ -23,7 +25,7 @@ from mltag.config import ConfigError, add_config_arguments, config_from_args
 
 def _stages() -> dict[str, tuple[type, Callable]]:
     # Imported lazily so `mltag --help` stays fast and a stage's heavy imports load only when used.
-    from mltag import anomalies, demo, duplicates, evaluate, index, reindex, report, sample, tag, thresholds, train
+    from mltag import anomalies, demo, duplicates, evaluate, history, index, reindex, report, sample, tag, thresholds, train
 
     return {
         "sample": (sample.SampleConfig, sample.run),
@@ -33,6 +35,7 @@ def _stages() -> dict[str, tuple[type, Callable]]:
         "report": (report.ReportConfig, report.run),
         "tag": (tag.TagConfig, tag.run),
         "reindex": (reindex.ReindexConfig, reindex.run),
+        "history": (history.HistoryConfig, history.run),
         "index": (index.IndexConfig, index.build_index),
         "index-update": (index.IndexUpdateConfig, index.update_index),
         "search": (index.SearchConfig, index.run_search),
@@ -59,7 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"mltag {args.stage}: {exc}", file=sys.stderr)
         return 2
-    run(config)
+    from mltag.delta_table import TableConflictError, TableNotFoundError
+    from mltag.tag import ErrorGateError
+
+    try:
+        run(config)
+    except (ErrorGateError, TableConflictError, TableNotFoundError) as exc:
+        # Job-level failures with a message a person can act on: no traceback, a non-zero exit.
+        print(f"mltag {args.stage}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

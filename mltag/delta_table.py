@@ -192,6 +192,17 @@ def commit_overwrite(uri: str, actions: list, schema: pa.Schema, metadata: dict[
     raise AssertionError("unreachable")
 
 
+def write_table(uri: str, table: pa.Table, metadata: dict[str, Any], mode: str = "overwrite") -> int:
+    """Writes an in-memory table as one commit (small tables: tests, fixtures, derived tables).
+    Runs of ``mltag tag`` write their files from Ray tasks and commit them with ``commit_overwrite``."""
+    from deltalake import write_deltalake
+
+    uri = table_uri(uri)
+    write_deltalake(uri, table, mode=mode, storage_options=storage_options(uri), configuration=TABLE_PROPERTIES,
+                    commit_properties=_commit_properties(metadata, None))
+    return latest_version(uri)
+
+
 def _is_conflict(exc: Exception) -> bool:
     text = str(exc).lower()
     return "concurrent" in text or "already exists" in text or "version" in text and "exists" in text

@@ -78,6 +78,7 @@ def run(config: DemoConfig) -> dict:
     tag_manifest = _with_bad_rows(catalog["manifest"], os.path.join(out, "catalog"))
     tag_dir = os.path.join(out, "tag_table")
     success = tag.run(tag.TagConfig(manifest=tag_manifest, model=model_dir, out=tag_dir))
+    images_per_s = success['rows'] / max(success['seconds'], 1e-9)
 
     print("== 4/5 index")
     index_dir = os.path.join(out, "index")
@@ -95,7 +96,7 @@ def run(config: DemoConfig) -> dict:
     print(f"""
 == done in {minutes:.1f} min
 validation mAP {extra['val_map']:.3f} (micro {extra['val_map_micro']:.3f}); chance on this data {extra['val_chance_map']:.3f}
-tag table: {success['rows']} rows, {success['errors']} error rows, {success['images_per_s']} images/s
+tag table: {success['rows']} rows, {success['errors']} error rows, {images_per_s:.1f} images/s (Delta table version {success['table_version']})
 
 outputs
   sample catalog  {catalog['out']}
@@ -109,10 +110,11 @@ try
   mltag search --index {index_dir} --listing-id {query}
   mltag search --index {index_dir} --image {os.path.join(catalog['out'], 'images', '000000.jpg')}
 
-analysts: paste into duckdb (pip install duckdb; only runs with a _SUCCESS.json are complete)
-  SELECT tag, count(*) AS images
-  FROM (SELECT unnest(tags) AS tag FROM read_parquet('{tag_dir}/*.parquet') WHERE error IS NULL)
-  GROUP BY tag ORDER BY images DESC;
+  mltag history --table {tag_dir}
+
+analysts: the tag table is a Delta Lake table; read it through deltalake (python -m pip install duckdb)
+  python -c "import duckdb, deltalake; tags = deltalake.DeltaTable('{tag_dir}').to_pyarrow_dataset();
+  print(duckdb.sql('SELECT tag, count(*) AS images FROM (SELECT unnest(tags) AS tag FROM tags WHERE error IS NULL) GROUP BY tag ORDER BY images DESC'))"
 """)
     return {"spec": spec, "tag": success, "neighbours": neighbours, "minutes": minutes, "query": query,
             "anomalies": anomaly_table, "duplicates": duplicate_table}

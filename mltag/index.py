@@ -1,14 +1,20 @@
 """The embedding index: FAISS over L2-normalised tag-table embeddings, searched by inner product
 (= cosine similarity), with the listing-id mapping beside it.
 
-An index directory holds
-  ``index.faiss``  the FAISS index; it maps vectors to 64-bit ids (IVF indexes themselves, others
-                   through an IDMap2), so listings can be removed and re-added by id
-  ``ids.parquet``  faiss_id -> listing_id, image_uri, tags
-  ``index.json``   model version, dimension, metric, factory string, count, source tag table
+An index directory holds versions and a pointer to the current one:
+  ``CURRENT``            the name of the current version (replaced atomically: a reader, or a
+                         crash at any moment, sees the previous complete version or the new one)
+  ``v000007/index.faiss`` the FAISS index; it maps vectors to 64-bit ids (IVF indexes themselves,
+                         others through an IDMap2), so listings can be removed and re-added by id
+  ``v000007/ids.parquet`` faiss_id -> listing_id, image_uri, tags
+  ``v000007/index.json``  model version, the tag table and table version it reflects, dimension,
+                         metric, factory string, count
+A new version is written whole into ``.staging-*`` and renamed into place before ``CURRENT``
+moves; the previous version is kept for readers that opened it.
 
 Example:
     >>> build_index(IndexConfig(tag_table="demo_out/tag_table", out="demo_out/index"))  # doctest: +SKIP
+    >>> update_index(IndexUpdateConfig(index="demo_out/index"))  # to the table's new version  # doctest: +SKIP
     >>> EmbeddingIndex.load("demo_out/index").search_listing("L000123", k=5)            # doctest: +SKIP
 """
 
@@ -16,7 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,10 +34,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mltag import storage, tag_table
+from mltag import delta_table, tag_table
+from mltag.config import config_hash
 from mltag.index_selection import IndexChoice, choose_index, parse_bytes
 
-INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "index.json"
+INDEX_FILE, IDS_FILE, META_FILE, POINTER_FILE = "index.faiss", "ids.parquet", "index.json", "CURRENT"
+VERSIONS_KEPT = 2  # the current version and the one before it (a reader may still have it open)
 TRAIN_SAMPLE = 100_000  # vectors a trainable index learns its quantisers from
 REFINE_K_FACTOR = 16  # candidates a refine stage (RFlat) re-ranks exactly, times k
 OPQ_ITERATIONS = 10  # rotation updates when training OPQ (faiss defaults to 50)
@@ -40,8 +50,9 @@ PLATEAU_GAIN = 0.005  # recall@k a doubling of nprobe must add to be worth its c
 class IndexConfig:
     """Build a FAISS similarity index from a committed tag table."""
 
-    tag_table: str = ""  # committed tag-table run, or a table root: its newest committed snapshot=* is used
-    out: str = "runs/index"  # index directory
+    tag_table: str = ""  # the Delta tag table
+    as_of: str = ""  # table version number or date (2026-11-20) to index; empty: the latest
+    out: str = "runs/index"  # index directory (local)
     factory: str = "auto"  # auto (chosen from N and the memory budget) or a FAISS factory string, e.g. IVF4096,PQ64
     max_index_memory: str = "4GiB"  # memory budget for the index (auto selection)
     target_recall: float = 0.95  # nprobe is raised until recall@10 on held-out queries reaches this
@@ -83,10 +94,10 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def _ok_batches(source: str, batch_rows: int):
+def _ok_batches(dataset, batch_rows: int, filter=None):
     """(table of listing_id/image_uri/tags, normalised vectors) per batch, error rows skipped."""
-    dataset = tag_table.open_dataset(source)
-    for batch in dataset.scanner(columns=["listing_id", "image_uri", "tags", "embedding", "error"], batch_size=batch_rows).to_batches():
+    for batch in dataset.scanner(columns=["listing_id", "image_uri", "tags", "embedding", "error"], batch_size=batch_rows,
+                                 filter=filter).to_batches():
         table = pa.Table.from_batches([batch])
         ok = table.filter(pc.is_null(table.column("error")))
         yield table.num_rows - ok.num_rows, ok.select(["listing_id", "image_uri", "tags"]), \
@@ -139,10 +150,10 @@ def tune_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, nlis
 def build_index(config: IndexConfig) -> dict:
     """Streams the committed tag table's embeddings (error rows skipped) into a FAISS index
     chosen for its size, tunes nprobe, and saves index + id map + metadata."""
-    source = tag_table.latest_committed(config.tag_table)
-    success = tag_table.read_success(source)
-    dim = int(success["embedding_dim"])
-    n_expected = tag_table.open_dataset(source).count_rows(filter=pc.field("error").is_null())
+    source = tag_table.open_dataset(config.tag_table, config.as_of or None)
+    table_meta = tag_table.run_metadata(config.tag_table, config.as_of or None)
+    dim = int(table_meta["embedding_dim"])
+    n_expected = source.count_rows(filter=pc.field("error").is_null())
     if config.factory == "auto":
         choice = choose_index(n_expected, dim, parse_bytes(config.max_index_memory))
     else:
@@ -187,24 +198,20 @@ def build_index(config: IndexConfig) -> dict:
         nprobe, recall = tune_nprobe(index, queries, truth, choice.nlist, config.target_recall, k)
 
     id_map = pa.concat_tables(id_tables)
-    os.makedirs(config.out, exist_ok=True)
-    faiss.write_index(index, os.path.join(config.out, INDEX_FILE))
-    pq.write_table(id_map.select(["faiss_id", "listing_id", "image_uri", "tags"]), os.path.join(config.out, IDS_FILE))
     meta = {
-        "model_version": success["model_version"], "model": success.get("model"),
-        "tag_table": source if storage.is_remote(source) else os.path.abspath(source), "tag_table_run_id": success["run_id"],
-        "dim": dim, "metric": "inner_product_on_l2_normalised", "factory": _factory_label(index, choice.factory), "reason": choice.reason,
+        "model_version": table_meta["model_version"], "model": table_meta.get("model"),
+        "tag_table": table_meta["table"], "table_version": table_meta["table_version"], "tag_table_run_id": table_meta.get("run_id"),
+        "config_hash": config_hash(config), "dim": dim, "metric": "inner_product_on_l2_normalised", "factory": _factory_label(index, choice.factory), "reason": choice.reason,
         "nprobe": nprobe, "tuned_recall_at_10": recall, "count": int(index.ntotal), "next_id": int(next_id),
         "skipped_error_rows": skipped, "build_seconds": round(time.time() - started, 3),
     }
-    with open(os.path.join(config.out, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-    print(f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim} -> {config.out}\n"
+    version_dir = write_version(config.out, index, id_map.select(["faiss_id", "listing_id", "image_uri", "tags"]), meta)
+    print(f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim}, table version {meta['table_version']} -> {version_dir}\n"
           f"       why: {choice.reason}" + (f"; nprobe {nprobe} gives recall@10 {recall:.3f}" if nprobe else ""))
     return meta
 
 
-def _numbered_batches(source: str, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _numbered_batches(source, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(FAISS ids, vectors) of the embedding rows in read order, numbered as the build numbers them."""
     next_id = 0
     for _, _, vectors in _ok_batches(source, batch_rows):
@@ -292,6 +299,54 @@ def _train_and_flush(index: faiss.Index, pending: list[tuple[np.ndarray, np.ndar
     pending.clear()
 
 
+# ---- index versions: written whole, switched by one atomic rename -----------------------------------
+def current_version_dir(directory: str) -> str:
+    """The directory of the index's current version (what ``CURRENT`` names)."""
+    pointer = os.path.join(directory, POINTER_FILE)
+    if not os.path.exists(pointer):
+        raise FileNotFoundError(f"no index at {directory} (missing {POINTER_FILE}); build one with `mltag index`")
+    with open(pointer) as f:
+        return os.path.join(directory, f.read().strip())
+
+
+def _versions(directory: str) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith("v") and n[1:].isdigit()) if os.path.isdir(directory) else []
+
+
+def write_version(directory: str, index: faiss.Index, ids: pa.Table, meta: dict, fail_after: str = "") -> str:
+    """Writes a complete new version (index, id map, metadata) into a staging directory, renames it
+    into place, then points ``CURRENT`` at it (temporary file + rename). A crash at any step leaves
+    ``CURRENT`` on the previous complete version. ``fail_after`` names a step to crash after
+    (fault tests only). Returns the new version's directory."""
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):  # a crashed writer's leftovers
+        if name.startswith(".staging-"):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    staging = os.path.join(directory, f".staging-{uuid.uuid4().hex[:8]}")
+    os.makedirs(staging)
+    steps = [(INDEX_FILE, lambda p: faiss.write_index(index, p)), (IDS_FILE, lambda p: pq.write_table(ids, p)),
+             (META_FILE, lambda p: open(p, "w").write(json.dumps(meta, indent=2)))]
+    for name, write in steps:
+        write(os.path.join(staging, name))
+        if fail_after == name:
+            raise RuntimeError(f"injected failure after writing {name}")
+    versions = _versions(directory)
+    name = f"v{(int(versions[-1][1:]) + 1 if versions else 1):06d}"
+    final = os.path.join(directory, name)
+    os.rename(staging, final)
+    if fail_after == "rename":
+        raise RuntimeError("injected failure after renaming the new version into place")
+    tmp = os.path.join(directory, f".{POINTER_FILE}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, POINTER_FILE))
+    for old in _versions(directory)[:-VERSIONS_KEPT]:
+        shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
+    return final
+
+
 class EmbeddingIndex:
     """A loaded index with listing-id lookups. ``search_*`` return a pyarrow table of neighbours."""
 
@@ -304,8 +359,9 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, directory: str, mmap: bool = False) -> "EmbeddingIndex":
+        """The current version of the index at ``directory`` (a version directory also works)."""
         if not os.path.exists(os.path.join(directory, META_FILE)):
-            raise FileNotFoundError(f"no index at {directory} (missing {META_FILE}); build one with `mltag index`")
+            directory = current_version_dir(directory)
         flags = faiss.IO_FLAG_MMAP if mmap else 0
         index = faiss.read_index(os.path.join(directory, INDEX_FILE), flags)
         with open(os.path.join(directory, META_FILE)) as f:
@@ -397,63 +453,99 @@ def run_search(config: SearchConfig) -> pa.Table:
 
 @dataclass
 class IndexUpdateConfig:
-    """Update an index in place: add a new tag-table run, remove listings, replace changed ones."""
+    """Bring an index to a newer version of its tag table, or remove listings, without a rebuild."""
 
     index: str = "runs/index"  # index directory to update
-    add_tag_table: str = ""  # committed tag-table run (or root: newest snapshot) whose rows are added
+    tag_table: str = ""  # the tag table it follows; empty: the one the index records
+    as_of: str = ""  # table version number or date to bring the index to; empty: the latest
     remove_ids_file: str = ""  # text file of listing ids to remove, one a line
     batch_rows: int = 65_536  # rows streamed per add() call
 
-    def validate(self) -> None:
-        if not self.add_tag_table and not self.remove_ids_file:
-            raise ValueError("give --add-tag-table and/or --remove-ids-file")
+
+CHANGE_RANK = {"delete": 0, "update_preimage": 0, "insert": 1, "update_postimage": 1}
 
 
-def update_index(config: IndexUpdateConfig, remove: list[str] | None = None) -> dict:
-    """Removes listings and adds (or replaces) the rows of a committed run, without a rebuild.
+def net_changes(changes: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """From change-feed rows (listing_id, image_uri, _change_type, _commit_version) over several
+    versions, the net effect per key: (keys whose last change wrote a row, keys whose last change
+    deleted it). Within one version a written row wins over a removed one (an overwrite removes the
+    old file and adds the new one)."""
+    keys = ["listing_id", "image_uri"]
+    changes = pa.table({k: changes.column(k).cast(pa.string()) for k in keys + ["_change_type"]}
+                       | {"_commit_version": changes.column("_commit_version").cast(pa.int64())})
+    rank = pa.array([CHANGE_RANK[c] for c in changes.column("_change_type").to_pylist()], pa.int64())
+    order = pc.add(pc.multiply(changes.column("_commit_version").cast(pa.int64()), 2), rank)
+    keyed = changes.select(keys).append_column("_order", order).append_column("_rank", rank)
+    last = keyed.group_by(keys, use_threads=False).aggregate([("_order", "max")]).rename_columns(keys + ["_order"])
+    final = last.join(keyed, keys=keys + ["_order"], right_keys=keys + ["_order"], join_type="inner", use_threads=False)
+    written = final.filter(pc.equal(final.column("_rank"), 1)).select(keys)
+    removed = final.filter(pc.equal(final.column("_rank"), 0)).select(keys)
+    return written, removed
 
-    A listing in the added run that is already indexed is replaced: its old vectors are removed
-    first, so it is never in the index twice."""
+
+def _faiss_ids_of_keys(ids: pa.Table, keys: pa.Table) -> np.ndarray:
+    if keys.num_rows == 0:
+        return np.zeros(0, np.int64)
+    hit = ids.select(["faiss_id", "listing_id", "image_uri"]).join(keys, keys=["listing_id", "image_uri"], join_type="inner",
+                                                                    use_threads=False)
+    return np.sort(hit.column("faiss_id").to_numpy()).astype(np.int64)
+
+
+def update_index(config: IndexUpdateConfig, remove: list[str] | None = None, fail_after: str = "") -> dict:
+    """Applies exactly the rows that changed between the table version the index reflects and the
+    target version (read from the table's change feed): new and updated rows are (re-)added, rows
+    deleted or turned into error rows are removed. Listings named in ``remove`` go too. Writes a
+    new index version; refuses a table tagged by another model than the index's."""
     index = EmbeddingIndex.load(config.index)
     meta = dict(index.meta)
+    uri = config.tag_table or meta.get("tag_table")
+    if not uri:
+        raise ValueError("give --tag-table: the index does not record which table it was built from")
+    dt = delta_table.open_table(uri, config.as_of or None)
+    target = dt.version()
+    table_meta = delta_table.commit_metadata(dt)
+    if table_meta.get("model_version") != meta["model_version"]:
+        raise ValueError(f"{uri} version {target} was tagged by model {table_meta.get('model_version')}, the index holds embeddings "
+                         f"of model {meta['model_version']}: rebuild it with `mltag index`")
+    start = int(meta.get("table_version", -1)) + 1
+    written = removed = pa.table({"listing_id": pa.array([], pa.string()), "image_uri": pa.array([], pa.string())})
+    if start <= target:
+        changes = pa.table(dt.load_cdf(starting_version=start, ending_version=target,
+                                       columns=["listing_id", "image_uri", "_change_type", "_commit_version"]).read_all())
+        written, removed = net_changes(changes)
     remove = list(remove or [])
     if config.remove_ids_file:
         with open(config.remove_ids_file) as f:
             remove += [line.strip() for line in f if line.strip()]
-    additions = []
-    if config.add_tag_table:
-        source = tag_table.latest_committed(config.add_tag_table)
-        success = tag_table.read_success(source)
-        if int(success["embedding_dim"]) != meta["dim"]:
-            raise ValueError(f"{source} has {success['embedding_dim']}-d embeddings; the index holds {meta['dim']}-d")
-        additions = [(ok, vectors) for _, ok, vectors in _ok_batches(source, config.batch_rows) if vectors is not None]
-        remove += [i for ok, _ in additions for i in ok.column("listing_id").to_pylist()]
-    removed_ids = sorted({f for i in set(remove) for f in index._faiss_ids_of_listing.get(i, [])})
-    if removed_ids:
-        doomed = np.array(removed_ids, dtype=np.int64)
+    doomed = np.union1d(_faiss_ids_of_keys(index.ids, pa.concat_tables([written, removed])),
+                        index.ids.filter(pc.is_in(index.ids.column("listing_id"), pa.array(remove, pa.string())))
+                        .column("faiss_id").to_numpy().astype(np.int64) if remove else np.zeros(0, np.int64))
+    if len(doomed):
         # An explicit array selector: the only kind an IVF hash-table direct map accepts.
         try:
             index.index.remove_ids(faiss.IDSelectorArray(len(doomed), faiss.swig_ptr(doomed)))
         except RuntimeError as exc:  # faiss has no removal for some types (a refine stage)
             raise ValueError(f"{meta['factory']} cannot remove or replace vectors ({len(doomed)} needed): "
                              f"rebuild it with `mltag index`, or choose a factory without a refine stage") from exc
-    ids = index.ids.filter(pc.invert(pc.is_in(index.ids.column("faiss_id"), pa.array(removed_ids, pa.int64()))))
+    ids = index.ids.filter(pc.invert(pc.is_in(index.ids.column("faiss_id"), pa.array(doomed, pa.int64()))))
     next_id = int(meta.get("next_id", int(index.ids.column("faiss_id").to_numpy().max(initial=-1)) + 1))
     new_tables = []
-    for ok, vectors in additions:
-        faiss_ids = np.arange(next_id, next_id + ok.num_rows, dtype=np.int64)
-        next_id += ok.num_rows
-        index.index.add_with_ids(vectors, faiss_ids)
-        new_tables.append(ok.append_column("faiss_id", pa.array(faiss_ids, pa.int64())).select(ids.column_names))
+    if written.num_rows:
+        # The written rows' embeddings, streamed from the target version (error rows skipped: they leave the index).
+        wanted = pc.is_in(pc.binary_join_element_wise(pc.field("listing_id"), pc.field("image_uri"), "\x1f"),
+                          value_set=pc.binary_join_element_wise(written.column("listing_id"), written.column("image_uri"), "\x1f"))
+        for _, ok, vectors in _ok_batches(dt.to_pyarrow_dataset(), config.batch_rows, filter=wanted):
+            if vectors is None:
+                continue
+            faiss_ids = np.arange(next_id, next_id + ok.num_rows, dtype=np.int64)
+            next_id += ok.num_rows
+            index.index.add_with_ids(vectors, faiss_ids)
+            new_tables.append(ok.append_column("faiss_id", pa.array(faiss_ids, pa.int64())).select(ids.column_names))
     ids = pa.concat_tables([ids, *new_tables])
-    faiss.write_index(index.index, os.path.join(config.index, INDEX_FILE) + ".tmp")
-    os.replace(os.path.join(config.index, INDEX_FILE) + ".tmp", os.path.join(config.index, INDEX_FILE))
-    pq.write_table(ids, os.path.join(config.index, IDS_FILE))
     added = sum(t.num_rows for t in new_tables)
-    meta.update({"count": int(index.index.ntotal), "next_id": next_id,
-                 "last_update": {"added": added, "removed": len(removed_ids), "from": config.add_tag_table or None,
-                                 "at": time.strftime("%Y-%m-%dT%H:%M:%S")}})
-    with open(os.path.join(config.index, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-    print(f"index updated: +{added} vectors, -{len(removed_ids)} vectors, now {meta['count']} -> {config.index}")
+    meta.update({"count": int(index.index.ntotal), "next_id": next_id, "table_version": target, "tag_table": delta_table.table_uri(uri),
+                 "last_update": {"added": added, "removed": int(len(doomed)), "from_table_version": start - 1,
+                                 "to_table_version": target, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+    version_dir = write_version(config.index, index.index, ids, meta, fail_after=fail_after)
+    print(f"index updated to table version {target}: +{added} vectors, -{len(doomed)} vectors, now {meta['count']} -> {version_dir}")
     return meta

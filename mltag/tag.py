@@ -71,7 +71,7 @@ class TagConfig:
     use_gpu: str = "auto"  # auto | true | false
     threshold: float = -1.0  # one threshold for all tags; negative: the model's saved thresholds
     max_tags: int = 0  # keep at most this many tags per image (best scores first); 0: no limit
-    embedding_dtype: str = "float32"  # float32 | float16 (half the bytes; cosine search barely changes)
+    embedding_dtype: str = "float32"  # float32 (the only type Delta Lake stores; kept for forward compatibility)
     decode_on: str = "cpu"  # cpu: Pillow in CPU tasks | actor: JPEG decode on the actor's device (nvJPEG on GPU)
     compile: bool = False  # torch.compile the model in each actor (pays off on long GPU runs)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (decompression bombs)
@@ -86,7 +86,8 @@ class TagConfig:
         if self.batch_size < 1 or self.decode_batch_size < 1 or self.shard_rows < 1 or self.rows_per_file < 1:
             raise ValueError("batch sizes, shard_rows and rows_per_file must be positive")
         if self.embedding_dtype not in tag_table.EMBEDDING_DTYPES:
-            raise ValueError(f"embedding_dtype must be one of: {', '.join(tag_table.EMBEDDING_DTYPES)}")
+            raise ValueError(f"embedding_dtype must be one of: {', '.join(tag_table.EMBEDDING_DTYPES)} "
+                             f"(Delta Lake has no half-precision type)")
         if self.decode_on not in ("cpu", "actor"):
             raise ValueError("decode_on must be cpu or actor")
         if not 0 <= self.max_error_rate <= 1:

@@ -39,7 +39,8 @@ import pyarrow.dataset as pads
 from mltag import delta_table
 from mltag.row_errors import reason_column
 
-EMBEDDING_DTYPES = ("float32", "float16")
+# Delta Lake has no half-precision type: embeddings are stored as float32.
+EMBEDDING_DTYPES = ("float32",)
 CORE_COLUMNS = ("listing_id", "image_uri", "tags", "scores", "embedding", "model_version", "error", "error_reason")
 
 
@@ -138,7 +139,12 @@ def run_metadata(table_uri: str, as_of: str | int | None = None) -> dict:
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """fixed_size_list<float32>[D] (no nulls) -> (N, D) float32 without per-row copies."""
+    """An embedding column without nulls -> (N, D) float32 without per-row copies. Delta has no
+    fixed-size list type, so the column reads back as list<float>; every row has the same D."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    dim = array.type.list_size
-    return np.asarray(array.flatten(), dtype=np.float32).reshape(len(array), dim)
+    if len(array) == 0:
+        return np.zeros((0, 0), np.float32)
+    values = np.asarray(array.flatten(), dtype=np.float32)
+    if values.size % len(array):
+        raise ValueError(f"embedding rows differ in length ({values.size} values for {len(array)} rows)")
+    return values.reshape(len(array), values.size // len(array))

@@ -32,16 +32,13 @@ def lite0_model(tmp_path_factory, tiny_catalog):
 
 
 def committed_table_from_images(directory, listing_ids, uris, model_dir):
-    """A real committed tag table of these images (tagged in-process, no Ray needed)."""
+    """A real Delta tag table of these images (tagged in-process, no Ray needed)."""
     scores, embeddings, errors = tag_images(uris, model_dir)
     ok = np.array([i for i, e in enumerate(errors) if e is None])
     batch = pa.table({"listing_id": listing_ids, "image_uri": uris})
     table = tag_table.assemble(batch, ok, scores[ok], embeddings[ok], [[] for _ in ok], "v", errors)
-    os.makedirs(directory, exist_ok=True)
-    pq.write_table(table, os.path.join(directory, "part-0.parquet"))
-    with open(os.path.join(directory, "_SUCCESS.json"), "w") as f:
-        json.dump({"run_id": "t", "model_version": "v", "embedding_dim": embeddings.shape[1], "files": ["part-0.parquet"],
-                   "rows": len(uris), "errors": sum(e is not None for e in errors)}, f)
+    write_table(str(directory), table, {"run_id": "t", "model_version": "v", "embedding_dim": embeddings.shape[1],
+                                        "rows": len(uris), "errors": sum(e is not None for e in errors)})
 
 
 def test_planted_noise_images_rank_as_the_top_anomalies(tiny_catalog, lite0_model, tmp_path):

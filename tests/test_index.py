@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -7,23 +5,18 @@ import pytest
 
 from mltag import tag_table
 from mltag.index import EmbeddingIndex, IndexConfig, build_index, l2_normalise
-from mltag.tag_table import UncommittedRunError
+from mltag.delta_table import TableNotFoundError, write_table
 
 
 def write_committed_table(directory, embeddings, errors, files=2):
-    """A real committed tag table (Parquet parts + _SUCCESS.json) with the given embeddings."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """A real Delta tag table (one commit) with the given embeddings."""
     n, dim = embeddings.shape
     batch = pa.table({"listing_id": [f"L{i}" for i in range(n)], "image_uri": [f"/img/{i}.jpg" for i in range(n)]})
     ok = np.array([i for i in range(n) if errors[i] is None])
     tags = [[f"t{i % 3}"] for i in ok]
     table = tag_table.assemble(batch, ok, np.zeros((len(ok), 3), np.float32), embeddings[ok], tags, "v1", errors)
-    names = []
-    for k, part in enumerate(np.array_split(np.arange(n), files)):
-        names.append(f"part-{k}.parquet")
-        pq.write_table(table.take(part), directory / names[-1])
-    (directory / "_SUCCESS.json").write_text(json.dumps({"run_id": "r1", "model_version": "v1", "embedding_dim": dim, "files": names,
-                                                                  "rows": n, "errors": sum(e is not None for e in errors)}))
+    write_table(str(directory), table, {"run_id": "r1", "model_version": "v1", "embedding_dim": dim, "rows": n,
+                                        "errors": sum(e is not None for e in errors)})
     return table
 
 
@@ -71,54 +64,117 @@ def test_trainable_factory_streams_and_trains(clustered):
     assert index.search_listing("L3", k=1).column("listing_id").to_pylist() == ["L3"]
 
 
-def test_uncommitted_table_is_refused(tmp_path):
+def test_a_path_without_a_delta_table_is_refused(tmp_path):
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "part-0.parquet").write_bytes(b"PAR1")
-    with pytest.raises(UncommittedRunError, match="_SUCCESS"):
+    (tmp_path / "half" / "part-0.parquet").write_bytes(b"PAR1")  # Parquet files without a transaction log
+    with pytest.raises(TableNotFoundError, match="no tag table"):
         build_index(IndexConfig(tag_table=str(tmp_path / "half"), out=str(tmp_path / "idx")))
 
 
-def test_table_root_uses_the_newest_committed_snapshot(tmp_path):
+def test_as_of_indexes_an_older_version(tmp_path):
     rng = np.random.default_rng(1)
-    write_committed_table(tmp_path / "root" / "snapshot=2026-11-21", rng.normal(size=(5, 8)).astype(np.float32), [None] * 5)
-    write_committed_table(tmp_path / "root" / "snapshot=2026-11-22", rng.normal(size=(7, 8)).astype(np.float32), [None] * 7)
-    half = tmp_path / "root" / "snapshot=2026-11-23"  # still being written: no _SUCCESS.json
-    half.mkdir()
-    (half / "part-0.parquet").write_bytes(b"PAR1")
-    meta = build_index(IndexConfig(tag_table=str(tmp_path / "root"), out=str(tmp_path / "idx")))
-    assert meta["count"] == 7 and meta["tag_table"].endswith("snapshot=2026-11-22")
+    write_committed_table(tmp_path / "t", rng.normal(size=(5, 8)).astype(np.float32), [None] * 5)
+    write_committed_table(tmp_path / "t", rng.normal(size=(7, 8)).astype(np.float32), [None] * 7)
+    assert build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "old"), as_of="0"))["count"] == 5
+    meta = build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "new")))
+    assert meta["count"] == 7 and meta["table_version"] == 1 and meta["model_version"] == "v1"
+
+
+def merge_into(directory, upserts: pa.Table, deleted_ids: list[str], model_version: str = "v1"):
+    """One MERGE commit, as the nightly re-index makes: rows upserted, listings deleted."""
+    from mltag import delta_table
+
+    dt = delta_table.open_table(str(directory))
+    schema = upserts.schema.append(pa.field("_action", pa.string()))
+    gone = pa.table({f.name: (pa.array(deleted_ids, pa.string()) if f.name == "listing_id" else
+                              pa.array([f"/img/{i[1:]}.jpg" for i in deleted_ids], pa.string()) if f.name == "image_uri" else
+                              pa.nulls(len(deleted_ids), f.type)) for f in upserts.schema}, schema=upserts.schema)
+    batches = [*upserts.append_column("_action", pa.array(["upsert"] * upserts.num_rows)).to_batches(),
+               *gone.append_column("_action", pa.array(["delete"] * gone.num_rows)).to_batches()]
+    delta_table.merge_rows(dt, batches, schema, {"model_version": model_version, "embedding_dim": 8, "run_id": "night"})
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
-def test_incremental_update_adds_removes_and_replaces(tmp_path, factory):
+def test_update_applies_exactly_what_changed_between_table_versions(tmp_path, factory):
     from mltag.index import IndexUpdateConfig, update_index
 
     rng = np.random.default_rng(3)
     first = rng.normal(size=(30, 8)).astype(np.float32)
-    write_committed_table(tmp_path / "day1", first, [None] * 30)
-    build_index(IndexConfig(tag_table=str(tmp_path / "day1"), out=str(tmp_path / "idx"), factory=factory))
+    write_committed_table(tmp_path / "t", first, [None] * 30)
+    build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx"), factory=factory))
 
-    # Day 2: L0..L4 changed (new vectors), L30..L34 new; L10 and L11 deleted from the catalog.
+    # Night 2, one MERGE: L0..L4 changed (new vectors), L30..L34 new, L10 and L11 deleted from the catalog.
     second = rng.normal(size=(35, 8)).astype(np.float32)
-    table = write_committed_table(tmp_path / "day2", second, [None] * 35)
-    changed = table.filter(pa.compute.is_in(table.column("listing_id"), pa.array([f"L{i}" for i in list(range(5)) + list(range(30, 35))])))
-    (tmp_path / "day2-delta").mkdir()
-    pq.write_table(changed, tmp_path / "day2-delta" / "part-0.parquet")
-    (tmp_path / "day2-delta" / "_SUCCESS.json").write_text(json.dumps({"run_id": "d", "model_version": "v1", "embedding_dim": 8,
-                                                                      "files": ["part-0.parquet"], "rows": 10, "errors": 0}))
-    (tmp_path / "gone.txt").write_text("L10\nL11\n")
-    meta = update_index(IndexUpdateConfig(index=str(tmp_path / "idx"), add_tag_table=str(tmp_path / "day2-delta"),
-                                          remove_ids_file=str(tmp_path / "gone.txt")))
-    assert meta["count"] == 30 - 2 + 5 and meta["last_update"]["added"] == 10 and meta["last_update"]["removed"] == 7
+    batch = pa.table({"listing_id": [f"L{i}" for i in range(35)], "image_uri": [f"/img/{i}.jpg" for i in range(35)]})
+    full = tag_table.assemble(batch, np.arange(35), np.zeros((35, 3), np.float32), second, [["t0"]] * 35, "v1", [None] * 35)
+    changed = full.filter(pa.compute.is_in(full.column("listing_id"), pa.array([f"L{i}" for i in list(range(5)) + list(range(30, 35))])))
+    merge_into(tmp_path / "t", changed, ["L10", "L11"])
+    (tmp_path / "gone.txt").write_text("L20\n")  # and one listing removed by hand
+    meta = update_index(IndexUpdateConfig(index=str(tmp_path / "idx"), remove_ids_file=str(tmp_path / "gone.txt")))
+    assert meta["count"] == 30 - 2 - 1 + 5 == tag_table.read_rows(str(tmp_path / "t")).num_rows - 1
+    assert meta["last_update"]["added"] == 10 and meta["last_update"]["removed"] == 5 + 2 + 1 and meta["table_version"] == 1
     index = EmbeddingIndex.load(str(tmp_path / "idx"))
     if "IVF" in factory:
         index.set_search_parameter("nprobe", 4)
     listings = index.ids.column("listing_id").to_pylist()
-    assert len(listings) == len(set(listings)) == 33 and "L10" not in listings and "L34" in listings
+    assert len(listings) == len(set(listings)) == 32 and "L10" not in listings and "L20" not in listings and "L34" in listings
     # A replaced listing is found by its new vector, an untouched one by its old.
     assert index.search_vectors(second[2:3], 1)[0].column("listing_id").to_pylist() == ["L2"]
-    assert index.search_vectors(first[20:21], 1)[0].column("listing_id").to_pylist() == ["L20"]
+    assert index.search_vectors(first[21:22], 1)[0].column("listing_id").to_pylist() == ["L21"]
     np.testing.assert_allclose(index.vector_of("L2")[0], l2_normalise(second[2:3])[0], atol=1e-6)
+    # Nothing new in the table: a second update changes nothing.
+    again = update_index(IndexUpdateConfig(index=str(tmp_path / "idx")))
+    assert again["count"] == meta["count"] and again["last_update"]["added"] == 0
+
+
+def test_update_refuses_a_table_tagged_by_another_model(tmp_path):
+    from mltag.index import IndexUpdateConfig, update_index
+
+    rng = np.random.default_rng(4)
+    write_committed_table(tmp_path / "t", rng.normal(size=(10, 8)).astype(np.float32), [None] * 10)
+    build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx")))
+    batch = pa.table({"listing_id": ["L1"], "image_uri": ["/img/1.jpg"]})
+    row = tag_table.assemble(batch, np.arange(1), np.zeros((1, 3), np.float32), rng.normal(size=(1, 8)).astype(np.float32),
+                             [[]], "v2", [None])
+    merge_into(tmp_path / "t", row, [], model_version="v2")
+    with pytest.raises(ValueError, match="rebuild it with `mltag index`"):
+        update_index(IndexUpdateConfig(index=str(tmp_path / "idx")))
+    assert len(EmbeddingIndex.load(str(tmp_path / "idx"))) == 10  # untouched
+
+
+@pytest.mark.parametrize("step", ["index.faiss", "ids.parquet", "index.json", "rename"])
+def test_a_crash_at_any_step_leaves_the_previous_index_searchable_and_a_rerun_converges(tmp_path, step, monkeypatch):
+    import mltag.index as index_module
+    from mltag.index import IndexUpdateConfig, update_index
+
+    rng = np.random.default_rng(5)
+    first = rng.normal(size=(20, 8)).astype(np.float32)
+    write_committed_table(tmp_path / "t", first, [None] * 20)
+    real_write = index_module.write_version
+    # The build crashes after writing `step` of the first version: nothing is searchable yet,
+    # and no half-written version is taken for one.
+    monkeypatch.setattr(index_module, "write_version", lambda *a, **k: real_write(*a, **k, fail_after=step))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx")))
+    with pytest.raises(FileNotFoundError):
+        EmbeddingIndex.load(str(tmp_path / "idx"))
+    monkeypatch.setattr(index_module, "write_version", real_write)
+    assert build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx")))["count"] == 20
+
+    batch = pa.table({"listing_id": [f"N{i}" for i in range(3)], "image_uri": [f"/img/N{i}.jpg" for i in range(3)]})
+    new = tag_table.assemble(batch, np.arange(3), np.zeros((3, 3), np.float32), rng.normal(size=(3, 8)).astype(np.float32),
+                             [[]] * 3, "v1", [None] * 3)
+    merge_into(tmp_path / "t", new, ["L0"])
+    with pytest.raises(RuntimeError, match="injected failure"):
+        update_index(IndexUpdateConfig(index=str(tmp_path / "idx")), fail_after=step)
+    survivor = EmbeddingIndex.load(str(tmp_path / "idx"))  # the previous version, whole
+    assert len(survivor) == 20 and survivor.meta["table_version"] == 0
+    assert survivor.search_listing("L5", k=1).column("listing_id").to_pylist() == ["L5"]
+    meta = update_index(IndexUpdateConfig(index=str(tmp_path / "idx")))
+    rows = tag_table.read_rows(str(tmp_path / "t"))
+    assert meta["count"] == rows.num_rows == 22 and meta["table_version"] == 1
+    assert sorted(EmbeddingIndex.load(str(tmp_path / "idx")).ids.column("listing_id").to_pylist()) == \
+        sorted(rows.column("listing_id").to_pylist())
 
 
 def test_batch_search_by_ids(clustered):

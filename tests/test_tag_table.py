@@ -25,7 +25,7 @@ def test_assemble_keeps_every_row_and_carries_columns():
     assert rows[1]["embedding"] is None and rows[1]["scores"] is None and rows[1]["error"] == "missing: u2"
     assert rows[2]["embedding"] == [4, 5, 6, 7] and rows[2]["tags"] == ["y"]
     assert rows[0]["true_tags"] == ["x"] and rows[0]["price"] == 1.0 and "pixels" not in out.column_names
-    assert out.column_names[:7] == list(tag_table.CORE_COLUMNS)
+    assert out.column_names[:8] == list(tag_table.CORE_COLUMNS)
     np.testing.assert_array_equal(tag_table.embedding_matrix(out.column("embedding").filter(pa.array([True, False, True]))), emb)
 
 
@@ -39,9 +39,22 @@ def test_max_tags_keeps_the_best_scored_then_closes_upward():
     assert tags == [["c", "parent"]]  # ancestors are added after the cut
 
 
-def test_float16_embeddings_halve_the_column_and_read_back():
-    batch = pa.table({"listing_id": ["a"], "image_uri": ["u"]})
+def test_error_rows_carry_their_reason_code():
+    batch = pa.table({"listing_id": ["a", "b", "c"], "image_uri": ["u1", "u2", "u3"]})
+    errors = [None, "timeout: no answer from u2 within 30 s", "not an image: no decoder recognises these bytes"]
+    out = tag_table.assemble(batch, np.array([0]), np.zeros((1, 2), np.float32), np.ones((1, 3), np.float32), [[]], "v", errors)
+    assert out.column("error_reason").to_pylist() == [None, "timeout", "not_an_image"]
+
+
+def test_the_table_round_trips_through_delta_and_keeps_its_embeddings(tmp_path):
+    from mltag.delta_table import write_table
+
+    batch = pa.table({"listing_id": ["a", "b"], "image_uri": ["u1", "u2"]})
     emb = np.array([[0.5, -1.25, 3.0]], np.float32)
-    out = tag_table.assemble(batch, np.array([0]), np.zeros((1, 2), np.float32), emb, [[]], "v", [None], "float16")
-    assert out.schema.field("embedding").type == pa.list_(pa.float16(), 3)
-    np.testing.assert_array_equal(tag_table.embedding_matrix(out.column("embedding")), emb)
+    out = tag_table.assemble(batch, np.array([1]), np.zeros((1, 2), np.float32), emb, [["x"]], "v", ["missing: u1", None])
+    write_table(str(tmp_path / "t"), out, {"model_version": "v", "embedding_dim": 3})
+    back = tag_table.read_rows(str(tmp_path / "t"))
+    assert back.column("listing_id").to_pylist() == ["a", "b"] and back.column("tags").to_pylist() == [[], ["x"]]
+    np.testing.assert_array_equal(tag_table.embedding_matrix(back.filter(pa.compute.is_valid(back.column("embedding")))
+                                                             .column("embedding")), emb)
+    assert tag_table.run_metadata(str(tmp_path / "t"))["model_version"] == "v"
