@@ -14,6 +14,7 @@ from PIL import Image
 
 from mltag import anomalies, duplicates, tag_table
 from mltag.catalog import read_manifest
+from mltag.delta_table import write_table
 from mltag.duplicates import duplicate_groups
 from mltag.embed import tag_images
 from mltag.index import IndexConfig, build_index
