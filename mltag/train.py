@@ -6,12 +6,23 @@ Launch:
 
 Outputs under ``out``: ``model/`` (weights + tagger.json, the thing ``mltag tag`` loads),
 ``ray_train/`` (Ray Train's checkpoints) and ``config.yaml`` (the resolved config).
+
+Checkpoints hold tensors (``state.pt``, loaded with ``weights_only=True``) and JSON
+(``training_state.json``: epoch, step, history, Python and NumPy RNG states), never pickled
+objects: whoever can write to the checkpoint storage cannot make a worker run code. Each run
+records hashes of its inputs (manifest content, vocabulary, config) in
+``<storage_path>/<name>/mltag_run.json``; ``resume`` decides what a re-run with other inputs does.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import pickle
+import random
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,16 +36,28 @@ import yaml
 
 from mltag import catalog, storage
 from mltag.augment import augment_batch
-from mltag.config import config_hash, save_config
+from mltag.config import config_dict, config_hash, save_config
+from mltag.identifiers import validate_identifier
 from mltag.images import decode_batch, pixels_from_arrow
 from mltag.losses import LOSSES, MultiLabelLoss
 from mltag.metrics import chance_mean_average_precision, mean_average_precision
 from mltag.resampling import repeat_counts, repeat_factors
-from mltag.model import POOLINGS, Tagger, TaggerSpec, backbone_normalisation, normalise, save_tagger
+from mltag.model import POOLINGS, Tagger, TaggerSpec, backbone_normalisation, load_spec, normalise, save_tagger
 from mltag.vocabulary import Vocabulary
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.pt"  # tensors only: model, optimiser, scheduler, EMA, torch RNG states
+STATE_META_FILE = "training_state.json"  # the rest of a checkpoint: epoch, step, history, Python/NumPy RNG
+RUN_RECORD = "mltag_run.json"  # the run's input hashes, beside Ray Train's files
 OPTIMIZERS = ("adamw", "sgd")
+RESUME_MODES = ("auto", "never", "force")
+# Config fields that do not change what a run computes, left out of its config hash: where the
+# run and its outputs live, how big its cluster is (a resumed run may get other machines),
+# failure handling, and epochs (a finished run may be asked for more). The manifest and the
+# vocabulary are compared by content, not by path.
+RESUME_NEUTRAL_FIELDS = ("manifest", "vocabulary", "out", "name", "storage_path", "max_failures", "num_to_keep", "epochs",
+                         "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "cache_decoded", "resume",
+                         "export_finished")
+MANIFEST_HASH_COLUMNS = ("listing_id", "image_uri", "tags", "split")
 
 
 @dataclass
@@ -75,15 +98,20 @@ class TrainConfig:
     cpus_per_worker: int = 1  # CPUs Ray reserves per worker
     torch_threads: int = 0  # intra-op threads per worker; 0: cpus_per_worker (raise it when data is cached)
     cache_decoded: bool = False  # decode once and keep pixels in the object store (small catalogs)
-    name: str = "mltag-train"  # Ray Train run name (checkpoints under storage_path/name)
+    name: str = "mltag-train"  # Ray Train run name (checkpoints under storage_path/name); letters, digits, . _ -
     storage_path: str = ""  # Ray Train storage, local or s3://; empty: <out>/ray_train
     max_failures: int = 0  # worker-group restarts Ray Train may make before giving up
     num_to_keep: int = 2  # checkpoints kept (best by validation mAP)
     seed: int = 0  # model init and shuffling
+    resume: str = "auto"  # an existing run of this name: auto (resume if its inputs match, else refuse) | never (refuse) | force (resume anyway)
+    export_finished: bool = False  # re-export a run that already finished over <out>/model
 
     def validate(self) -> None:
         if not self.manifest:
             raise ValueError("manifest is required (--manifest PATH)")
+        validate_identifier("name", self.name)
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"unknown resume {self.resume!r}; choose one of: {', '.join(RESUME_MODES)}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
         if self.pooling not in POOLINGS:
@@ -183,6 +211,65 @@ def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64):
     return ds.map_batches(drop_failed, batch_format="pyarrow", batch_size=None)
 
 
+# ---- checkpoint state: tensors and JSON, nothing that runs code when loaded -----------------------
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file that holds more than tensors and plain containers (refused, not loaded)."""
+
+
+def capture_rng() -> tuple[dict, dict]:
+    """The RNG states a resumed run continues from: torch's as tensors, Python's and NumPy's as JSON."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(keys), gauss],
+                     "numpy": [name, np.asarray(np_keys).tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def restore_rng(tensors: dict, meta: dict) -> None:
+    """The inverse of ``capture_rng``; states a checkpoint lacks are left as they are."""
+    if tensors.get("torch") is not None:
+        torch.set_rng_state(tensors["torch"])
+    if tensors.get("cuda") and torch.cuda.is_available() and len(tensors["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
+    if meta.get("python"):
+        version, keys, gauss = meta["python"]
+        random.setstate((version, tuple(keys), gauss))
+    if meta.get("numpy"):
+        name, keys, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_training_state(directory: str, tensors: dict, meta: dict) -> None:
+    """Writes ``state.pt`` (tensors and plain containers) and ``training_state.json``."""
+    torch.save(tensors, os.path.join(directory, STATE_FILE))
+    with open(os.path.join(directory, STATE_META_FILE), "w") as f:
+        json.dump(meta, f, default=float)  # metrics may be numpy scalars
+
+
+def load_training_state(directory: str) -> tuple[dict, dict]:
+    """Reads a checkpoint written by ``save_training_state`` with ``weights_only=True``: a
+    ``state.pt`` holding anything else (a pickled object that would run code) is refused with
+    UnsafeCheckpointError, before any of it runs. Returns (tensors, meta)."""
+    path = os.path.join(directory, STATE_FILE)
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        raise UnsafeCheckpointError(
+            f"refusing to load checkpoint {path}: it holds {'a reference to ' + found.group(1) if found else 'objects'} "
+            "rather than only tensors and plain containers, and could run code when unpickled. mltag checkpoints "
+            "never do: this file was written by something else or tampered with.") from None
+    meta_path = os.path.join(directory, STATE_META_FILE)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    else:  # a checkpoint from before the split: its counters live in state.pt
+        meta = {k: tensors.pop(k) for k in ("epoch", "step", "history", "restarts") if k in tensors}
+    return tensors, meta
+
+
 # ---- the loop each Ray Train worker runs --------------------------------------------------------
 def _unwrap(model: torch.nn.Module) -> Tagger:
     return model.module if hasattr(model, "module") else model
@@ -221,7 +308,9 @@ def train_loop_per_worker(config: dict) -> None:
     from timm.utils import ModelEmaV3
 
     torch.set_num_threads(max(1, config["threads"]))
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(config["seed"])  # a resumed run then restores its RNG states from the checkpoint
+    random.seed(config["seed"])
+    np.random.seed(config["seed"])
     # One progress bar per worker per epoch would drown the epoch lines that matter.
     ray.data.DataContext.get_current().enable_progress_bars = False
     context = ray.train.get_context()
@@ -244,16 +333,17 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restart after a failure, or a resumed run: continue where it stopped
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+            state, meta = load_training_state(d)
         tagger.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
-        start_epoch, history, step = state["epoch"] + 1, state["history"], state["step"]
-        restarts = state.get("restarts", 0) + 1
+        restore_rng(state.get("rng") or {}, meta.get("rng") or {})
+        start_epoch, history, step = meta["epoch"] + 1, meta["history"], meta["step"]
+        restarts = meta.get("restarts", 0) + 1
         if rank == 0:
-            print(f"resuming from checkpoint after epoch {state['epoch'] + 1} (restart {restarts})", flush=True)
+            print(f"resuming from checkpoint after epoch {meta['epoch'] + 1} (restart {restarts})", flush=True)
 
     mean, std, size, bs = config["mean"], config["std"], config["img_size"], config["batch_size"]
     train_shard = ray.train.get_dataset_shard("train")
@@ -303,9 +393,11 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save({"model": tagger.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step,
-                            "history": history, "restarts": restarts}, os.path.join(tmp, STATE_FILE))
+                rng_tensors, rng_meta = capture_rng()
+                save_training_state(tmp, {"model": tagger.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                                          "rng": rng_tensors},
+                                    {"epoch": epoch, "step": step, "history": history, "restarts": restarts, "rng": rng_meta})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -338,15 +430,17 @@ def _use_gpu(setting: str) -> bool:
     return setting == "true"
 
 
-def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None):
-    """The configured TorchTrainer plus what exporting its result needs (vocabulary, normalisation)."""
+def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None, *, manifest: pa.Table | None = None,
+                  vocab: Vocabulary | None = None):
+    """The configured TorchTrainer plus what exporting its result needs (vocabulary, normalisation).
+    ``manifest`` and ``vocab``, when given, are the already-read inputs (read here otherwise)."""
     import ray
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    vocab = Vocabulary.load(config.vocabulary_uri())
-    manifest = catalog.read_manifest(config.manifest, require_tags=True)
+    vocab = vocab if vocab is not None else Vocabulary.load(config.vocabulary_uri())
+    manifest = manifest if manifest is not None else catalog.read_manifest(config.manifest, require_tags=True)
     train_table = catalog.select_split(manifest, "train")
     val_table = catalog.select_split(manifest, "val")
     if train_table.num_rows == 0 or val_table.num_rows == 0:
@@ -357,7 +451,7 @@ def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None):
 
     if not ray.is_initialized():
         ray.init()
-    storage_path = config.storage_path or storage.join(_out_dir(config), "ray_train")
+    storage_path = _storage_path(config)
 
     # Workers iterate these datasets every epoch; their per-epoch progress bars only add noise.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -412,22 +506,151 @@ def _out_dir(config: TrainConfig) -> str:
     return config.out if storage.is_remote(config.out) else os.path.abspath(config.out)
 
 
+def _storage_path(config: TrainConfig) -> str:
+    return config.storage_path or storage.join(_out_dir(config), "ray_train")
+
+
+# ---- what a run was started with, and whether a re-run may continue it ---------------------------
+class RunInputsChanged(ValueError):
+    """A re-run whose inputs differ from those its run was started with (or an existing run
+    under ``--resume never``)."""
+
+
+def _sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def manifest_digest(manifest: pa.Table, rows_per_chunk: int = 65_536) -> str:
+    """SHA-256 of the manifest's content as training reads it (listing ids, resolved image URIs,
+    tags, splits, in order), whatever its file format or chunking. Image bytes are not read."""
+    h = hashlib.sha256()
+    for name in MANIFEST_HASH_COLUMNS:
+        if name not in manifest.column_names:
+            continue
+        h.update(name.encode())
+        column = manifest.column(name)
+        for start in range(0, len(column), rows_per_chunk):
+            h.update(json.dumps(column.slice(start, rows_per_chunk).to_pylist(), default=str).encode())
+    return h.hexdigest()
+
+
+def run_inputs(config: TrainConfig, manifest: pa.Table, vocab: Vocabulary) -> dict:
+    """The hashes a run is recorded with: manifest content, vocabulary, and the config fields
+    that change what it computes (RESUME_NEUTRAL_FIELDS left out), kept too, to name changes."""
+    settings = {k: v for k, v in config_dict(config).items() if k not in RESUME_NEUTRAL_FIELDS}
+    return {"manifest_sha256": manifest_digest(manifest), "vocabulary_sha256": _sha256_json(vocab.to_dict()),
+            "config_sha256": _sha256_json(settings), "config": settings}
+
+
+def describe_changes(recorded: dict, current: dict) -> list[str]:
+    """What differs between two ``run_inputs`` records, in words."""
+    changes = []
+    if recorded.get("manifest_sha256") != current["manifest_sha256"]:
+        changes.append("the manifest's content")
+    if recorded.get("vocabulary_sha256") != current["vocabulary_sha256"]:
+        changes.append("the vocabulary")
+    if recorded.get("config_sha256") != current["config_sha256"]:
+        old, new = recorded.get("config") or {}, current["config"]
+        fields = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        changes.append("config " + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in fields) if fields else "the config")
+    return changes
+
+
+def resume_decision(record: dict | None, run_exists: bool, inputs: dict, resume: str, where: str) -> str:
+    """What a (re-)run does with the run at ``where`` (pure): 'start' (no run yet), 'resume'
+    (inputs match, or --resume force), or raises RunInputsChanged.
+
+    auto: resume when the recorded inputs match, refuse otherwise (and refuse a run with
+    checkpoints but no record: its inputs cannot be compared). never: refuse any existing run.
+    force: resume whatever the inputs."""
+    if not run_exists:
+        return "start"
+    if resume == "force":
+        return "resume"
+    if resume == "never":
+        raise RunInputsChanged(f"a training run already exists at {where} and --resume is never: choose another --name "
+                               "or --storage-path, or remove that directory to start over")
+    if record is None:
+        raise RunInputsChanged(f"the training run at {where} has checkpoints but no record of its inputs ({RUN_RECORD}); "
+                               "pass --resume force to continue it anyway, or choose another --name")
+    changes = describe_changes(record.get("inputs", {}), inputs)
+    if changes:
+        raise RunInputsChanged(f"the training run at {where} was started with other inputs: {'; '.join(changes)} differ. "
+                               "Choose another --name for a new run, or pass --resume force to continue this one anyway")
+    return "resume"
+
+
+def _read_record(uri: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        return None
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    fs, path = storage.filesystem_for(run_dir)
+    try:
+        return any(os.path.basename(p.rstrip("/")).startswith("checkpoint_") for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return False
+
+
 def run(config: TrainConfig) -> TaggerSpec:
     """Trains, then exports the best checkpoint (by validation mAP) to ``<out>/model``.
 
-    Re-running with the same ``name`` and storage path resumes the run from its last checkpoint.
+    Re-running with the same ``name`` and storage path resumes the run from its last checkpoint
+    when its manifest, vocabulary and config match the run's record (``resume`` auto; ``force``
+    resumes anyway, ``never`` refuses). A run that already finished its epochs is not exported
+    again over ``<out>/model`` unless ``export_finished``: the saved model is returned.
     """
     import ray.data
 
     out = _out_dir(config)
+    vocab = Vocabulary.load(config.vocabulary_uri())
+    manifest = catalog.read_manifest(config.manifest, require_tags=True)
+    inputs = run_inputs(config, manifest, vocab)
+    run_dir = storage.join(_storage_path(config), config.name)
+    record_uri = storage.join(run_dir, RUN_RECORD)
+    record = _read_record(record_uri)
+    decision = resume_decision(record, record is not None or _has_checkpoints(run_dir), inputs, config.resume, run_dir)
+    model_dir = storage.join(out, "model")
+    finished = (record or {}).get("finished") or {}
+    done = decision == "resume" and finished.get("epochs", 0) >= config.epochs
+    if done and not config.export_finished and storage.exists(storage.join(model_dir, "tagger.json")):
+        spec = load_spec(model_dir)
+        print(f"run {config.name!r} already finished ({finished['epochs']} epochs): NOT re-exporting over {model_dir}, "
+              f"model {spec.version} stays. Pass --export-finished true to export its best checkpoint again, "
+              f"or --epochs > {finished['epochs']} to train further.", flush=True)
+        return spec
+    if decision == "resume":
+        forced = record is None or bool(describe_changes(record.get("inputs", {}), inputs))
+        print(f"run {config.name!r}: " + (f"already finished; exporting its best checkpoint to {model_dir}" if done else
+              f"resuming from {run_dir}") + (" (--resume force: its inputs differ from its record)" if forced else
+              " (manifest, vocabulary and config match its record)"), flush=True)
     if not storage.is_remote(out):
         save_config(config, os.path.join(out, "config.yaml"))
-    trainer, vocab, mean, std = build_trainer(config)
-    try:
-        result = trainer.fit()
-    finally:
-        ray.data.DataContext.get_current().enable_progress_bars = True
-    return export_best(result, config, vocab, mean, std, out)
+    if record is None or record.get("inputs") != inputs:  # a new run, or one continued with --resume force
+        previous = ([record["inputs"]] + record.get("previous_inputs", [])) if record and record.get("inputs") else []
+        record = {"name": config.name, "inputs": inputs, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "previous_inputs": previous, "finished": finished or None}
+        storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
+
+    if done:  # nothing left to train: export from the stored checkpoints, no workers needed
+        import ray.train
+
+        fs, path = storage.arrow_filesystem_for(run_dir)
+        result = ray.train.Result.from_path(path, storage_filesystem=fs)
+        mean, std = backbone_normalisation(config.backbone)
+    else:
+        trainer, vocab, mean, std = build_trainer(config, manifest=manifest, vocab=vocab)
+        try:
+            result = trainer.fit()
+        finally:
+            ray.data.DataContext.get_current().enable_progress_bars = True
+    spec = export_best(result, config, vocab, mean, std, out)
+    record["finished"] = {"epochs": len(spec.extra.get("history") or []), "model_version": spec.version, "model": model_dir}
+    storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
+    return spec
 
 
 def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: str) -> TaggerSpec:
@@ -436,9 +659,9 @@ def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: 
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if not math.isnan(m.get("val_map", float("nan")))]
     best_ckpt, best_metrics = max(candidates, key=lambda cm: cm[1]["val_map"]) if candidates else (result.checkpoint, result.metrics)
     with result.checkpoint.as_directory() as d:  # the latest holds the full history
-        latest = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        _, latest = load_training_state(d)
     with best_ckpt.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        state, best_meta = load_training_state(d)
     model = Tagger(config.backbone, len(vocab), config.pooling, pretrained="none")
     if state.get("ema") is not None:
         model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
@@ -447,7 +670,7 @@ def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: 
     spec = TaggerSpec(
         backbone=config.backbone, vocabulary=vocab.to_dict(), pooling=config.pooling, img_size=config.img_size,
         mean=tuple(mean), std=tuple(std), thresholds=[config.threshold] * len(vocab),
-        extra={"best_epoch": state["epoch"] + 1, "val_map": best_metrics.get("val_map"),
+        extra={"best_epoch": best_meta["epoch"] + 1, "val_map": best_metrics.get("val_map"),
                "val_map_micro": best_metrics.get("val_map_micro"), "val_chance_map": best_metrics.get("val_chance_map"),
                "history": latest["history"], "restarts": latest.get("restarts", 0), "config_hash": config_hash(config),
                "train_config": dict(vars(config))},

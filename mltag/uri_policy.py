@@ -32,6 +32,7 @@ SCHEME_ALIASES = {"s3a": "s3"}  # what mltag.storage treats as the same filesyst
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)([^?#]*)")
 _URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*")
+_PATH_QUERY_IN_TEXT = re.compile(r"(/[^\s?'\"<>]*)\?[^\s'\"<>]+")  # "/a.jpg?sig=..." echoed by a server
 _SECRET_PARAM = re.compile(r"(?i)\b(x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|access_token|"
                            r"awsaccesskeyid|x-goog-signature|x-goog-credential)=[^&\s'\"<>]+")
 
@@ -88,9 +89,10 @@ def redact_uri(uri: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Redacts every URI inside a free text (an exception message), and any signature-like
-    ``key=value`` left outside one."""
+    """Redacts every URI inside a free text (an exception message), the query string of any
+    bare path (``/a.jpg?...``), and any signature-like ``key=value`` left outside them."""
     text = _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+    text = _PATH_QUERY_IN_TEXT.sub(lambda m: m.group(1), text)
     return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=[redacted]", text)
 
 
