@@ -107,3 +107,25 @@ def test_decode_batch_keeps_every_row_and_column(tmp_path):
     errors = out.column("error").to_pylist()
     assert errors[0] is None and "missing" in errors[1] and errors[2] == "upstream failure"
     assert pixels_from_arrow(out.column("pixels"), 8)[0].any()
+
+
+@pytest.mark.parametrize("name,fmt,kwargs", [
+    ("camera.mpo", "MPO", {"save_all": True}),  # phone JPEGs with a second picture: Pillow calls them MPO
+    ("photo.webp", "WEBP", {}),
+    ("scan.tiff", "TIFF", {}),
+    ("old.bmp", "BMP", {}),
+    ("still.gif", "GIF", {}),
+    ("photo.avif", "AVIF", {}),
+])
+def test_every_format_of_the_default_policy_decodes(tmp_path, name, fmt, kwargs):
+    from PIL import features
+
+    if fmt == "AVIF" and not features.check("avif"):
+        pytest.skip("this Pillow build has no AVIF support")
+    image = _photo(size=(48, 40))
+    if fmt == "MPO":
+        kwargs = {**kwargs, "append_images": [image]}
+    path = _save(tmp_path, name, image, fmt, **kwargs)
+    pixels, error = load_image(path, 16)
+    assert error is None, error
+    assert pixels.shape == (16, 16, 3) and pixels.any()
