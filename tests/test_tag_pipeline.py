@@ -1,4 +1,4 @@
-"""The tagging pipeline on local Ray: every bad input, both decode paths, snapshots, a killed actor."""
+"""The tagging pipeline on local Ray: every bad input, both decode paths, a killed actor."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from mltag import tag_table
 from mltag.catalog import read_manifest
 from mltag.tag import TagConfig, run
 
@@ -73,17 +74,18 @@ VALID = {"good", "cmyk", "sixteen_bit", "palette", "alpha", "animated"}
 @pytest.mark.parametrize("decode_on", ["cpu", "actor"])
 def test_every_bad_input_is_an_error_row_and_nothing_is_lost(ray_local, zoo, tiny_model_dir, tmp_path, decode_on):
     success = run(TagConfig(manifest=str(zoo), model=tiny_model_dir, out=str(tmp_path / "tags"), snapshot="2026-11-23",
-                            batch_size=4, decode_batch_size=3, decode_on=decode_on, max_pixels=50_000_000))
-    table = pq.read_table(tmp_path / "tags" / "snapshot=2026-11-23")
+                            batch_size=4, decode_batch_size=3, decode_on=decode_on, max_pixels=50_000_000, max_error_rate=1.0))
+    table = tag_table.read_rows(str(tmp_path / "tags"))
     rows = {r["listing_id"]: r for r in table.to_pylist()}
     assert success["rows"] == success["manifest_rows"] == len(rows) == table.num_rows == 13
     for name, fragment in EXPECTED_ERRORS.items():
         assert rows[name]["error"] is not None and fragment in rows[name]["error"], (name, rows[name]["error"])
-        assert rows[name]["embedding"] is None and rows[name]["tags"] == []
+        assert rows[name]["embedding"] is None and rows[name]["tags"] == [] and rows[name]["error_reason"] is not None
     for name in VALID:
         assert rows[name]["error"] is None, (name, rows[name]["error"])
         assert len(rows[name]["embedding"]) == success["embedding_dim"] and len(rows[name]["scores"]) == len(success["vocabulary"])
-    assert success["errors"] == len(EXPECTED_ERRORS)
+    assert success["errors"] == len(EXPECTED_ERRORS) == sum(success["error_reasons"].values())
+    assert success["error_reasons"]["missing"] == 1 and success["error_reasons"]["too_many_pixels"] == 1
     manifest = pq.read_table(zoo).to_pylist()
     assert {r["listing_id"]: rows[r["listing_id"]]["price"] for r in manifest} == {r["listing_id"]: r["price"] for r in manifest}
 
@@ -92,23 +94,9 @@ def test_both_decode_paths_agree_on_valid_images(ray_local, tiny_catalog, tiny_m
     results = {}
     for decode_on in ("cpu", "actor"):
         run(TagConfig(manifest=tiny_catalog["manifest"], model=tiny_model_dir, out=str(tmp_path / decode_on), decode_on=decode_on))
-        table = pq.read_table(tmp_path / decode_on).sort_by("listing_id")
+        table = tag_table.read_rows(str(tmp_path / decode_on)).sort_by("listing_id")
         results[decode_on] = np.asarray(table.column("scores").combine_chunks().flatten()).reshape(table.num_rows, -1)
     np.testing.assert_allclose(results["cpu"], results["actor"], atol=0.05)
-
-
-def test_snapshots_are_partitions_and_rerun_replaces_one_whole(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
-    import duckdb
-
-    for snapshot in ("2026-11-22", "2026-11-23", "2026-11-23"):
-        run(TagConfig(manifest=tiny_catalog["manifest"], model=tiny_model_dir, out=str(tmp_path / "t"), snapshot=snapshot,
-                      embedding_dtype="float16"))
-    counts = duckdb.connect().execute(
-        f"SELECT snapshot, count(*) FROM read_parquet('{tmp_path / 't'}/*/*.parquet', hive_partitioning=true) "
-        "GROUP BY snapshot ORDER BY snapshot").fetchall()
-    assert [(str(s), n) for s, n in counts] == [("2026-11-22", 48), ("2026-11-23", 48)]
-    assert pq.read_schema(next((tmp_path / "t" / "snapshot=2026-11-23").glob("*.parquet"))).field("embedding").type.value_type == pa.float16()
-    assert not [p for p in (tmp_path / "t").iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
 def test_killed_inference_actor_loses_and_duplicates_nothing(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
@@ -141,7 +129,7 @@ def test_killed_inference_actor_loses_and_duplicates_nothing(ray_local, tiny_cat
     thread.join(timeout=600)
     assert killed is not None, "the tagging actor was never seen alive"
     success = outcome["success"]
-    out = pq.read_table(tmp_path / "t")
+    out = tag_table.read_rows(str(tmp_path / "t"))
     ids = out.column("listing_id").to_pylist()
     assert success["rows"] == len(ids) == len(set(ids)) == table.num_rows
     assert set(ids) == set(table.column("listing_id").to_pylist())
