@@ -86,6 +86,15 @@ def merge_reasons(total: dict, part: dict) -> dict:
     return total
 
 
+def read_shard_manifests(batch: pa.Table) -> pa.Table:
+    """Ray Data stage: the manifest rows of the shard files named in ``batch`` (column ``path``)."""
+    tables = []
+    for uri in batch.column("path").to_pylist():
+        fs, path = storage.arrow_filesystem_for(uri)
+        tables.append(pq.read_table(path, filesystem=fs))
+    return pa.concat_tables(tables)
+
+
 def write_shard_files(batch: pa.Table, table_uri: str, data_prefix: str, run_id: str) -> pa.Table:
     """Ray Data stage after the taggers: writes a batch's rows as one Parquet file per shard under
     ``table_uri/data_prefix`` and returns one record per file (shard, path, rows, errors...).

@@ -33,7 +33,7 @@ from mltag import catalog, delta_table, storage, tag_table
 from mltag.config import config_dict, config_hash
 from mltag.images import DEFAULT_MAX_PIXELS, decode_batch, fetch_batch, pixels_from_arrow
 from mltag.model import load_spec, load_tagger, normalise, pick_device
-from mltag.sharded_run import SHARD_COLUMN, Plan, ShardedRun, Totals, format_reasons, write_shard_files
+from mltag.sharded_run import Plan, ShardedRun, Totals, format_reasons, read_shard_manifests, write_shard_files
 
 # Run ids and snapshot labels reach paths and the table's history.
 IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -44,6 +44,9 @@ def check_identifier(kind: str, value: str) -> str:
         raise ValueError(f"{kind} {value!r} is not allowed: use letters, digits, '.', '_' and '-' "
                          f"(pattern {IDENTIFIER.pattern}, no '..')")
     return value
+
+
+IO_STAGE_CPUS = 0.25  # CPU share of a manifest-read or file-write task
 
 
 class ErrorGateError(RuntimeError):
@@ -244,12 +247,19 @@ def tag_shards(config: TagConfig, run: ShardedRun, manifest: pa.Table, data_pref
         print(f"resuming run {run.run_id}: {resumed} of {plan.n_shards} shards already done, tagging {len(todo)}")
     if todo:
         _init_ray()
-        fs, _ = storage.arrow_filesystem_for(run.table_uri)
-        paths = [storage.arrow_filesystem_for(run.shard_manifest(s))[1] for s in todo]
-        tagged = build_pipeline(config, ray.data.read_parquet(paths, filesystem=fs))
-        records = tagged.map_batches(
+        paths = [run.shard_manifest(s) for s in todo]
+        # Reading shard manifests and writing Parquet are light I/O stages: a small CPU share each,
+        # so on a small node they never wait behind the decode and inference work for a whole CPU
+        # (a writer starved until the end would finish every shard at once, and a crash would lose them all).
+        # One block per shard: a map stage emits its output when an input block is done, so shards
+        # finish one after another. (read_parquet would merge small shard files into one block, and
+        # every shard would finish at the very end: a crash would lose them all.)
+        source = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths)).map_batches(
+            read_shard_manifests, batch_size=1, batch_format="pyarrow", num_cpus=IO_STAGE_CPUS, udf_modifying_row_count=True)
+        records = build_pipeline(config, source).map_batches(
             write_shard_files, fn_kwargs={"table_uri": run.table_uri, "data_prefix": data_prefix, "run_id": run.run_id},
-            batch_format="pyarrow", batch_size=min(config.rows_per_file, config.shard_rows), udf_modifying_row_count=True)
+            batch_format="pyarrow", batch_size=min(config.rows_per_file, config.shard_rows), udf_modifying_row_count=True,
+            num_cpus=IO_STAGE_CPUS)
         finished = [resumed]
 
         def progress() -> None:
