@@ -34,9 +34,12 @@ import pyarrow.compute as pc
 from mltag import catalog, delta_table, storage, tag_table
 from mltag.model import load_spec
 from mltag.row_errors import TRANSIENT
+from mltag.tag_table import redact_uri_column
+from mltag.uri_policy import DEFAULT_POLICY, DEFAULT_SCHEMES, FetchPolicy, check_uri
 from mltag.sharded_run import KEY_COLUMNS, Plan, ShardedRun, Totals, drop_duplicate_keys
+from mltag.identifiers import validate_identifier
 from mltag.tag import (
-    TagConfig, check_error_gate, check_identifier, commit_metadata, derived_run_id, manifest_signature, merge_tagged, tag_shards,
+    TagConfig, check_error_gate, commit_metadata, derived_run_id, manifest_signature, merge_tagged, tag_shards,
 )
 
 FINGERPRINTS = ("stat", "hash")
@@ -56,6 +59,10 @@ class ReindexConfig:
     shard_rows: int = 50_000  # rows per shard (the unit of resume)
     batch_size: int = 64  # inference batch size
     num_actors: int = 0  # inference actors (0: from the cluster's resources)
+    allowed_schemes: str = ",".join(DEFAULT_SCHEMES)  # image URI schemes that may be fetched (see mltag tag)
+    allow_private_networks: bool = False  # http(s) only: also loopback, link-local and private addresses
+    allowed_roots: str = ""  # comma-separated local dirs / URI prefixes images must lie under; empty: anywhere
+    fetch_timeout_s: float = 30.0  # per image fetch attempt; a timeout is a transient error, retried the next night
 
     def validate(self) -> None:
         if not self.manifest or not self.model:
@@ -63,16 +70,18 @@ class ReindexConfig:
         if self.fingerprint not in FINGERPRINTS:
             raise ValueError(f"unknown fingerprint {self.fingerprint!r}; choose one of: {', '.join(FINGERPRINTS)}")
         if self.snapshot:
-            check_identifier("snapshot", self.snapshot)
+            validate_identifier("snapshot", self.snapshot)
 
     def snapshot_value(self) -> str:
         return self.snapshot or time.strftime("%Y-%m-%d", time.gmtime())
 
 
 # ---- pure pieces ----------------------------------------------------------------------------------
-def fingerprint_of(uri: str, mode: str) -> str:
-    """A string that changes when the image's content does ('' if it cannot be read)."""
+def fingerprint_of(uri: str, mode: str, policy: FetchPolicy = DEFAULT_POLICY) -> str:
+    """A string that changes when the image's content does ('' if it cannot be read, or the
+    fetch policy refuses the URI: the row is then tagged, and the table records why)."""
     try:
+        check_uri(uri, policy)
         fs, path = storage.filesystem_for(uri)
         if mode == "hash":
             with fs.open(path, "rb") as f:
@@ -81,12 +90,12 @@ def fingerprint_of(uri: str, mode: str) -> str:
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
         return f"stat:{info.get('size')}:{mtime}:{etag}"
-    except (OSError, ValueError):
+    except (OSError, ValueError, ImportError):
         return ""  # unreadable now: tag it, and the tag table records why
 
 
-def fingerprint_batch(batch: pa.Table, mode: str) -> pa.Table:
-    prints = [fingerprint_of(u, mode) for u in batch.column("image_uri").to_pylist()]
+def fingerprint_batch(batch: pa.Table, mode: str, policy: FetchPolicy = DEFAULT_POLICY) -> pa.Table:
+    prints = [fingerprint_of(u, mode, policy) for u in batch.column("image_uri").to_pylist()]
     if "fingerprint" in batch.column_names:
         batch = batch.drop_columns(["fingerprint"])
     return batch.append_column("fingerprint", pa.array(prints, pa.string()))
@@ -100,6 +109,8 @@ def plan(today: pa.Table, previous: pa.Table, model_version: str) -> tuple[pa.Ar
     fingerprint, model_version and error_reason columns, with Arrow joins (no Python objects
     per row). Returns (outcome per row of ``today``, in its order; deleted keys)."""
     keys = list(KEY_COLUMNS)
+    # The table stores image URIs redacted (no presigned query strings): compare like with like.
+    today = today.set_column(today.schema.get_field_index("image_uri"), "image_uri", redact_uri_column(today.column("image_uri")))
     left = today.select(keys + ["fingerprint"]).append_column("_row", pa.array(np.arange(today.num_rows, dtype=np.int64)))
     prev_cols = {"fingerprint": pa.string(), "model_version": pa.string(), "error_reason": pa.string()}
     right = previous.select(keys + [c for c in prev_cols if c in previous.column_names])
@@ -122,12 +133,12 @@ def plan(today: pa.Table, previous: pa.Table, model_version: str) -> tuple[pa.Ar
 
 
 # ---- the stage ------------------------------------------------------------------------------------
-def _fingerprinted(today: pa.Table, mode: str) -> pa.Table:
+def _fingerprinted(today: pa.Table, mode: str, policy: FetchPolicy) -> pa.Table:
     """Fingerprints in parallel: a stat (or a read) per image is the slow part of the planning."""
     import ray.data
 
     ds = ray.data.from_arrow(catalog.chunk_table(today, 256))
-    batches = ds.map_batches(fingerprint_batch, fn_kwargs={"mode": mode}, batch_format="pyarrow")
+    batches = ds.map_batches(fingerprint_batch, fn_kwargs={"mode": mode, "policy": policy}, batch_format="pyarrow")
     return pa.concat_tables(list(batches.iter_batches(batch_format="pyarrow", batch_size=None)))
 
 
@@ -146,9 +157,12 @@ def run(config: ReindexConfig) -> dict:
               f"e.g. {duplicated.slice(0, 3).select(list(KEY_COLUMNS)).to_pylist()}")
     if not ray.is_initialized():
         ray.init()
-    today = _fingerprinted(today, config.fingerprint)
     tag_config = TagConfig(manifest=config.manifest, model=config.model, out=uri, snapshot=snapshot, shard_rows=config.shard_rows,
-                           batch_size=config.batch_size, num_actors=config.num_actors, max_error_rate=config.max_error_rate)
+                           batch_size=config.batch_size, num_actors=config.num_actors, max_error_rate=config.max_error_rate,
+                           allowed_schemes=config.allowed_schemes, allow_private_networks=config.allow_private_networks,
+                           allowed_roots=config.allowed_roots, fetch_timeout_s=config.fetch_timeout_s)
+    tag_config.validate()
+    today = _fingerprinted(today, config.fingerprint, tag_config.fetch_policy())
 
     table_model = tag_table.run_metadata(uri).get("model_version") if delta_table.exists(uri) else None
     if table_model != spec.version:
@@ -159,9 +173,12 @@ def run(config: ReindexConfig) -> dict:
     else:
         summary = _merge_night(config, tag_config, uri, today, spec, started, snapshot, duplicates)
     if config.index and summary.get("committed", True):
-        from mltag.index import IndexUpdateConfig, update_index
+        from mltag.index import IndexConfig, IndexUpdateConfig, build_index, update_index
 
-        update_index(IndexUpdateConfig(index=config.index, tag_table=uri))
+        if summary.get("mode") == "overwrite":  # every row re-tagged (maybe by a new model): a fresh index version
+            build_index(IndexConfig(tag_table=uri, out=config.index))
+        else:
+            update_index(IndexUpdateConfig(index=config.index, tag_table=uri))
     return summary
 
 
@@ -187,7 +204,7 @@ def _overwrite(tag_config: TagConfig, today: pa.Table, spec, started: float, dup
                                            schema, metadata, app_id)
     run.remove()
     print(f"reindex {tag_config.snapshot}: {totals.rows} rows tagged ({totals.errors} errors) -> {uri} version {version}")
-    return {**metadata, "table_version": version, "table": uri}
+    return {**metadata, "table_version": version, "table": uri, "mode": "overwrite"}
 
 
 def _merge_night(config: ReindexConfig, tag_config: TagConfig, uri: str, today: pa.Table, spec, started: float, snapshot: str,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,19 +31,10 @@ import torch
 from mltag import catalog, delta_table, storage, tag_table
 from mltag.config import config_dict, config_hash
 from mltag.images import DEFAULT_MAX_PIXELS, decode_batch, fetch_batch, pixels_from_arrow
+from mltag.uri_policy import DEFAULT_SCHEMES, FetchPolicy
+from mltag.identifiers import validate_identifier
 from mltag.model import load_spec, load_tagger, normalise, pick_device
 from mltag.sharded_run import Plan, ShardedRun, Totals, format_reasons, read_shard_manifests, write_shard_files
-
-# Run ids and snapshot labels reach paths and the table's history.
-IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def check_identifier(kind: str, value: str) -> str:
-    if not IDENTIFIER.match(value) or ".." in value:
-        raise ValueError(f"{kind} {value!r} is not allowed: use letters, digits, '.', '_' and '-' "
-                         f"(pattern {IDENTIFIER.pattern}, no '..')")
-    return value
-
 
 IO_STAGE_CPUS = 0.25  # CPU share of a manifest-read or file-write task
 
@@ -78,6 +68,10 @@ class TagConfig:
     decode_on: str = "cpu"  # cpu: Pillow in CPU tasks | actor: JPEG decode on the actor's device (nvJPEG on GPU)
     compile: bool = False  # torch.compile the model in each actor (pays off on long GPU runs)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (decompression bombs)
+    allowed_schemes: str = ",".join(DEFAULT_SCHEMES)  # image URI schemes that may be fetched (add http,https to fetch from the web)
+    allow_private_networks: bool = False  # http(s) only: also loopback, link-local (cloud metadata) and private addresses
+    allowed_roots: str = ""  # comma-separated local dirs / URI prefixes images must lie under; empty: anywhere
+    fetch_timeout_s: float = 30.0  # per image fetch attempt; past it the row is a transient "timeout:" error
 
     def validate(self) -> None:
         if not self.model:
@@ -96,13 +90,20 @@ class TagConfig:
         if not 0 <= self.max_error_rate <= 1:
             raise ValueError("max_error_rate must be in [0, 1]")
         if self.run_id:
-            check_identifier("run_id", self.run_id)
+            validate_identifier("run_id", self.run_id)
         if self.snapshot:
-            check_identifier("snapshot", self.snapshot)
+            validate_identifier("snapshot", self.snapshot)
+        self.fetch_policy()  # a bad scheme or timeout stops here
+
+    def fetch_policy(self) -> FetchPolicy:
+        split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
+        return FetchPolicy(allowed_schemes=split(self.allowed_schemes), allow_private_networks=self.allow_private_networks,
+                           allowed_roots=split(self.allowed_roots), fetch_timeout_s=self.fetch_timeout_s)
 
     def result_fields(self) -> dict:
         """The settings that change the rows a run writes (not how fast it writes them)."""
-        keep = ("threshold", "max_tags", "embedding_dtype", "decode_on", "max_pixels")
+        keep = ("threshold", "max_tags", "embedding_dtype", "decode_on", "max_pixels", "allowed_schemes", "allow_private_networks",
+                "allowed_roots")
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -113,7 +114,7 @@ class TaggerActor:
     (decode_on=actor, decoded here on the actor's device)."""
 
     def __init__(self, model_dir: str, use_gpu: bool, threads: int, threshold: float, max_tags: int = 0,
-                 embedding_dtype: str = "float32", compile: bool = False):
+                 embedding_dtype: str = "float32", compile: bool = False, policy: FetchPolicy | None = None):
         torch.set_num_threads(max(1, threads))
         self.device = pick_device("true" if use_gpu else "false")
         self.model, self.spec = load_tagger(model_dir, self.device)
@@ -123,7 +124,7 @@ class TaggerActor:
         self.names = list(vocab.names)
         self.ancestors = {n: vocab.ancestors(n) for n in vocab.names if vocab.ancestors(n)}
         self.thresholds = np.full(len(self.names), threshold, np.float32) if threshold >= 0 else self.spec.threshold_array()
-        self.max_tags, self.embedding_dtype = max_tags, embedding_dtype
+        self.max_tags, self.embedding_dtype, self.policy = max_tags, embedding_dtype, policy
 
     def _pixels(self, batch: pa.Table, ok: np.ndarray, errors: list) -> tuple[torch.Tensor, np.ndarray]:
         if "pixels" in batch.column_names:
@@ -132,7 +133,7 @@ class TaggerActor:
         from mltag.device_decode import decode_on_device
 
         data = batch.column("image_bytes").take(pa.array(ok)).to_pylist()
-        pixels, failures = decode_on_device(data, self.spec.img_size, self.device)
+        pixels, failures = decode_on_device(data, self.spec.img_size, self.device, policy=self.policy)
         for k, failure in failures.items():
             errors[ok[k]] = failure
         keep = np.array([k for k in range(len(ok)) if k not in failures], dtype=np.int64)
@@ -191,18 +192,19 @@ def build_pipeline(config: TagConfig, source):
     spec = load_spec(config.model)
     num_actors, use_gpu = _resources(config)
     threads = _torch_threads(config, num_actors, use_gpu)
+    policy = config.fetch_policy()
     ds = ray.data.from_arrow(catalog.chunk_table(source, config.decode_batch_size)) if isinstance(source, pa.Table) else source
     if config.decode_on == "actor":
-        ds = ds.map_batches(fetch_batch, fn_kwargs={"max_pixels": config.max_pixels},
+        ds = ds.map_batches(fetch_batch, fn_kwargs={"max_pixels": config.max_pixels, "policy": policy},
                             batch_format="pyarrow", batch_size=config.decode_batch_size, udf_modifying_row_count=False)
     else:
-        ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.img_size, "max_pixels": config.max_pixels},
+        ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.img_size, "max_pixels": config.max_pixels, "policy": policy},
                             batch_format="pyarrow", batch_size=config.decode_batch_size, udf_modifying_row_count=False)
     return ds.map_batches(
         TaggerActor,
         fn_constructor_kwargs={"model_dir": config.model, "use_gpu": use_gpu, "threads": threads,
                                "threshold": config.threshold, "max_tags": config.max_tags,
-                               "embedding_dtype": config.embedding_dtype, "compile": config.compile},
+                               "embedding_dtype": config.embedding_dtype, "compile": config.compile, "policy": policy},
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=config.batch_size,
         batch_format="pyarrow",

@@ -38,6 +38,7 @@ import pyarrow.dataset as pads
 
 from mltag import delta_table
 from mltag.row_errors import reason_column
+from mltag.uri_policy import redact_uri
 
 # Delta Lake has no half-precision type: embeddings are stored as float32.
 EMBEDDING_DTYPES = ("float32",)
@@ -56,6 +57,12 @@ def schema(embedding_dim: int, embedding_dtype: str = "float32") -> pa.Schema:
         ("error", pa.string()),
         ("error_reason", pa.string()),
     ])
+
+
+def redact_uri_column(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Image URIs as the table stores them: presigned query strings and credentials removed."""
+    values = uris.to_pylist()
+    return pa.array([None if u is None else redact_uri(u) for u in values], pa.string())
 
 
 def decide_tags(scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]],
@@ -100,7 +107,7 @@ def assemble(
     embedding = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
     columns = {
         "listing_id": batch.column("listing_id").cast(pa.string()),
-        "image_uri": batch.column("image_uri").cast(pa.string()),
+        "image_uri": redact_uri_column(batch.column("image_uri").cast(pa.string())),
         "tags": pa.array(full_tags, pa.list_(pa.string())),
         "scores": pa.array(full_scores, pa.list_(pa.float32())),
         "embedding": embedding,
