@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from mltag import delta_table, tag_table
 
 pytestmark = pytest.mark.s3
 
@@ -22,11 +23,25 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3_server():
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server in its own process (delta-rs holds the GIL while it waits on the network, so
+    a server thread inside the test process would never answer it)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError("moto's S3 server did not start")
+            time.sleep(0.2)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     saved = {k: os.environ.get(k) for k in env}
@@ -41,7 +56,8 @@ def s3_server():
         else:
             os.environ[k] = v
     storage._filesystem.cache_clear()
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +97,7 @@ def test_manifest_on_s3_resolves_relative_uris(s3_catalog):
 
 
 @pytest.mark.slow
-def test_tag_job_reads_and_writes_s3(s3_server, s3_catalog, tiny_model_dir):
+def test_tag_job_reads_and_writes_s3_and_a_failed_rerun_changes_nothing(s3_server, s3_catalog, tiny_model_dir, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
@@ -91,17 +107,43 @@ def test_tag_job_reads_and_writes_s3(s3_server, s3_catalog, tiny_model_dir):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [sys.executable, "jobs/tag_catalog.py", "--manifest", s3_catalog, "--model", tiny_model_dir,
-         "--out", "s3://catalog/tag_table", "--batch-size", "4"],
+         "--out", "s3://catalog/tag_table", "--batch-size", "4", "--max-error-rate", "0.5"],
         cwd=root, env={**os.environ, **s3_server}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    success = json.loads(storage.read_bytes("s3://catalog/tag_table/_SUCCESS.json"))
-    assert success["rows"] == success["manifest_rows"] == 12 and success["errors"] == 2
-    fs, _ = storage.filesystem_for("s3://catalog/")
-    tables = [pq.read_table(io.BytesIO(fs.cat(f"catalog/tag_table/{f}"))) for f in success["files"]]
-    table = pa.concat_tables(tables)
+    meta = tag_table.run_metadata("s3://catalog/tag_table")
+    assert meta["rows"] == meta["manifest_rows"] == 12 and meta["errors"] == 2 and meta["table_version"] == 0
+    table = tag_table.read_rows("s3://catalog/tag_table")
     errors = dict(zip(table.column("listing_id").to_pylist(), table.column("error").to_pylist()))
     assert "missing" in errors["GONE"] and errors["NOBUCKET"] is not None
     assert sum(e is None for e in errors.values()) == 10
+    assert not storage.filesystem_for("s3://catalog/")[0].exists("catalog/tag_table/_mltag_runs")
+
+    # A re-run that fails inside the actors (a tampered model file, refused when each actor loads
+    # it) leaves the committed version readable and unchanged, row for row.
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))
+    failed = subprocess.run(
+        [sys.executable, "jobs/tag_catalog.py", "--manifest", s3_catalog, "--model", str(broken), "--run-id", "rerun-2",
+         "--out", "s3://catalog/tag_table", "--batch-size", "4", "--max-error-rate", "0.5"],
+        cwd=root, env={**os.environ, **s3_server}, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0
+    assert delta_table.latest_version("s3://catalog/tag_table") == 0
+    assert tag_table.read_rows("s3://catalog/tag_table").equals(table)
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_into_one_s3_table(s3_server, tiny_catalog, tiny_model_dir, tmp_path):
+    """Conditional puts on the S3 server: two jobs racing into one table leave one whole run per version."""
+    from test_tag_transactions import check_one_whole_run_per_version, concurrent_runs
+
+    out = "s3://catalog/concurrent"
+    a, b = concurrent_runs(tiny_catalog, tiny_model_dir, tmp_path, out, s3_server)
+    check_one_whole_run_per_version(out, a, b)
+    assert delta_table.storage_options(out)["aws_conditional_put"] == "etag"
 
 
 @pytest.mark.slow
