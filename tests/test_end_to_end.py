@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mltag import tag_table
+
 from mltag.catalog import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +65,14 @@ def test_training_prints_validation_map_per_epoch_and_saves_a_model(pipeline):
 def test_tag_table_has_one_row_per_input_and_error_rows(pipeline):
     import duckdb
 
+    from deltalake import DeltaTable
+
     work = pipeline["work"]
-    success = json.loads((work / "tag_table" / "_SUCCESS.json").read_text())
+    success = tag_table.run_metadata(str(work / "tag_table"))
     assert success["rows"] == success["manifest_rows"] == 42 and success["errors"] == 2
     con = duckdb.connect()
-    glob = f"{work / 'tag_table'}/*.parquet"
-    rows = con.execute(f"SELECT listing_id, error, len(embedding) AS d, len(scores) AS s FROM read_parquet('{glob}')").fetchall()
+    tags = DeltaTable(str(work / "tag_table")).to_pyarrow_dataset()  # noqa: F841 (DuckDB reads the variable by name)
+    rows = con.execute("SELECT listing_id, error, len(embedding) AS d, len(scores) AS s FROM tags").fetchall()
     assert len(rows) == 42 and len({r[0] for r in rows}) == 42
     errors = {r[0]: r[1] for r in rows if r[1] is not None}
     assert set(errors) == {"BAD1", "BAD2"}
@@ -76,7 +80,7 @@ def test_tag_table_has_one_row_per_input_and_error_rows(pipeline):
     assert "missing" in errors["BAD2"]
     dims = {r[2] for r in rows if r[1] is None}
     assert dims == {success["embedding_dim"]} and {r[3] for r in rows if r[1] is None} == {len(success["vocabulary"])}
-    version = con.execute(f"SELECT DISTINCT model_version FROM read_parquet('{glob}')").fetchall()
+    version = con.execute("SELECT DISTINCT model_version FROM tags").fetchall()
     assert version == [(json.loads((work / "train" / "model" / "tagger.json").read_text())["version"],)]
 
 
@@ -95,12 +99,12 @@ def test_rerun_replaces_the_table_without_duplicates(pipeline):
     work = pipeline["work"]
     run_entrypoint("jobs/tag_catalog.py", "--manifest", str(work / "to_tag.parquet"), "--model", str(work / "train" / "model"),
                    "--out", str(work / "tag_table"), "--run-id", "second")
-    success = json.loads((work / "tag_table" / "_SUCCESS.json").read_text())
-    assert success["run_id"] == "second"
-    total = sum(pq.read_metadata(work / "tag_table" / f).num_rows for f in success["files"])
-    on_disk = sum(pq.read_metadata(p).num_rows for p in (work / "tag_table").glob("*.parquet"))
-    assert total == on_disk == 42
-    assert not list(work.glob(".tag_table.staging-*"))
+    meta = tag_table.run_metadata(str(work / "tag_table"))
+    assert meta["run_id"] == "second" and meta["table_version"] == 1
+    rows = tag_table.read_rows(str(work / "tag_table"))
+    assert rows.num_rows == 42 == len(set(rows.column("listing_id").to_pylist()))  # replaced whole, nothing doubled
+    assert tag_table.read_rows(str(work / "tag_table"), as_of=0).num_rows == 42
+    assert not (work / "tag_table" / "_mltag_runs").exists()
 
 
 def test_cli_reports_config_errors_clearly():
