@@ -42,10 +42,14 @@ class EvalConfig:
     out: str = "runs/eval"  # output directory
     batch_size: int = 64  # inference batch size
     num_actors: int = 0  # inference actors (0: from the cluster's resources)
+    tag_table: str = ""  # score the predictions stored in this tag table instead of running the model
+    as_of: str = ""  # with --tag-table: the table version number or date (2026-11-20) to evaluate
 
     def validate(self) -> None:
         if not self.manifest or not self.model:
             raise ValueError("manifest and model are required")
+        if self.as_of and not self.tag_table:
+            raise ValueError("--as-of reads a version of a tag table: give --tag-table too")
 
 
 def predict(manifest_uri: str, model_dir: str, split: str = "val", batch_size: int = 64, num_actors: int = 0):
@@ -81,6 +85,33 @@ def predict(manifest_uri: str, model_dir: str, split: str = "val", batch_size: i
     if not scores:
         raise ValueError("no image of the split could be decoded")
     return np.concatenate(labels), np.concatenate(scores), ids
+
+
+def stored_scores(manifest_uri: str, table_uri: str, as_of: str, spec, split: str = "val"):
+    """(y_true, scores, listing_ids) from the scores a tag table holds (at a version), for the
+    labelled rows of the manifest's split: what the table said, without running the model again."""
+    from mltag import tag_table
+
+    table = catalog.read_manifest(manifest_uri, require_tags=True)
+    if split:
+        table = catalog.select_split(table, split)
+    labelled = table.select(["listing_id", "image_uri", "tags"])
+    labelled = labelled.set_column(1, "image_uri", tag_table.redact_uri_column(labelled.column("image_uri")))
+    stored = tag_table.open_dataset(table_uri, as_of or None).to_table(
+        columns=["listing_id", "image_uri", "scores", "model_version"], filter=pc.field("error").is_null())
+    # Arrow joins carry no list columns: join row numbers on the keys, then take the rows.
+    keys = ["listing_id", "image_uri"]
+    left = labelled.select(keys).append_column("_l", pa.array(np.arange(labelled.num_rows)))
+    right = stored.select(keys).append_column("_r", pa.array(np.arange(stored.num_rows)))
+    pairs = left.join(right, keys=keys, join_type="inner", use_threads=False).sort_by("listing_id")
+    if pairs.num_rows == 0:
+        raise ValueError(f"no labelled row of split {split!r} has a tagged row in {table_uri}")
+    truth, found = labelled.take(pairs.column("_l")), stored.take(pairs.column("_r"))
+    versions = set(found.column("model_version").to_pylist())
+    if versions != {spec.version}:
+        raise ValueError(f"{table_uri} rows were tagged by model(s) {sorted(versions)}, not {spec.version} (--model)")
+    scores = np.asarray(found.column("scores").combine_chunks().flatten(), np.float32).reshape(found.num_rows, -1)
+    return spec.vocab.encode(truth.column("tags").to_pylist()), scores, truth.column("listing_id").to_pylist()
 
 
 def compute_metrics(y: np.ndarray, scores: np.ndarray, spec) -> tuple[dict, pa.Table]:
@@ -120,9 +151,17 @@ def compute_metrics(y: np.ndarray, scores: np.ndarray, spec) -> tuple[dict, pa.T
 
 def run(config: EvalConfig) -> dict:
     spec = load_spec(config.model)
-    y, scores, ids = predict(config.manifest, config.model, config.split, config.batch_size, config.num_actors)
+    if config.tag_table:
+        y, scores, ids = stored_scores(config.manifest, config.tag_table, config.as_of, spec, config.split)
+    else:
+        y, scores, ids = predict(config.manifest, config.model, config.split, config.batch_size, config.num_actors)
     metrics, per_tag = compute_metrics(y, scores, spec)
     metrics.update({"model_version": spec.version, "manifest": config.manifest, "split": config.split})
+    if config.tag_table:
+        from mltag import tag_table
+
+        meta = tag_table.run_metadata(config.tag_table, config.as_of or None)
+        metrics.update({"tag_table": meta["table"], "table_version": meta["table_version"]})
     os.makedirs(config.out, exist_ok=True)
     with open(os.path.join(config.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

@@ -84,6 +84,20 @@ def test_tag_table_has_one_row_per_input_and_error_rows(pipeline):
     assert version == [(json.loads((work / "train" / "model" / "tagger.json").read_text())["version"],)]
 
 
+def test_eval_of_the_stored_table_matches_eval_of_the_model(pipeline):
+    """`mltag eval --tag-table --as-of` scores what the table holds; on the same split it must give
+    what running the model gives."""
+    work = pipeline["work"]
+    args = ["-m", "mltag.cli", "eval", "--manifest", str(work / "to_tag.parquet"), "--model", str(work / "train" / "model")]
+    run_entrypoint(*args, "--out", str(work / "eval-model"))
+    run_entrypoint(*args, "--out", str(work / "eval-table"), "--tag-table", str(work / "tag_table"), "--as-of", "0")
+    by_model = json.loads((work / "eval-model" / "metrics.json").read_text())
+    by_table = json.loads((work / "eval-table" / "metrics.json").read_text())
+    assert by_table["table_version"] == 0 and by_table["images"] == by_model["images"] == 10
+    assert by_table["map_macro"] == pytest.approx(by_model["map_macro"], abs=1e-4)
+    assert by_table["hamming_loss"] == pytest.approx(by_model["hamming_loss"], abs=1e-6)
+
+
 def test_search_by_listing_and_by_image_finds_the_listing_itself_first(pipeline):
     work = pipeline["work"]
     by_id = run_entrypoint("-m", "mltag.cli", "search", "--index", str(work / "index"), "--listing-id", "L000005", "--k", "3")
