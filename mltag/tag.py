@@ -292,6 +292,7 @@ def commit_metadata(config, spec, run_id: str, operation: str, plan: Plan, total
         "config_hash": config_hash(config), "config": config_dict(config), "embedding_dim": spec.embedding_dim,
         "embedding_dtype": getattr(config, "embedding_dtype", "float32"), "vocabulary": list(spec.vocab.names),
         "rows": totals.rows, "errors": totals.errors, "ok": totals.rows - totals.errors,
+        "bytes_tagged": sum(f["size"] for f in totals.files),
         "error_reasons": {k: v["count"] for k, v in totals.reasons.items()}, "duplicates_dropped": plan.duplicates,
         "seconds": round(time.time() - started, 2), **counts,
         "summary": f"mltag {operation} {run_id}: {totals.rows} rows, {totals.errors} errors, model {spec.version}",
