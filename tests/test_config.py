@@ -42,3 +42,18 @@ def test_saved_config_loads_back(tmp_path):
     config = config_from_dict(TrainConfig, {"manifest": "m.parquet", "epochs": 3})
     save_config(config, tmp_path / "config.yaml")
     assert parse_config(TrainConfig, ["--config", str(tmp_path / "config.yaml")]) == config
+
+
+@pytest.mark.parametrize("name, module, cls", [
+    ("demo.yaml", "mltag.demo", "DemoConfig"), ("tag_production.yaml", "mltag.tag", "TagConfig"),
+    ("train_production.yaml", "mltag.train", "TrainConfig"), ("nightly_production.yaml", "mltag.reindex", "ReindexConfig"),
+])
+def test_every_shipped_config_loads_into_its_stage(name, module, cls):
+    import importlib
+    from pathlib import Path
+
+    from mltag.config import config_from_dict, load_yaml
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    config = config_from_dict(getattr(importlib.import_module(module), cls), load_yaml(path))
+    assert config is not None
