@@ -185,3 +185,22 @@ def test_retry_errors_retags_only_the_error_rows(ray_local, tiny_catalog, tiny_m
     assert after.keys() == before.keys() and after["LATE"]["error"] is None and len(after["LATE"]["embedding"]) > 0
     assert all(after[k] == before[k] for k in before if k != "LATE")  # untouched rows unchanged
     assert json.dumps(tag_table.run_metadata(out)["operation"]) == '"retry-errors"'
+
+
+def test_history_lists_each_version_with_what_its_run_recorded(tmp_path, capsys):
+    out = str(tmp_path / "t")
+    delta_table.write_table(out, pa.table({"listing_id": ["a"], "image_uri": ["u"]}),
+                            {"operation": "tag", "run_id": "r1", "snapshot": "2026-11-20", "rows": 1, "errors": 0, "model_version": "m1"})
+    delta_table.write_table(out, pa.table({"listing_id": ["a", "b"], "image_uri": ["u", "v"]}),
+                            {"operation": "reindex", "run_id": "r2", "snapshot": "2026-11-21", "rows": 2, "errors": 1, "new": 1,
+                             "deleted": 0, "model_version": "m1"})
+    assert cli_main(["history", "--table", out]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "version" in printed[0] and len(printed) == 3
+    assert printed[1].split()[0] == "1" and "reindex" in printed[1] and "2026-11-21" in printed[1] and "new 1" in printed[1]
+    assert printed[2].split()[0] == "0" and "2026-11-20" in printed[2]
+    assert delta_table.resolve_as_of(delta_table.open_table(out), "2026-11-20") == 0
+    assert delta_table.resolve_as_of(delta_table.open_table(out), "2026-11-25") == 1
+    with pytest.raises(ValueError, match="no version on or before"):
+        delta_table.resolve_as_of(delta_table.open_table(out), "2026-11-01")
+    assert cli_main(["history", "--table", str(tmp_path / "nothing")]) == 1  # a clear error, not a traceback
