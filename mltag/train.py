@@ -41,7 +41,8 @@ from mltag.identifiers import validate_identifier
 from mltag.images import decode_batch, pixels_from_arrow
 from mltag.losses import LOSSES, MultiLabelLoss
 from mltag.metrics import chance_mean_average_precision, mean_average_precision
-from mltag.resampling import repeat_counts, repeat_factors
+from mltag.resampling import (TagIndex, repeat_counts, repeat_factors_from_tags, tag_counts,
+                               tag_repeat_factors_from_counts)
 from mltag.model import POOLINGS, Tagger, TaggerSpec, backbone_normalisation, load_spec, normalise, save_tagger
 from mltag.vocabulary import Vocabulary
 
@@ -143,12 +144,19 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def positive_weights(labels: np.ndarray, setting: str, vocab: Vocabulary) -> list[float] | None:
-    """Per-tag positive weights: ``balanced`` is sqrt(negatives / positives) clipped to [1, 10]."""
+    """Per-tag positive weights from a dense (images x tags) 0/1 matrix (``positive_weights_from_counts``)."""
+    labels = np.asarray(labels)
+    return positive_weights_from_counts((labels > 0).sum(axis=0), len(labels), setting, vocab)
+
+
+def positive_weights_from_counts(positives: np.ndarray, n_images: int, setting: str, vocab: Vocabulary) -> list[float] | None:
+    """Per-tag positive weights from per-tag positive counts (``tag_counts``) and the number of
+    images: ``balanced`` is sqrt(negatives / positives) clipped to [1, 10]."""
     if setting in ("", "none"):
         return None
     if setting == "balanced":
-        positives = labels.sum(axis=0)
-        ratio = (len(labels) - positives) / np.maximum(positives, 1)
+        positives = np.asarray(positives).astype(np.float32)  # float32, as the multi-hot labels these weights apply to
+        ratio = (n_images - positives) / np.maximum(positives, 1)
         return np.clip(np.sqrt(ratio), 1.0, 10.0).round(4).tolist()
     try:
         mapping = yaml.safe_load(storage.read_bytes(setting)) or {}
@@ -160,15 +168,29 @@ def positive_weights(labels: np.ndarray, setting: str, vocab: Vocabulary) -> lis
     return [float(mapping.get(name, 1.0)) for name in vocab.names]
 
 
-def labelled_table(table: pa.Table, vocab: Vocabulary, repeat_threshold: float = 0.0, repeat_sqrt: bool = True) -> pa.Table:
-    """listing_id, image_uri, a fixed-size multi-hot ``labels`` column (closed upward) and each
-    image's ``repeat_factor`` (1 when resampling is off)."""
-    labels = vocab.encode(table.column("tags").to_pylist())
-    factors = repeat_factors(labels, repeat_threshold, repeat_sqrt) if repeat_threshold > 0 else np.ones(len(labels))
+def label_counts(table: pa.Table, vocab: Vocabulary) -> tuple[np.ndarray, int]:
+    """Images carrying each tag (closed upward) and the number of images, from a streamed pass
+    over the ``tags`` column: O(tags) memory, no images x tags matrix. Raises VocabularyError
+    for a tag the vocabulary does not know."""
+    return tag_counts(table.column("tags"), TagIndex(vocab))
+
+
+def labelled_table(table: pa.Table, vocab: Vocabulary, repeat_threshold: float = 0.0, repeat_sqrt: bool = True, *,
+                   counts: tuple[np.ndarray, int] | None = None) -> pa.Table:
+    """listing_id, image_uri, the ``tags`` (list<string>; labels are encoded per batch, see
+    ``batch_arrays``) and each image's ``repeat_factor`` (1 when resampling is off). Checks every
+    tag against the vocabulary. ``counts``: this table's ``label_counts``, when already known."""
+    index = TagIndex(vocab)
+    tags = table.column("tags")
+    positives, n = counts if counts is not None else tag_counts(tags, index)
+    if repeat_threshold > 0:
+        factors = repeat_factors_from_tags(tags, index, tag_repeat_factors_from_counts(positives, n, repeat_threshold, repeat_sqrt))
+    else:
+        factors = np.ones(table.num_rows)
     return pa.table({
         "listing_id": table.column("listing_id"),
         "image_uri": table.column("image_uri"),
-        "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.ravel(), pa.float32()), len(vocab)),
+        "tags": tags,
         "repeat_factor": pa.array(factors, pa.float64()),
     })
 
@@ -178,11 +200,11 @@ def drop_failed(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch.column("error"))).drop_columns(["error"])
 
 
-def batch_arrays(batch: pa.Table, img_size: int) -> tuple[np.ndarray, np.ndarray]:
+def batch_arrays(batch: pa.Table, img_size: int, tags: TagIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels and the multi-hot labels (closed upward) of this batch's ``tags``, encoded here,
+    one batch at a time."""
     pixels = pixels_from_arrow(batch.column("pixels"), img_size).copy()  # writable, for torch
-    labels_col = batch.column("labels").combine_chunks()
-    labels = np.asarray(labels_col.flatten(), dtype=np.float32).reshape(len(labels_col), -1)
-    return pixels, labels
+    return pixels, tags.encode(batch.column("tags"))
 
 
 def resampled_batches(batches: Iterable[pa.Table], batch_size: int, seed: int, epoch: int) -> Iterator[pa.Table]:
@@ -317,6 +339,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
+    tag_index = TagIndex(Vocabulary.from_dict(config["vocabulary"]))
     tagger = Tagger(config["backbone"], config["num_tags"], config["pooling"], config["pretrained"])
     tagger = tagger.to(device=device, memory_format=torch.channels_last)
     pos_weight = torch.tensor(config["pos_weight"], device=device) if config["pos_weight"] else None
@@ -364,7 +387,7 @@ def train_loop_per_worker(config: dict) -> None:
         if config["resample"]:
             batches = resampled_batches(batches, bs, config["seed"] + rank, epoch)
         for batch in batches:
-            pixels, labels = batch_arrays(batch, size)
+            pixels, labels = batch_arrays(batch, size, tag_index)
             x = normalise(torch.from_numpy(pixels).to(device), mean, std)
             y = torch.from_numpy(labels).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -383,7 +406,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"epoch": epoch + 1, "phase": 1 if head_only else 2, "train_loss": loss_sum / max(1, steps),
                    "samples_per_s": seen * world / max(train_time, 1e-9), "lr": scheduler.get_last_lr()[-1], "restarts": restarts}
         if rank == 0:
-            metrics.update(evaluate(ema.module if ema is not None else tagger, val_shard, config, device))
+            metrics.update(evaluate(ema.module if ema is not None else tagger, val_shard, config, device, tag_index))
             history.append(metrics)
             print(f"epoch {epoch + 1}/{config['epochs']} (phase {metrics['phase']}): loss {metrics['train_loss']:.4f}  "
                   f"val mAP {metrics['val_map']:.4f} (micro {metrics['val_map_micro']:.4f}, chance {metrics['val_chance_map']:.4f})  "
@@ -403,13 +426,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, shard, config: dict, device: torch.device) -> dict:
-    """Validation mAP on the whole validation set (rank 0 sees all of it)."""
+def evaluate(model: torch.nn.Module, shard, config: dict, device: torch.device, tag_index: TagIndex | None = None) -> dict:
+    """Validation mAP on the whole validation set (rank 0 sees all of it); labels are encoded
+    per batch, then the (small) validation labels and scores are gathered for the metrics."""
+    if tag_index is None:
+        tag_index = TagIndex(Vocabulary.from_dict(config["vocabulary"]))
     was_training = model.training
     model.eval()
     all_scores, all_labels = [], []
     for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="pyarrow"):
-        pixels, labels = batch_arrays(batch, config["img_size"])
+        pixels, labels = batch_arrays(batch, config["img_size"], tag_index)
         logits, _ = model(normalise(torch.from_numpy(pixels).to(device), config["mean"], config["std"]))
         all_scores.append(torch.sigmoid(logits.float()).cpu().numpy())
         all_labels.append(labels)
@@ -445,9 +471,10 @@ def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None, *,
     val_table = catalog.select_split(manifest, "val")
     if train_table.num_rows == 0 or val_table.num_rows == 0:
         raise catalog.ManifestError(f"manifest {config.manifest} needs rows in both the 'train' and the 'val' split")
-    train_table = labelled_table(train_table, vocab, config.repeat_threshold, config.repeat_sqrt)
+    # Streamed, O(tags) statistics: no images x tags matrix on the driver (labels are encoded per batch).
+    train_counts = label_counts(train_table, vocab)
+    train_table = labelled_table(train_table, vocab, config.repeat_threshold, config.repeat_sqrt, counts=train_counts)
     val_table = labelled_table(val_table, vocab)
-    train_labels = np.asarray(train_table.column("labels").combine_chunks().flatten()).reshape(train_table.num_rows, -1)
 
     if not ray.is_initialized():
         ray.init()
@@ -471,8 +498,8 @@ def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None, *,
         **{k: getattr(config, k) for k in ("backbone", "pretrained", "pooling", "img_size", "loss", "gamma_pos", "gamma_neg",
                                           "clip", "focal_gamma", "epochs", "head_epochs", "backbone_lr_scale", "batch_size",
                                           "optimizer", "lr", "weight_decay", "warmup_epochs", "ema_decay", "seed")},
-        "num_tags": len(vocab), "threads": config.torch_threads or config.cpus_per_worker, "mean": mean, "std": std,
-        "pos_weight": positive_weights(train_labels, config.pos_weight, vocab),
+        "num_tags": len(vocab), "vocabulary": vocab.to_dict(), "threads": config.torch_threads or config.cpus_per_worker, "mean": mean, "std": std,
+        "pos_weight": positive_weights_from_counts(*train_counts, config.pos_weight, vocab),
         "resample": config.repeat_threshold > 0,
         # Resampling makes an epoch longer: the scheduler must know how long.
         "n_train_effective": float(train_table.column("repeat_factor").to_numpy().sum()),
