@@ -36,7 +36,7 @@ from mltag.model import load_spec
 from mltag.row_errors import TRANSIENT
 from mltag.tag_table import redact_uri_column
 from mltag.uri_policy import DEFAULT_POLICY, DEFAULT_SCHEMES, FetchPolicy, check_uri
-from mltag.sharded_run import KEY_COLUMNS, Plan, ShardedRun, Totals, drop_duplicate_keys
+from mltag.sharded_run import KEY_COLUMNS, Plan, ShardedRun, Totals
 from mltag.identifiers import validate_identifier
 from mltag.tag import (
     TagConfig, check_error_gate, commit_metadata, derived_run_id, manifest_signature, merge_tagged, tag_shards,
@@ -133,13 +133,33 @@ def plan(today: pa.Table, previous: pa.Table, model_version: str) -> tuple[pa.Ar
 
 
 # ---- the stage ------------------------------------------------------------------------------------
-def _fingerprinted(today: pa.Table, mode: str, policy: FetchPolicy) -> pa.Table:
-    """Fingerprints in parallel: a stat (or a read) per image is the slow part of the planning."""
+def previous_keys(dt):
+    """A Ray Dataset of the current version's key, fingerprint, model and error-reason columns, read
+    from its data files by Ray (never collected on the driver)."""
     import ray.data
 
-    ds = ray.data.from_arrow(catalog.chunk_table(today, 256))
-    batches = ds.map_batches(fingerprint_batch, fn_kwargs={"mode": mode, "policy": policy}, batch_format="pyarrow")
-    return pa.concat_tables(list(batches.iter_batches(batch_format="pyarrow", batch_size=None)))
+    if "deletionVectors" in (dt.protocol().reader_features or []):
+        raise ValueError(f"{dt.table_uri} uses deletion vectors (written by another engine): mltag reads its files directly "
+                         "and cannot apply them; rewrite the table without them (OPTIMIZE / REORG ... PURGE)")
+    names = dt.schema().to_arrow().names
+    columns = [c for c in ("listing_id", "image_uri", "fingerprint", "model_version", "error_reason") if c in names]
+    files = dt.file_uris()
+    # One task per file, each casting to plain strings: files delta-rs rewrote hold string_view
+    # columns, ours string, and a single read_parquet would refuse to unify them.
+    return ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, min(len(files), 1000))).map_batches(
+        _read_key_columns, fn_kwargs={"columns": columns}, batch_format="pyarrow", batch_size=1, udf_modifying_row_count=True)
+
+
+def _read_key_columns(batch: pa.Table, columns: list[str]) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    tables = []
+    for uri in batch.column("path").to_pylist():
+        fs, path = storage.arrow_filesystem_for(uri)
+        table = pq.read_table(path, filesystem=fs, columns=[c for c in columns if c in pq.read_schema(path, filesystem=fs).names])
+        tables.append(pa.table({c: (table.column(c).cast(pa.string()) if c in table.column_names else pa.nulls(table.num_rows, pa.string()))
+                                for c in columns}))
+    return pa.concat_tables(tables)
 
 
 def run(config: ReindexConfig) -> dict:
@@ -149,29 +169,26 @@ def run(config: ReindexConfig) -> dict:
     snapshot = config.snapshot_value()
     spec = load_spec(config.model)
     uri = delta_table.table_uri(config.table)
-    raw = catalog.read_manifest(config.manifest)
-    today, duplicated = drop_duplicate_keys(raw)
-    duplicates = int(pc.sum(duplicated.column("extra_copies")).as_py() or 0)
-    if duplicates:
-        print(f"manifest repeats {duplicated.num_rows} (listing_id, image_uri) keys ({duplicates} extra rows): each kept once, "
-              f"e.g. {duplicated.slice(0, 3).select(list(KEY_COLUMNS)).to_pylist()}")
     if not ray.is_initialized():
         ray.init()
+    manifest, rows = catalog.manifest_dataset(config.manifest)  # a bad manifest stops here, before any work
     tag_config = TagConfig(manifest=config.manifest, model=config.model, out=uri, snapshot=snapshot, shard_rows=config.shard_rows,
                            batch_size=config.batch_size, num_actors=config.num_actors, max_error_rate=config.max_error_rate,
                            allowed_schemes=config.allowed_schemes, allow_private_networks=config.allow_private_networks,
                            allowed_roots=config.allowed_roots, fetch_timeout_s=config.fetch_timeout_s)
     tag_config.validate()
-    today = _fingerprinted(today, config.fingerprint, tag_config.fetch_policy())
+    # Fingerprints in Ray tasks: a stat (or a read) per image is the slow part of the planning.
+    today = manifest.map_batches(fingerprint_batch, fn_kwargs={"mode": config.fingerprint, "policy": tag_config.fetch_policy()},
+                                 batch_format="pyarrow", udf_modifying_row_count=False)
 
     table_model = tag_table.run_metadata(uri).get("model_version") if delta_table.exists(uri) else None
     if table_model != spec.version:
         # First night, or a new model: every row is tagged by it, and the night replaces the table.
         why = "no table yet" if table_model is None else f"model {spec.version} replaces {table_model}"
-        print(f"reindex {snapshot}: {why}: tagging all {today.num_rows} rows (one overwrite commit)")
-        summary = _overwrite(tag_config, today, spec, started, duplicates)
+        print(f"reindex {snapshot}: {why}: tagging every row (one overwrite commit)")
+        summary = _overwrite(tag_config, today, rows, spec, started)
     else:
-        summary = _merge_night(config, tag_config, uri, today, spec, started, snapshot, duplicates)
+        summary = _merge_night(config, tag_config, uri, today, rows, spec, started, snapshot)
     if config.index and summary.get("committed", True):
         from mltag.index import IndexConfig, IndexUpdateConfig, build_index, update_index
 
@@ -182,7 +199,13 @@ def run(config: ReindexConfig) -> dict:
     return summary
 
 
-def _overwrite(tag_config: TagConfig, today: pa.Table, spec, started: float, duplicates: int) -> dict:
+def _report_duplicates(plan_: Plan) -> None:
+    if plan_.duplicates:
+        print(f"manifest repeats {plan_.duplicates} (listing_id, image_uri) row(s): each key kept once, "
+              f"e.g. {plan_.duplicate_examples[:3]}")
+
+
+def _overwrite(tag_config: TagConfig, today, rows: int | None, spec, started: float) -> dict:
     import pyarrow.parquet as pq
 
     uri = tag_config.out
@@ -193,13 +216,13 @@ def _overwrite(tag_config: TagConfig, today: pa.Table, spec, started: float, dup
     if delta_table.app_committed(uri, app_id):
         run.remove()
         return {**tag_table.run_metadata(uri), "committed": False}
-    plan_, totals, resumed = tag_shards(tag_config, run, today, data_prefix="")
+    plan_, totals, resumed = tag_shards(tag_config, run, today, data_prefix="", rows=rows)
+    _report_duplicates(plan_)
     check_error_gate(run, totals, tag_config.max_error_rate)
     fs, root = storage.arrow_filesystem_for(uri)
     schema = pq.read_schema(f"{root}/{totals.files[0]['path']}", filesystem=fs)
     metadata = commit_metadata(tag_config, spec, run_id, "reindex", plan_, totals, started, new=totals.rows, changed=0, retry=0,
-                               unchanged=0, deleted=0, manifest_rows=today.num_rows + duplicates, shards_resumed=resumed)
-    metadata["duplicates_dropped"] = duplicates
+                               unchanged=0, deleted=0, manifest_rows=plan_.rows + plan_.duplicates, shards_resumed=resumed)
     version = delta_table.commit_overwrite(uri, [delta_table.add_action(f["path"], f["size"], f["rows"]) for f in totals.files],
                                            schema, metadata, app_id)
     run.remove()
@@ -207,18 +230,9 @@ def _overwrite(tag_config: TagConfig, today: pa.Table, spec, started: float, dup
     return {**metadata, "table_version": version, "table": uri, "mode": "overwrite"}
 
 
-def _merge_night(config: ReindexConfig, tag_config: TagConfig, uri: str, today: pa.Table, spec, started: float, snapshot: str,
-                 duplicates: int) -> dict:
+def _merge_night(config: ReindexConfig, tag_config: TagConfig, uri: str, today, rows: int | None, spec, started: float,
+                 snapshot: str) -> dict:
     dt = delta_table.open_table(uri)
-    columns = [c for c in ("listing_id", "image_uri", "fingerprint", "model_version", "error_reason") if c in dt.schema().to_arrow().names]
-    previous = dt.to_pyarrow_dataset().to_table(columns=columns)
-    outcome, deleted = plan(today, previous, spec.version)
-    counts = {name: int(pc.sum(pc.equal(outcome, name)).as_py() or 0) for name in OUTCOMES}
-    counts["deleted"] = deleted.num_rows
-    to_tag = today.filter(pc.is_in(outcome, pa.array(["new", "changed", "retry"])))
-    if to_tag.num_rows == 0 and deleted.num_rows == 0:
-        print(f"reindex {snapshot}: nothing changed since version {dt.version()} ({counts['unchanged']} rows unchanged); no commit")
-        return {**counts, "committed": False, "table_version": dt.version(), "rows": today.num_rows, "snapshot": snapshot}
     run_id = derived_run_id("night", snapshot, dt.version(), manifest_signature(config.manifest), spec.version, config.fingerprint)
     tag_config.run_id = run_id
     run = ShardedRun(uri, run_id)
@@ -226,17 +240,30 @@ def _merge_night(config: ReindexConfig, tag_config: TagConfig, uri: str, today: 
     if delta_table.app_committed(uri, app_id):
         run.remove()
         return {**tag_table.run_metadata(uri), "committed": False}
-    if to_tag.num_rows:
-        plan_, totals, resumed = tag_shards(tag_config, run, to_tag, data_prefix=f"_mltag_runs/{run_id}/data/")
+    # The plan, shard by shard in Ray tasks: today's rows against the table's rows of the same listings.
+    table_rows = int(pc.sum(pa.table(dt.get_add_actions(flatten=True)).column("num_records")).as_py() or 0)
+    plan_ = run.prepare(today, config.shard_rows, rows, previous=previous_keys(dt), classify=plan,
+                        classify_kwargs={"model_version": spec.version}, previous_rows=table_rows)
+    _report_duplicates(plan_)
+    counts = {name: int(plan_.counts.get(name, 0)) for name in OUTCOMES + ("deleted",)}
+    deleted_files = run.deleted_key_files()
+    if plan_.rows == 0 and counts["deleted"] == 0:
+        run.remove()
+        print(f"reindex {snapshot}: nothing changed since version {dt.version()} ({counts['unchanged']} rows unchanged); no commit")
+        return {**counts, "committed": False, "table_version": dt.version(), "rows": counts["unchanged"], "snapshot": snapshot,
+                "duplicates_dropped": plan_.duplicates}
+    if plan_.rows:
+        plan_, totals, resumed = tag_shards(tag_config, run, None, data_prefix=f"_mltag_runs/{run_id}/data/", plan=plan_)
         check_error_gate(run, totals, config.max_error_rate)
     else:  # only deletions tonight
-        plan_, totals, resumed = Plan(run_id, 0, []), Totals(0, 0, {}, []), 0
+        totals, resumed = Totals(0, 0, {}, []), 0
+    today_rows = sum(counts[name] for name in OUTCOMES)
     metadata = commit_metadata(tag_config, spec, run_id, "reindex", plan_, totals, started, **counts, read_version=dt.version(),
-                               manifest_rows=today.num_rows + duplicates, shards_resumed=resumed)
-    metadata.update(duplicates_dropped=duplicates, rows=today.num_rows,
+                               manifest_rows=today_rows + plan_.duplicates, shards_resumed=resumed)
+    metadata.update(rows=today_rows,
                     summary=f"mltag reindex {snapshot}: {counts['new']} new, {counts['changed']} changed, {counts['retry']} retried, "
                             f"{counts['deleted']} deleted")
-    metrics = merge_tagged(uri, dt, run, totals, deleted, metadata, app_id)
+    metrics = merge_tagged(uri, dt, run, totals, deleted_files, metadata, app_id)
     run.remove()
     version = delta_table.latest_version(uri)
     print(f"reindex {snapshot}: {counts['new']} new, {counts['changed']} changed, {counts['retry']} retried, "

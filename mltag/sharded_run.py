@@ -64,6 +64,93 @@ def drop_duplicate_keys(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return (table if len(keep) == table.num_rows else table.take(pa.array(keep))), duplicated
 
 
+def add_shard_column(batch: pa.Table, n_shards: int) -> pa.Table:
+    """Ray Data stage: the row's shard (a stable hash of its listing id)."""
+    if SHARD_COLUMN in batch.column_names:
+        batch = batch.drop_columns([SHARD_COLUMN])
+    return batch.append_column(SHARD_COLUMN, pa.array(shard_of(batch.column("listing_id"), n_shards), pa.int32()))
+
+
+def _write_group(group: pa.Table, directory: str, dedupe: bool) -> pa.Table:
+    """``map_groups`` stage: one shard's rows -> one Parquet file; returns the shard's counts."""
+    shard = int(group.column(SHARD_COLUMN)[0].as_py())
+    duplicated = None
+    if dedupe:
+        # A shuffle does not keep the manifest's order: keep the duplicate that sorts first, so the
+        # choice does not depend on which task ran first.
+        group = group.sort_by([(c, "ascending") for c in KEY_COLUMNS])
+        group, duplicated = drop_duplicate_keys(group)
+    fs, path = storage.arrow_filesystem_for(storage.join(directory, f"shard-{shard:05d}.parquet"))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(group, path, filesystem=fs)
+    extra = int(pc.sum(duplicated.column("extra_copies")).as_py() or 0) if duplicated is not None and duplicated.num_rows else 0
+    examples = duplicated.slice(0, 3).select(list(KEY_COLUMNS)).to_pylist() if extra else []
+    return pa.table({"shard": [shard], "rows": [group.num_rows], "duplicates": [extra], "examples": [json.dumps(examples)]})
+
+
+def _group_by_shard(ds, n_shards: int, directory: str, dedupe: bool) -> list[dict]:
+    import ray
+
+    if n_shards == 1:
+        # One shard holds at most shard_rows rows (by construction of n_shards): bounded, so it is
+        # gathered here, without the start-up of a shuffle.
+        batches = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+        if not batches:
+            return []
+        table = pa.concat_tables(batches, promote_options="default")
+        return _write_group(add_shard_column(table, 1), directory, dedupe).to_pylist()
+
+    # Shuffle partitions: no more than shards, nor than the cluster has CPUs (Ray's default of 200
+    # partitions costs more in start-up than a small run spends in work).
+    partitions = max(1, min(n_shards, int(ray.cluster_resources().get("CPU", 1))))
+    grouped = ds.map_batches(add_shard_column, fn_kwargs={"n_shards": n_shards}, batch_format="pyarrow",
+                             udf_modifying_row_count=False).groupby(SHARD_COLUMN, num_partitions=partitions)
+    return grouped.map_groups(_write_group, fn_kwargs={"directory": directory, "dedupe": dedupe}, batch_format="pyarrow").take_all()
+
+
+def _read_shard_file(directory: str, shard: int) -> pa.Table | None:
+    fs, path = storage.arrow_filesystem_for(storage.join(directory, f"shard-{shard:05d}.parquet"))
+    if not fs.get_file_info(path).type == 2:  # pyarrow FileType.File
+        return None
+    return pq.read_table(path, filesystem=fs)
+
+
+def _classify_shards(batch: pa.Table, run_dir: str, classify, classify_kwargs: dict) -> pa.Table:
+    """Per shard: today's rows against the table's rows of the same listings. Rows to tag go to
+    ``manifest/``, keys gone from the catalog to ``deleted/``."""
+    out = []
+    for shard in batch.column("shard").to_pylist():
+        today = _read_shard_file(storage.join(run_dir, "today"), shard)
+        previous = _read_shard_file(storage.join(run_dir, "previous"), shard)
+        counts: dict = {}
+        to_tag = 0
+        if today is None and previous is None:
+            out.append({"shard": shard, "to_tag": 0, "counts": "{}"})
+            continue
+        if previous is None:
+            previous = pa.table({c: pa.array([], pa.string()) for c in KEY_COLUMNS})
+        if today is None:
+            outcome, deleted = pa.array([], pa.string()), previous.select(list(KEY_COLUMNS))
+        else:
+            outcome, deleted = classify(today, previous.drop_columns([SHARD_COLUMN]) if SHARD_COLUMN in previous.column_names
+                                        else previous, **classify_kwargs)
+            for name in pc.unique(outcome).to_pylist():
+                counts[name] = int(pc.sum(pc.equal(outcome, name)).as_py())
+            tagged = today.filter(pc.is_in(outcome, pa.array(["new", "changed", "retry"])))
+            to_tag = tagged.num_rows
+            if to_tag:
+                fs, path = storage.arrow_filesystem_for(storage.join(run_dir, "manifest", f"shard-{shard:05d}.parquet"))
+                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                pq.write_table(tagged, path, filesystem=fs)
+        counts["deleted"] = deleted.num_rows
+        if deleted.num_rows:
+            fs, path = storage.arrow_filesystem_for(storage.join(run_dir, "deleted", f"shard-{shard:05d}.parquet"))
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            pq.write_table(deleted.select(list(KEY_COLUMNS)), path, filesystem=fs)
+        out.append({"shard": shard, "to_tag": to_tag, "counts": json.dumps(counts)})
+    return pa.Table.from_pylist(out, schema=pa.schema([("shard", pa.int64()), ("to_tag", pa.int64()), ("counts", pa.string())]))
+
+
 def _reason_summary(part: pa.Table) -> dict:
     """{reason: {"count": n, "examples": [uri, ...]}} for the error rows of one file."""
     if "error_reason" not in part.column_names:
@@ -122,9 +209,10 @@ def write_shard_files(batch: pa.Table, table_uri: str, data_prefix: str, run_id:
 class Plan:
     run_id: str
     n_shards: int
-    shard_rows: list[int]
+    shard_rows: list[int]  # rows to tag per shard
     duplicates: int = 0
     duplicate_examples: list = field(default_factory=list)
+    counts: dict = field(default_factory=dict)  # the nightly plan's outcome counts (new, changed, retry, unchanged, deleted)
 
     @property
     def rows(self) -> int:
@@ -162,29 +250,57 @@ class ShardedRun:
         except FileNotFoundError:
             return None
 
-    def prepare(self, manifest: pa.Table, shard_rows: int) -> Plan:
-        """Shards the manifest (once: a restart reuses the plan) and returns the plan."""
+    def prepare(self, manifest, shard_rows: int, rows: int | None = None, previous=None, classify=None,
+                classify_kwargs: dict | None = None, previous_rows: int | None = None) -> Plan:
+        """Shards the manifest once (a restart reuses the plan) and returns the plan.
+
+        ``manifest`` is a Ray Dataset of normalised manifest rows (or, for small inputs, a pyarrow
+        table). Rows are grouped by shard with a Ray shuffle, so no stage holds more than a shard;
+        repeated keys are dropped within their shard (a listing's rows share one). With
+        ``previous`` (a Ray Dataset of the table's key columns) each shard's rows are then
+        classified by ``classify(today, previous, **classify_kwargs) -> (outcome, deleted)``
+        (the nightly plan) and only rows that need tagging go into the shard's manifest."""
+        import ray.data
+
         plan = self.load_plan()
         if plan is not None:
             return plan
-        manifest, duplicated = drop_duplicate_keys(manifest)
-        n_shards = max(1, math.ceil(manifest.num_rows / max(1, shard_rows)))
-        shards = shard_of(manifest.column("listing_id"), n_shards)
-        order = np.argsort(shards, kind="stable")
-        counts = np.bincount(shards, minlength=n_shards)
-        ordered = manifest.take(pa.array(order)).append_column(SHARD_COLUMN, pa.array(shards[order], pa.int32()))
-        start = 0
-        fs, _ = storage.arrow_filesystem_for(self.dir)
-        for shard, count in enumerate(counts):
-            if count:
-                path = storage.arrow_filesystem_for(self.shard_manifest(shard))[1]
-                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-                pq.write_table(ordered.slice(start, int(count)), path, filesystem=fs)
-            start += int(count)
-        plan = Plan(self.run_id, n_shards, [int(c) for c in counts], int(pc.sum(duplicated.column("extra_copies")).as_py() or 0),
-                    duplicated.slice(0, 5).to_pylist())
+        if isinstance(manifest, pa.Table):
+            rows = manifest.num_rows
+            manifest = ray.data.from_arrow(manifest)
+        if rows is None:
+            rows = manifest.count()
+        # Shards are sized by the larger side: the table's rows of a shard are gathered with it.
+        n_shards = max(1, math.ceil(max(rows, previous_rows or 0) / max(1, shard_rows)))
+        today_dir = self._path("today") if previous is not None else self._path("manifest")
+        stats = _group_by_shard(manifest, n_shards, today_dir, dedupe=True)
+        counts = {"duplicates": sum(r["duplicates"] for r in stats)}
+        examples = [e for r in stats for e in json.loads(r["examples"])][:5]
+        shard_rows_list = [0] * n_shards
+        if previous is None:
+            for r in stats:
+                shard_rows_list[r["shard"]] = r["rows"]
+        else:
+            _group_by_shard(previous, n_shards, self._path("previous"), dedupe=False)
+            shards = ray.data.from_items([{"shard": s} for s in range(n_shards)], override_num_blocks=min(n_shards, 1000))
+            classified = shards.map_batches(_classify_shards, fn_kwargs={"run_dir": self.dir, "classify": classify,
+                                                                          "classify_kwargs": classify_kwargs or {}},
+                                            batch_format="pyarrow", batch_size=1, num_cpus=0.5).take_all()
+            for r in classified:
+                shard_rows_list[r["shard"]] = r["to_tag"]
+                for name, value in json.loads(r["counts"]).items():
+                    counts[name] = counts.get(name, 0) + value
+        plan = Plan(self.run_id, n_shards, shard_rows_list, counts["duplicates"], examples, counts)
         storage.write_bytes_atomic(self._path("plan.json"), json.dumps(plan.__dict__).encode())
         return plan
+
+    def deleted_key_files(self) -> list[str]:
+        """The files of keys the nightly plan found gone from the catalog (one per shard with any)."""
+        uri = self._path("deleted")
+        fs, path = storage.filesystem_for(uri)
+        if not fs.exists(path):
+            return []
+        return [storage.join(uri, n) for n in sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(".parquet"))]
 
     def done_shards(self) -> set[int]:
         fs, path = storage.filesystem_for(self._path("done"))

@@ -237,12 +237,15 @@ def _init_ray() -> None:
         ray.init()
 
 
-def tag_shards(config: TagConfig, run: ShardedRun, manifest: pa.Table, data_prefix: str) -> tuple[Plan, Totals, int]:
+def tag_shards(config: TagConfig, run: ShardedRun, manifest, data_prefix: str, rows: int | None = None,
+               plan: Plan | None = None) -> tuple[Plan, Totals, int]:
     """Tags every unfinished shard of ``run`` into files under the table, marking shards done as
-    they finish. Returns (plan, totals over all shards, shards already done before this call)."""
+    they finish. ``manifest`` is a Ray Dataset (or a small table) of normalised rows; ``plan`` an
+    already prepared one. Returns (plan, totals over all shards, shards already done before this call)."""
     import ray.data
 
-    plan = run.prepare(manifest, config.shard_rows)
+    _init_ray()
+    plan = plan or run.prepare(manifest, config.shard_rows, rows)
     todo = run.unfinished_manifests(plan)
     resumed = plan.n_shards - len(todo)
     if resumed:
@@ -305,7 +308,8 @@ def run(config: TagConfig) -> dict:
     if config.retry_errors:
         return retry_errors(config)
     started = time.time()
-    manifest = catalog.read_manifest(config.manifest)  # a bad manifest fails here, before any work
+    _init_ray()
+    manifest, rows = catalog.manifest_dataset(config.manifest)  # a bad manifest fails here, before any work
     spec = load_spec(config.model)
     uri = delta_table.table_uri(config.out)
     run_id = config.run_id or derived_run_id("tag", manifest_signature(config.manifest), spec.version, config.result_fields())
@@ -317,11 +321,11 @@ def run(config: TagConfig) -> dict:
         print(f"run {run_id} is already committed to {uri} (table version {meta['table_version']}); nothing to do. "
               f"Give --run-id to tag again.")
         return meta
-    plan, totals, resumed = tag_shards(config, run, manifest, data_prefix="")
+    plan, totals, resumed = tag_shards(config, run, manifest, data_prefix="", rows=rows)
     check_error_gate(run, totals, config.max_error_rate)
     schema = pq.read_schema(storage.join(uri, totals.files[0]["path"]), filesystem=storage.arrow_filesystem_for(uri)[0]) \
         if not storage.is_remote(uri) else _remote_schema(uri, totals.files[0]["path"])
-    metadata = commit_metadata(config, spec, run_id, "tag", plan, totals, started, manifest_rows=manifest.num_rows,
+    metadata = commit_metadata(config, spec, run_id, "tag", plan, totals, started, manifest_rows=plan.rows + plan.duplicates,
                                shards=plan.n_shards, shards_resumed=resumed)
     actions = [delta_table.add_action(f["path"], f["size"], f["rows"]) for f in totals.files]
     version = delta_table.commit_overwrite(uri, actions, schema, metadata, app_id)
@@ -339,9 +343,9 @@ def _remote_schema(uri: str, relative: str) -> pa.Schema:
     return pq.read_schema(f"{root}/{relative}", filesystem=fs)
 
 
-def merge_tagged(uri: str, dt, run: ShardedRun, totals: Totals, deleted: pa.Table | None, metadata: dict, app_id: str) -> dict:
-    """One MERGE commit: the run's tagged rows (files under the run directory) upserted, the
-    ``deleted`` keys removed. Returns delta-rs's merge metrics."""
+def merge_tagged(uri: str, dt, run: ShardedRun, totals: Totals, deleted_files: list[str], metadata: dict, app_id: str) -> dict:
+    """One MERGE commit: the run's tagged rows (files under the run directory) upserted, the keys
+    in ``deleted_files`` removed; both streamed. Returns delta-rs's merge metrics."""
     fs, root = storage.arrow_filesystem_for(uri)
     paths = [f"{root}/{f['path']}" for f in totals.files]
     table_schema = pa.schema(dt.schema().to_arrow())
@@ -360,7 +364,9 @@ def merge_tagged(uri: str, dt, run: ShardedRun, totals: Totals, deleted: pa.Tabl
                         table = table.append_column(field, pa.nulls(table.num_rows, field.type))
                 table = table.select(source_schema.names).cast(source_schema)
                 yield from table.append_column("_action", pa.array(["upsert"] * table.num_rows, pa.string())).to_batches()
-        if deleted is not None and deleted.num_rows:
+        for uri_ in deleted_files:
+            dfs, dpath = storage.arrow_filesystem_for(uri_)
+            deleted = pq.read_table(dpath, filesystem=dfs)
             columns = {f.name: (deleted.column(f.name) if f.name in ("listing_id", "image_uri") else pa.nulls(deleted.num_rows, f.type))
                        for f in source_schema}
             table = pa.table(columns, schema=source_schema)
@@ -388,7 +394,7 @@ def retry_errors(config: TagConfig) -> dict:
     plan, totals, resumed = tag_shards(config, run, manifest, data_prefix=f"_mltag_runs/{run_id}/data/")
     metadata = commit_metadata(config, spec, run_id, "retry-errors", plan, totals, started, retried=totals.rows,
                                healed=totals.rows - totals.errors, read_version=dt.version())
-    metrics = merge_tagged(uri, dt, run, totals, None, metadata, f"mltag-{run_id}")
+    metrics = merge_tagged(uri, dt, run, totals, [], metadata, f"mltag-{run_id}")
     run.remove()
     metadata.update(table_version=delta_table.latest_version(uri), table=uri, merge=metrics)
     print(f"retried {totals.rows} error rows of version {dt.version()}: {totals.rows - totals.errors} now tagged, "
