@@ -23,7 +23,6 @@ tags only the shards it had not finished. Re-running a night that committed find
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -35,14 +34,14 @@ from mltag import catalog, delta_table, storage, tag_table
 from mltag.model import load_spec
 from mltag.row_errors import TRANSIENT
 from mltag.tag_table import redact_uri_column
-from mltag.uri_policy import DEFAULT_POLICY, DEFAULT_SCHEMES, FetchPolicy, check_uri
+from mltag.uri_policy import DEFAULT_SCHEMES
 from mltag.sharded_run import KEY_COLUMNS, Plan, ShardedRun, Totals
+from mltag.fingerprints import FINGERPRINTS, fingerprint_batch
 from mltag.identifiers import validate_identifier
 from mltag.tag import (
     TagConfig, check_error_gate, commit_metadata, derived_run_id, manifest_signature, merge_tagged, tag_shards,
 )
 
-FINGERPRINTS = ("stat", "hash")
 
 
 @dataclass
@@ -77,30 +76,6 @@ class ReindexConfig:
 
 
 # ---- pure pieces ----------------------------------------------------------------------------------
-def fingerprint_of(uri: str, mode: str, policy: FetchPolicy = DEFAULT_POLICY) -> str:
-    """A string that changes when the image's content does ('' if it cannot be read, or the
-    fetch policy refuses the URI: the row is then tagged, and the table records why)."""
-    try:
-        check_uri(uri, policy)
-        fs, path = storage.filesystem_for(uri)
-        if mode == "hash":
-            with fs.open(path, "rb") as f:
-                return "sha256:" + hashlib.sha256(f.read()).hexdigest()
-        info = fs.info(path)
-        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
-        mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
-        return f"stat:{info.get('size')}:{mtime}:{etag}"
-    except (OSError, ValueError, ImportError):
-        return ""  # unreadable now: tag it, and the tag table records why
-
-
-def fingerprint_batch(batch: pa.Table, mode: str, policy: FetchPolicy = DEFAULT_POLICY) -> pa.Table:
-    prints = [fingerprint_of(u, mode, policy) for u in batch.column("image_uri").to_pylist()]
-    if "fingerprint" in batch.column_names:
-        batch = batch.drop_columns(["fingerprint"])
-    return batch.append_column("fingerprint", pa.array(prints, pa.string()))
-
-
 OUTCOMES = ("new", "changed", "retry", "unchanged")
 
 

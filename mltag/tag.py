@@ -32,6 +32,7 @@ from mltag import catalog, delta_table, storage, tag_table
 from mltag.config import config_dict, config_hash
 from mltag.images import DEFAULT_MAX_PIXELS, decode_batch, fetch_batch, pixels_from_arrow
 from mltag.uri_policy import DEFAULT_SCHEMES, FetchPolicy
+from mltag.fingerprints import FINGERPRINTS, fingerprint_batch
 from mltag.identifiers import validate_identifier
 from mltag.model import load_spec, load_tagger, normalise, pick_device
 from mltag.sharded_run import Plan, ShardedRun, Totals, format_reasons, read_shard_manifests, write_shard_files
@@ -68,6 +69,7 @@ class TagConfig:
     decode_on: str = "cpu"  # cpu: Pillow in CPU tasks | actor: JPEG decode on the actor's device (nvJPEG on GPU)
     compile: bool = False  # torch.compile the model in each actor (pays off on long GPU runs)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (decompression bombs)
+    fingerprint: str = "stat"  # recorded per row for the nightly re-index: stat (size/mtime/ETag) | hash (sha256) | none
     allowed_schemes: str = ",".join(DEFAULT_SCHEMES)  # image URI schemes that may be fetched (add http,https to fetch from the web)
     allow_private_networks: bool = False  # http(s) only: also loopback, link-local (cloud metadata) and private addresses
     allowed_roots: str = ""  # comma-separated local dirs / URI prefixes images must lie under; empty: anywhere
@@ -87,6 +89,8 @@ class TagConfig:
                              f"(Delta Lake has no half-precision type)")
         if self.decode_on not in ("cpu", "actor"):
             raise ValueError("decode_on must be cpu or actor")
+        if self.fingerprint not in FINGERPRINTS + ("none",):
+            raise ValueError(f"unknown fingerprint {self.fingerprint!r}; choose one of: {', '.join(FINGERPRINTS + ('none',))}")
         if not 0 <= self.max_error_rate <= 1:
             raise ValueError("max_error_rate must be in [0, 1]")
         if self.run_id:
@@ -103,7 +107,7 @@ class TagConfig:
     def result_fields(self) -> dict:
         """The settings that change the rows a run writes (not how fast it writes them)."""
         keep = ("threshold", "max_tags", "embedding_dtype", "decode_on", "max_pixels", "allowed_schemes", "allow_private_networks",
-                "allowed_roots")
+                "allowed_roots", "fingerprint")
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -310,6 +314,9 @@ def run(config: TagConfig) -> dict:
     started = time.time()
     _init_ray()
     manifest, rows = catalog.manifest_dataset(config.manifest)  # a bad manifest fails here, before any work
+    if config.fingerprint != "none":  # so that a nightly re-index can tell what changed since this run
+        manifest = manifest.map_batches(fingerprint_batch, fn_kwargs={"mode": config.fingerprint, "policy": config.fetch_policy()},
+                                        batch_format="pyarrow", udf_modifying_row_count=False)
     spec = load_spec(config.model)
     uri = delta_table.table_uri(config.out)
     run_id = config.run_id or derived_run_id("tag", manifest_signature(config.manifest), spec.version, config.result_fields())
