@@ -69,30 +69,50 @@ def _search_every_list(index: faiss.Index, ivf, vectors: np.ndarray, k: int) -> 
         params.set_index_parameter(index, "nprobe", nprobe)
 
 
-def neighbours_of_all(index: EmbeddingIndex, k: int, batch: int = 4096):
-    """For every indexed vector: its k nearest other vectors (ids, similarities), self removed,
-    faiss's missing-neighbour placeholders (id -1) dropped.
-
-    Returns (faiss ids, neighbour ids per row, similarities per row, stats): ``stats`` counts the
-    rows searched again over every IVF list (``widened``) and those still left with fewer than
-    k neighbours (``short``)."""
+def iter_neighbours(index: EmbeddingIndex, k: int, batch: int = 4096, stats: dict | None = None):
+    """Every indexed vector's k nearest other vectors, a batch of rows at a time (in ``index.ids``
+    order): yields (start row, faiss ids (b,), neighbour faiss ids (b, k) int64, similarities
+    (b, k) float32). The row itself is removed and faiss's missing-neighbour placeholders (id -1,
+    similarity -3.4e38) are never taken: a row with fewer than k neighbours is padded with id -1
+    and similarity nan. Rows that came back short from an IVF index are searched again over every
+    list; ``stats`` counts them (``widened``) and the rows still short (``short``)."""
+    stats = stats if stats is not None else {}
+    stats.setdefault("widened", 0)
+    stats.setdefault("short", 0)
     ids = index.ids.column("faiss_id").to_numpy()
     ivf = _ivf_of(index.index)
-    all_ids, all_sims, stats = [], [], {"widened": 0, "short": 0}
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]
-        vectors = np.stack([index.index.reconstruct(int(i)) for i in chunk])
+        vectors = index.vectors_of_faiss_ids(chunk)
         sims, found = index.index.search(vectors, k + 1)
         padded = np.flatnonzero((found < 0).any(axis=1))
         if len(padded) and ivf is not None and ivf.nprobe < ivf.nlist:
             sims[padded], found[padded] = _search_every_list(index.index, ivf, vectors[padded], k + 1)
             stats["widened"] += len(padded)
-        for row, own in enumerate(chunk):
-            keep = (found[row] >= 0) & (found[row] != own)
-            all_ids.append(found[row][keep][:k])
-            all_sims.append(sims[row][keep][:k])
-            stats["short"] += len(all_ids[-1]) < k
-    return ids, all_ids, all_sims, stats
+        keep = (found >= 0) & (found != chunk[:, None])
+        # Kept neighbours first, in faiss's order (a stable sort of the keep mask), then the first k.
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+        keep = np.take_along_axis(keep, order, axis=1)
+        neighbour_ids = np.where(keep, np.take_along_axis(found, order, axis=1), -1)
+        neighbour_sims = np.where(keep, np.take_along_axis(sims, order, axis=1), np.nan).astype(np.float32)
+        stats["short"] += int((keep.sum(axis=1) < k).sum())
+        yield start, chunk, neighbour_ids, neighbour_sims
+
+
+def neighbours_of_all(index: EmbeddingIndex, k: int, batch: int = 4096):
+    """For every indexed vector: its k nearest other vectors, self removed, faiss's missing-neighbour
+    placeholders never taken.
+
+    Returns (faiss ids (n,), neighbour faiss ids (n, k) int64 padded with -1, similarities (n, k)
+    float32 padded with nan, stats): ``stats`` counts the rows searched again over every IVF list
+    (``widened``) and those still left with fewer than k neighbours (``short``). Rows are in
+    ``index.ids`` order."""
+    n, stats = len(index.ids), {"widened": 0, "short": 0}
+    neighbour_ids, neighbour_sims = np.full((n, k), -1, np.int64), np.full((n, k), np.nan, np.float32)
+    for start, chunk, found, sims in iter_neighbours(index, k, batch, stats):
+        neighbour_ids[start : start + len(chunk)] = found
+        neighbour_sims[start : start + len(chunk)] = sims
+    return index.ids.column("faiss_id").to_numpy(), neighbour_ids, neighbour_sims, stats
 
 
 def describe_short_rows(stats: dict, k: int, total: int) -> str | None:
@@ -109,16 +129,49 @@ def describe_short_rows(stats: dict, k: int, total: int) -> str | None:
     return "; ".join(parts)
 
 
-def knn_scores(similarities: list[np.ndarray], k: int, score: str) -> np.ndarray:
-    """Cosine distance to the k-th neighbour, or the mean over the k nearest (pure)."""
-    out = np.empty(len(similarities))
-    for i, sims in enumerate(similarities):
-        distances = 1.0 - np.asarray(sims[:k], dtype=np.float64)
-        if distances.size == 0:
-            out[i] = np.inf  # a catalog of one: nothing to compare with
+ROWS_AT_A_TIME = 65_536  # rows scored / turned into list columns at a time (bounds the temporaries)
+
+
+def knn_scores(similarities, k: int, score: str) -> np.ndarray:
+    """Cosine distance to the k-th neighbour, or the mean over the k nearest (pure). ``similarities``
+    is (n, >=k) with nan where a row has fewer neighbours (or a list of per-row arrays): a short
+    row is scored over the neighbours it has, a row with none gets inf."""
+    if not isinstance(similarities, np.ndarray):
+        padded = np.full((len(similarities), max([k, *(len(s) for s in similarities)])), np.nan)
+        for i, sims in enumerate(similarities):
+            padded[i, : len(sims)] = sims
+        similarities = padded
+    similarities = similarities.reshape(len(similarities), -1)
+    out = np.full(len(similarities), np.inf)
+    for start in range(0, len(similarities), ROWS_AT_A_TIME):
+        distances = 1.0 - similarities[start : start + ROWS_AT_A_TIME, :k].astype(np.float64)
+        present = ~np.isnan(distances)
+        count = present.sum(axis=1)
+        has = np.flatnonzero(count > 0)
+        if score == "kth":
+            # Neighbours are packed to the left: the last present one is the k-th (or the furthest found).
+            out[start + has] = distances[has, count[has] - 1]
         else:
-            out[i] = distances[-1] if score == "kth" else distances.mean()
+            out[start + has] = np.where(present[has], distances[has], 0.0).sum(axis=1) / count[has]
     return out
+
+
+def neighbour_lists(index: EmbeddingIndex, neighbour_ids: np.ndarray, neighbour_sims: np.ndarray,
+                    rows: np.ndarray | None = None) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """The ``neighbours`` (list<string>) and ``neighbour_similarities`` (list<float>) columns for
+    these rows (all, by default), built from flat arrays and offsets a slice of rows at a time."""
+    rows = np.arange(len(neighbour_ids)) if rows is None else np.asarray(rows)
+    listings = index.ids.column("listing_id")
+    names, sims = [], []
+    for start in range(0, len(rows), ROWS_AT_A_TIME):
+        part = rows[start : start + ROWS_AT_A_TIME]
+        ids, similarities = neighbour_ids[part], neighbour_sims[part]
+        present = ids >= 0
+        offsets = pa.array(np.concatenate([[0], np.cumsum(present.sum(axis=1))]), pa.int32())
+        names.append(pa.ListArray.from_arrays(
+            offsets, listings.take(pa.array(index.rows_of_faiss_ids(ids[present]), pa.int64())).combine_chunks()))
+        sims.append(pa.ListArray.from_arrays(offsets, pa.array(similarities[present], pa.float32())))
+    return (pa.chunked_array(names, pa.list_(listings.type)), pa.chunked_array(sims, pa.list_(pa.float32())))
 
 
 def run(config: AnomalyConfig) -> pa.Table:
@@ -127,20 +180,21 @@ def run(config: AnomalyConfig) -> pa.Table:
     if note := describe_short_rows(stats, config.k, len(faiss_ids)):
         print(note)
     scores = knn_scores(neighbour_sims, config.k, config.score)
-    order = np.argsort(-scores, kind="stable")
-    rank = np.empty(len(scores), dtype=np.int64)
-    rank[order] = np.arange(1, len(scores) + 1)
+    order = np.argsort(-scores, kind="stable")  # rows by rank: the table is built in that order
     n_flagged = int(np.ceil(config.contamination * len(scores)))
-    listing_of = dict(zip(index.ids.column("faiss_id").to_pylist(), index.ids.column("listing_id").to_pylist()))
+    rank = np.arange(1, len(scores) + 1, dtype=np.int64)
+    neighbours, similarities = neighbour_lists(index, neighbour_ids, neighbour_sims, order)
+    del neighbour_ids, neighbour_sims
+    taken = index.ids.select(["listing_id", "image_uri"]).take(pa.array(order, pa.int64()))
     table = pa.table({
-        "listing_id": index.ids.column("listing_id"),
-        "image_uri": index.ids.column("image_uri"),
-        "score": pa.array(scores, pa.float64()),
+        "listing_id": taken.column("listing_id"),
+        "image_uri": taken.column("image_uri"),
+        "score": pa.array(scores[order], pa.float64()),
         "rank": pa.array(rank),
         "is_outlier": pa.array(rank <= n_flagged),
-        "neighbours": pa.array([[listing_of[int(i)] for i in ids] for ids in neighbour_ids], pa.list_(pa.string())),
-        "neighbour_similarities": pa.array([s.astype(np.float32) for s in neighbour_sims], pa.list_(pa.float32())),
-    }).sort_by("rank")
+        "neighbours": neighbours,
+        "neighbour_similarities": similarities,
+    })
     os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
     pq.write_table(table, config.out)
     print(f"{n_flagged} of {len(scores)} listings flagged (top {config.contamination:.1%} by {config.score} distance, k={config.k}) -> {config.out}")

@@ -2,9 +2,11 @@
 slightly cropped) as groups.
 
 Every listing's k nearest neighbours are searched; pairs with cosine similarity at or above the
-threshold are joined, and the connected components (union-find) of two or more listings are the
-duplicate groups. k bounds the work: a group larger than k+1 is still found whole, because
-membership is transitive.
+threshold are joined, and the connected components (scipy's csgraph, over the listings in such
+a pair only) of two or more listings are the duplicate groups. k bounds the work: a group larger
+than k+1 is still found whole, because membership is transitive. Neighbours are searched a batch
+at a time and only the pairs at or above the threshold are kept, so memory follows the pairs
+found, not the catalog times k.
 
 Output Parquet: group_id, listing_id, image_uri, group_size, max_similarity (to another member).
 
@@ -20,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
-from mltag.anomalies import describe_short_rows, neighbours_of_all
+from mltag.anomalies import describe_short_rows, iter_neighbours
 from mltag.index import EmbeddingIndex
 
 
@@ -40,57 +44,85 @@ class DuplicatesConfig:
             raise ValueError("threshold is a cosine similarity in [-1, 1]")
 
 
-class UnionFind:
-    def __init__(self, n: int):
-        self.parent = np.arange(n)
+def group_arrays(n: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Connected components of size >= 2 of the graph on positions 0..n-1 with edges (a[i], b[i]),
+    as flat arrays (pure): (members, group of each member, size of each group), groups largest
+    first (ties: the smaller first member first), members ascending within a group. Only the
+    positions in some edge enter the graph."""
+    a, b = np.asarray(a, np.int64).ravel(), np.asarray(b, np.int64).ravel()
+    if len(a) and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
+        raise ValueError(f"pair positions must be in [0, {n})")
+    nodes = np.unique(np.concatenate([a, b]))
+    if not len(nodes):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
+    graph = coo_matrix((np.ones(len(ia), np.int8), (ia, ib)), shape=(len(nodes), len(nodes))).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    sizes = np.bincount(labels)
+    first = np.full(len(sizes), np.iinfo(np.int64).max)
+    np.minimum.at(first, labels, nodes)  # nodes ascending: each component's smallest member
+    groups = np.flatnonzero(sizes >= 2)  # a lone self-pair (i, i) makes a component of one
+    ordered = groups[np.lexsort((first[groups], -sizes[groups]))]
+    group_of_label = np.full(len(sizes), -1, np.int64)
+    group_of_label[ordered] = np.arange(len(ordered))
+    member_group = group_of_label[labels]
+    inside = member_group >= 0
+    order = np.lexsort((nodes[inside], member_group[inside]))
+    return nodes[inside][order], member_group[inside][order], sizes[ordered].astype(np.int64)
 
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:  # path compression
-            self.parent[i], i = root, self.parent[i]
-        return root
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+def duplicate_groups(n: int, pairs) -> list[list[int]]:
+    """Connected components of size >= 2 over positions 0..n-1, largest first, ties by smallest
+    member, members ascending (pure). ``pairs``: (a, b) tuples or an (m, 2) array."""
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    members, group, _ = group_arrays(n, pairs[:, 0], pairs[:, 1])
+    bounds = np.flatnonzero(np.diff(group)) + 1
+    return [part.tolist() for part in np.split(members, bounds)] if len(members) else []
 
 
-def duplicate_groups(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
-    """Connected components of size >= 2 over positions 0..n-1, largest first (pure)."""
-    uf = UnionFind(n)
-    for a, b in pairs:
-        uf.union(a, b)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(uf.find(i), []).append(i)
-    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
+def duplicate_pairs(index: EmbeddingIndex, k: int, threshold: float, batch: int = 4096, stats: dict | None = None):
+    """(a, b, similarity) of every row's neighbours at or above ``threshold``: rows of ``index.ids``,
+    searched a batch at a time, only the pairs kept."""
+    a_parts, b_parts, s_parts = [], [], []
+    for start, chunk, found, sims in iter_neighbours(index, k, batch, stats):
+        hit = (found >= 0) & (sims >= threshold)  # nan (no neighbour) compares False
+        row, col = np.nonzero(hit)
+        target = index.rows_of_faiss_ids(found[row, col])
+        known = target >= 0
+        a_parts.append(start + row[known])
+        b_parts.append(target[known])
+        s_parts.append(sims[row, col][known].astype(np.float64))
+    if not a_parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(a_parts).astype(np.int64), np.concatenate(b_parts).astype(np.int64), np.concatenate(s_parts)
 
 
 def run(config: DuplicatesConfig) -> pa.Table:
     index = EmbeddingIndex.load(config.index)
-    faiss_ids, neighbour_ids, neighbour_sims, stats = neighbours_of_all(index, config.k, config.batch)
-    if note := describe_short_rows(stats, config.k, len(faiss_ids)):
+    n, stats = len(index.ids), {"widened": 0, "short": 0}
+    a, b, sims = duplicate_pairs(index, config.k, config.threshold, config.batch, stats)
+    if note := describe_short_rows(stats, config.k, n):
         print(note)
-    position = {int(f): i for i, f in enumerate(faiss_ids)}
-    pairs, best = [], np.full(len(faiss_ids), -np.inf)
-    for i, (ids, sims) in enumerate(zip(neighbour_ids, neighbour_sims)):
-        for j, s in zip(ids, sims):
-            if s >= config.threshold:
-                pairs.append((i, position[int(j)]))
-                best[i] = max(best[i], s)
-    groups = duplicate_groups(len(faiss_ids), pairs)
-    listing, uri = index.ids.column("listing_id").to_pylist(), index.ids.column("image_uri").to_pylist()
-    rows = [{"group_id": g, "listing_id": listing[i], "image_uri": uri[i], "group_size": len(members),
-             "max_similarity": float(best[i])} for g, members in enumerate(groups) for i in members]
-    table = pa.Table.from_pylist(rows, schema=pa.schema([("group_id", pa.int64()), ("listing_id", pa.string()),
-                                                          ("image_uri", pa.string()), ("group_size", pa.int64()),
-                                                          ("max_similarity", pa.float64())]))
+    members, group, sizes = group_arrays(n, a, b)
+    # Each member's highest similarity to another member (pairs count for both ends).
+    nodes = np.unique(np.concatenate([a, b]))
+    best = np.full(len(nodes), -np.inf)
+    np.maximum.at(best, np.searchsorted(nodes, a), sims)
+    np.maximum.at(best, np.searchsorted(nodes, b), sims)
+    taken = index.ids.select(["listing_id", "image_uri"]).take(pa.array(members, pa.int64()))
+    table = pa.table({
+        "group_id": pa.array(group, pa.int64()),
+        "listing_id": taken.column("listing_id").cast(pa.string()),
+        "image_uri": taken.column("image_uri").cast(pa.string()),
+        "group_size": pa.array(sizes[group] if len(group) else np.zeros(0, np.int64), pa.int64()),
+        "max_similarity": pa.array(best[np.searchsorted(nodes, members)] if len(members) else np.zeros(0), pa.float64()),
+    })
     os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
     pq.write_table(table, config.out)
-    print(f"{len(groups)} duplicate group(s), {table.num_rows} listings, similarity >= {config.threshold} -> {config.out}")
-    for g, members in enumerate(groups[:5]):
-        print(f"  group {g}: {', '.join(listing[i] for i in members[:8])}{' ...' if len(members) > 8 else ''}")
+    print(f"{len(sizes)} duplicate group(s), {table.num_rows} listings, similarity >= {config.threshold} -> {config.out}")
+    listing = table.column("listing_id")
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    for g in range(min(5, len(sizes))):
+        shown = listing.slice(int(offsets[g]), int(min(sizes[g], 8))).to_pylist()
+        print(f"  group {g}: {', '.join(shown)}{' ...' if sizes[g] > 8 else ''}")
     return table

@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 import uuid
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -40,7 +41,10 @@ from mltag.index_selection import IndexChoice, choose_index, parse_bytes
 
 INDEX_FILE, IDS_FILE, META_FILE, POINTER_FILE = "index.faiss", "ids.parquet", "index.json", "CURRENT"
 VERSIONS_KEPT = 2  # the current version and the one before it (a reader may still have it open)
-TRAIN_SAMPLE = 100_000  # vectors a trainable index learns its quantisers from
+TRAIN_SAMPLE = 100_000  # vectors a trainable index learns its quantisers from, at least (a uniform sample of the table)
+TRAIN_PER_CENTROID = 39  # training vectors faiss wants a k-means centroid to have
+TRAIN_MIN = 10_000  # the sample never shrinks below this for the budget: PQ's 256-centroid sub-quantisers want 39 x 256
+TRAIN_BUDGET_SHARE = 4  # the training sample may use 1/4 of --max-index-memory (or TRAIN_MIN vectors, if more)
 REFINE_K_FACTOR = 16  # candidates a refine stage (RFlat) re-ranks exactly, times k
 OPQ_ITERATIONS = 10  # rotation updates when training OPQ (faiss defaults to 50)
 PLATEAU_GAIN = 0.005  # recall@k a doubling of nprobe must add to be worth its cost
@@ -58,7 +62,7 @@ class IndexConfig:
     target_recall: float = 0.95  # nprobe is raised until recall@10 on held-out queries reaches this
     tune_queries: int = 500  # queries sampled for nprobe tuning
     batch_rows: int = 65_536  # rows streamed from Parquet per add() call
-    seed: int = 0  # query sampling
+    seed: int = 0  # training sample and tuning queries
 
     def validate(self) -> None:
         if not self.tag_table:
@@ -147,54 +151,103 @@ def tune_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, nlis
         nprobe = min(nlist, nprobe * 2)
 
 
+def train_sample_size(n: int, dim: int, nlist: int, max_memory_bytes: int) -> int:
+    """Vectors a trainable index learns from: 39 a centroid and at least ``TRAIN_SAMPLE``, at most
+    a quarter of the memory budget (but never under ``TRAIN_MIN`` for it) and at most the table (pure)."""
+    wanted = max(TRAIN_PER_CENTROID * nlist, TRAIN_SAMPLE)
+    affordable = max(max_memory_bytes // TRAIN_BUDGET_SHARE // (4 * max(dim, 1)), TRAIN_MIN)
+    return int(max(0, min(n, wanted, affordable)))
+
+
+SAMPLE_CHUNK = 1 << 20  # positions given random keys at a time by uniform_sample_positions
+
+
+def uniform_sample_positions(n: int, m: int, seed) -> np.ndarray:
+    """``m`` distinct positions out of ``range(n)``, sorted, every m-subset equally likely and the
+    same for the same ``seed`` (pure). Each position gets a random key, chunk by chunk, and the m
+    smallest keys so far are kept (argpartition): memory O(m + chunk), never O(n), and the result
+    does not depend on how a table is cut into batches."""
+    n, m = int(n), max(0, min(int(m), int(n)))
+    if m == 0:
+        return np.zeros(0, np.int64)
+    if m == n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    chunk = max(m, SAMPLE_CHUNK)
+    keys, positions = np.zeros(0), np.zeros(0, np.int64)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        keys = np.concatenate([keys, rng.random(stop - start)])
+        positions = np.concatenate([positions, np.arange(start, stop, dtype=np.int64)])
+        if len(keys) > m:
+            keep = np.argpartition(keys, m - 1)[:m]
+            keys, positions = keys[keep], positions[keep]
+    return np.sort(positions)
+
+
+def _rows_in_batch(positions: np.ndarray, start: int, length: int) -> np.ndarray:
+    """The rows of a batch holding table positions [start, start + length) that ``positions`` (sorted) names."""
+    lo, hi = np.searchsorted(positions, [start, start + length])
+    return positions[lo:hi] - start
+
+
 def build_index(config: IndexConfig) -> dict:
     """Streams the committed tag table's embeddings (error rows skipped) into a FAISS index
-    chosen for its size, tunes nprobe, and saves index + id map + metadata."""
+    chosen for its size, tunes nprobe, and saves index + id map + metadata. A trainable index
+    (IVF, PQ) is trained on a uniform sample of the whole table, read by a first streamed pass;
+    the pass that adds the vectors follows (a Flat index takes that one pass only)."""
     source = tag_table.open_dataset(config.tag_table, config.as_of or None)
     table_meta = tag_table.run_metadata(config.tag_table, config.as_of or None)
     dim = int(table_meta["embedding_dim"])
     n_expected = source.count_rows(filter=pc.field("error").is_null())
+    budget = parse_bytes(config.max_index_memory)
     if config.factory == "auto":
-        choice = choose_index(n_expected, dim, parse_bytes(config.max_index_memory))
+        choice = choose_index(n_expected, dim, budget)
     else:
         choice = IndexChoice(config.factory, "given by --factory", 0.0, _factory_nlist(config.factory), "IVF" in config.factory)
     index = _new_index(dim, choice.factory)
-    started, next_id, skipped = time.time(), 0, 0
+    started = time.time()
+
+    train_sample = None
+    if not index.is_trained:
+        # First streamed pass: a uniform sample of every embedding row, not the first rows in file
+        # order (those follow however the table was written: one category, one night, one shard).
+        positions = uniform_sample_positions(n_expected, train_sample_size(n_expected, dim, choice.nlist, budget), (config.seed, 0))
+        sample, taken = np.empty((len(positions), dim), np.float32), 0
+        for ids, vectors in _numbered_batches(source, config.batch_rows):
+            rows = _rows_in_batch(positions, int(ids[0]), len(ids))
+            sample[taken : taken + len(rows)] = vectors[rows]
+            taken += len(rows)
+        if taken:
+            train_index(index, sample[:taken])
+        train_sample = taken
+        del sample
+
+    # Tuning queries: a uniform sample too, read while adding.
+    query_positions = uniform_sample_positions(n_expected, config.tune_queries, (config.seed, 1)) if choice.nlist else np.zeros(0, np.int64)
+    queries, n_queries = np.empty((len(query_positions), dim), np.float32), 0
+    next_id, skipped = 0, 0
     id_tables: list[pa.Table] = []
-    pending: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, vectors) waiting for a trained index
-    rng = np.random.default_rng(config.seed)
-    sample_ids, sample_vectors, seen = [], [], 0  # reservoir of tuning queries
     for skipped_here, ok, vectors in _ok_batches(source, config.batch_rows):
         skipped += skipped_here
         if vectors is None:
             continue
         ids = np.arange(next_id, next_id + ok.num_rows, dtype=np.int64)
+        rows = _rows_in_batch(query_positions, next_id, len(ids))
+        queries[n_queries : n_queries + len(rows)] = vectors[rows]
+        n_queries += len(rows)
         next_id += ok.num_rows
         id_tables.append(ok.append_column("faiss_id", pa.array(ids, pa.int64())))
-        for j in range(len(ids)):
-            seen += 1
-            if len(sample_ids) < config.tune_queries:
-                sample_ids.append(ids[j]); sample_vectors.append(vectors[j])
-            elif (r := rng.integers(0, seen)) < config.tune_queries:
-                sample_ids[r], sample_vectors[r] = ids[j], vectors[j]
-        if index.is_trained:
-            index.add_with_ids(vectors, ids)
-            continue
-        # Trainable factories (IVF, PQ) learn from the first TRAIN_SAMPLE vectors, then add them.
-        pending.append((ids, vectors))
-        if sum(len(v) for _, v in pending) >= TRAIN_SAMPLE:
-            _train_and_flush(index, pending)
-    if pending:
-        _train_and_flush(index, pending)
+        index.add_with_ids(vectors, ids)
     _enable_reconstruct(index)
     if next_id == 0:
         raise ValueError(f"{config.tag_table} has no embeddings to index (every row is an error row)")
 
     nprobe, recall = None, None
-    if choice.nlist and sample_vectors:
-        queries = np.stack(sample_vectors)
+    if choice.nlist and n_queries:
+        queries = queries[:n_queries]
         k = min(10, next_id)
-        truth = exact_neighbours(queries, _numbered_batches(source, config.batch_rows), k)  # a second streamed pass
+        truth = exact_neighbours(queries, _numbered_batches(source, config.batch_rows), k)  # a further streamed pass
         nprobe, recall = tune_nprobe(index, queries, truth, choice.nlist, config.target_recall, k)
 
     id_map = pa.concat_tables(id_tables)
@@ -202,12 +255,13 @@ def build_index(config: IndexConfig) -> dict:
         "model_version": table_meta["model_version"], "model": table_meta.get("model"),
         "tag_table": table_meta["table"], "table_version": table_meta["table_version"], "tag_table_run_id": table_meta.get("run_id"),
         "config_hash": config_hash(config), "dim": dim, "metric": "inner_product_on_l2_normalised", "factory": _factory_label(index, choice.factory), "reason": choice.reason,
-        "nprobe": nprobe, "tuned_recall_at_10": recall, "count": int(index.ntotal), "next_id": int(next_id),
+        "nprobe": nprobe, "tuned_recall_at_10": recall, "train_sample": train_sample, "count": int(index.ntotal), "next_id": int(next_id),
         "skipped_error_rows": skipped, "build_seconds": round(time.time() - started, 3),
     }
     version_dir = write_version(config.out, index, id_map.select(["faiss_id", "listing_id", "image_uri", "tags"]), meta)
     print(f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim}, table version {meta['table_version']} -> {version_dir}\n"
-          f"       why: {choice.reason}" + (f"; nprobe {nprobe} gives recall@10 {recall:.3f}" if nprobe else ""))
+          f"       why: {choice.reason}" + (f"; trained on a uniform sample of {train_sample} vectors" if train_sample else "")
+          + (f"; nprobe {nprobe} gives recall@10 {recall:.3f}" if nprobe else ""))
     return meta
 
 
@@ -291,14 +345,6 @@ def train_index(index: faiss.Index, sample: np.ndarray) -> None:
     index.train(sample)
 
 
-def _train_and_flush(index: faiss.Index, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    if not index.is_trained:
-        train_index(index, np.concatenate([v for _, v in pending]))
-    for ids, vectors in pending:
-        index.add_with_ids(vectors, ids)
-    pending.clear()
-
-
 # ---- index versions: written whole, switched by one atomic rename -----------------------------------
 def current_version_dir(directory: str) -> str:
     """The directory of the index's current version (what ``CURRENT`` names)."""
@@ -348,14 +394,26 @@ def write_version(directory: str, index: faiss.Index, ids: pa.Table, meta: dict,
 
 
 class EmbeddingIndex:
-    """A loaded index with listing-id lookups. ``search_*`` return a pyarrow table of neighbours."""
+    """A loaded index with listing-id lookups. ``search_*`` return a pyarrow table of neighbours.
+
+    The id map stays Arrow and numpy, a few bytes a row whatever the catalog's size: ``ids`` sorted
+    by faiss id (a FAISS id maps to its row by binary search), and the rows' order by listing id
+    (a listing maps to its rows by binary search, a batch of listings by one vectorised scan)."""
 
     def __init__(self, index: faiss.Index, ids: pa.Table, meta: dict):
+        ids = ids.combine_chunks()
+        faiss_ids = ids.column("faiss_id").to_numpy()
+        if len(faiss_ids) > 1 and not (np.diff(faiss_ids) > 0).all():
+            ids = ids.take(pa.array(np.argsort(faiss_ids, kind="stable"))).combine_chunks()
+            faiss_ids = ids.column("faiss_id").to_numpy()
         self.index, self.ids, self.meta = index, ids, meta
-        self._row_of_faiss_id = {int(f): r for r, f in enumerate(ids.column("faiss_id").to_pylist())}
-        self._faiss_ids_of_listing: dict[str, list[int]] = {}
-        for f, listing in zip(ids.column("faiss_id").to_pylist(), ids.column("listing_id").to_pylist()):
-            self._faiss_ids_of_listing.setdefault(listing, []).append(int(f))
+        self._faiss_ids = faiss_ids.astype(np.int64, copy=False)  # sorted; a view of the Arrow column where it can be
+        column = ids.column("listing_id")
+        listings = self._listings = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+        # Rows by listing id (a stable sort: a listing's rows stay in faiss-id order); nulls sort last, never looked up.
+        order = pc.sort_indices(listings).to_numpy()
+        self._by_listing = order.astype(np.int32 if len(order) < 2**31 else np.int64)
+        self._n_listed = len(listings) - listings.null_count
 
     @classmethod
     def load(cls, directory: str, mmap: bool = False) -> "EmbeddingIndex":
@@ -378,22 +436,69 @@ class EmbeddingIndex:
         """Sets a FAISS search-time knob (e.g. ``nprobe``) through any IDMap wrapper."""
         faiss.ParameterSpace().set_index_parameter(self.index, name, value)
 
+    def rows_of_faiss_ids(self, faiss_ids: np.ndarray) -> np.ndarray:
+        """Rows of ``ids`` holding these FAISS ids (any shape); -1 for an id not in the map (faiss's
+        missing-neighbour placeholder -1 included)."""
+        faiss_ids = np.asarray(faiss_ids, np.int64)
+        rows = np.searchsorted(self._faiss_ids, faiss_ids)
+        rows = np.minimum(rows, max(len(self._faiss_ids) - 1, 0))
+        found = (self._faiss_ids[rows] == faiss_ids) if len(self._faiss_ids) else np.zeros(faiss_ids.shape, bool)
+        return np.where(found, rows, -1)
+
+    def _row_of_listing(self, listing_id: str) -> int:
+        """The listing's first row (its first image), by binary search; -1 where it is not in the index."""
+        listings, order = self._listings, self._by_listing
+        at = bisect_left(range(self._n_listed), listing_id, key=lambda i: listings[int(order[i])].as_py())
+        if at < self._n_listed and listings[int(order[at])].as_py() == listing_id:
+            return int(order[at])
+        return -1
+
+    def _rows_of_listings(self, listing_ids: list[str]) -> np.ndarray:
+        """Each listing's first row, -1 for one not in the index: one vectorised scan of the listing
+        column against the (small) set of queries, not a lookup table of every listing."""
+        queries = pa.array(listing_ids, pa.string())
+        if len(queries) == 0 or not len(self._listings):
+            return np.full(len(queries), -1, np.int64)
+        hit_rows = np.flatnonzero(pc.is_in(self._listings, value_set=queries).to_numpy(zero_copy_only=False))
+        # index_in gives the first occurrence: the smallest row, the listing's first image.
+        at = pc.index_in(queries, value_set=self._listings.take(pa.array(hit_rows, pa.int64())))
+        at = pc.fill_null(at, -1).to_numpy()
+        return np.where(at >= 0, hit_rows[np.maximum(at, 0)] if len(hit_rows) else -1, -1).astype(np.int64)
+
+    def vectors_of_faiss_ids(self, faiss_ids: np.ndarray) -> np.ndarray:
+        """Normalised vectors read back from the index for these FAISS ids, in one batch call where
+        the index type has one."""
+        faiss_ids = np.ascontiguousarray(faiss_ids, np.int64)
+        if not len(faiss_ids):
+            return np.zeros((0, self.index.d), np.float32)
+        try:
+            return self.index.reconstruct_batch(faiss_ids)
+        except (RuntimeError, AttributeError):
+            return np.stack([self.index.reconstruct(int(i)) for i in faiss_ids])
+
     def vector_of(self, listing_id: str) -> np.ndarray:
         """The listing's (first image's) normalised embedding, read back from the index."""
-        if listing_id not in self._faiss_ids_of_listing:
+        row = self._row_of_listing(listing_id)
+        if row < 0:
             raise KeyError(f"listing {listing_id!r} is not in the index")
-        return self.index.reconstruct(self._faiss_ids_of_listing[listing_id][0]).reshape(1, -1)
+        return self.index.reconstruct(int(self._faiss_ids[row])).reshape(1, -1)
+
+    def _search_flat(self, queries: np.ndarray, k: int) -> tuple[pa.Table, np.ndarray]:
+        """All queries' neighbours as one table (listing_id, image_uri, tags, similarity, rank), query
+        by query, and how many rows each query has: faiss's placeholders (id -1) dropped, the rows
+        taken from ``ids`` in one call."""
+        scores, faiss_ids = self.index.search(l2_normalise(queries), k)
+        rows = self.rows_of_faiss_ids(faiss_ids)
+        keep = rows >= 0
+        table = self.ids.take(pa.array(rows[keep], pa.int64())).drop_columns(["faiss_id"])
+        table = table.append_column("similarity", pa.array(scores[keep], pa.float32()))
+        rank = np.cumsum(keep, axis=1, dtype=np.int32)[keep]
+        return table.append_column("rank", pa.array(rank, pa.int32())), keep.sum(axis=1)
 
     def search_vectors(self, queries: np.ndarray, k: int) -> list[pa.Table]:
-        scores, faiss_ids = self.index.search(l2_normalise(queries), k)
-        results = []
-        for row_scores, row_ids in zip(scores, faiss_ids):
-            keep = row_ids >= 0
-            rows = [self._row_of_faiss_id[int(i)] for i in row_ids[keep]]
-            table = self.ids.take(pa.array(rows, pa.int64())).drop_columns(["faiss_id"])
-            table = table.append_column("similarity", pa.array(row_scores[keep], pa.float32()))
-            results.append(table.append_column("rank", pa.array(np.arange(1, len(rows) + 1), pa.int32())))
-        return results
+        table, counts = self._search_flat(queries, k)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        return [table.slice(int(offsets[i]), int(counts[i])) for i in range(len(counts))]
 
     def search_listing(self, listing_id: str, k: int = 5) -> pa.Table:
         """Top-k listings most similar to a listing in the index (itself first, similarity 1)."""
@@ -402,13 +507,14 @@ class EmbeddingIndex:
     def search_listings(self, listing_ids: list[str], k: int = 5) -> pa.Table:
         """Top-k for many listings in one batched search; ids not in the index are skipped.
         Returns query_listing_id, rank, listing_id, similarity, image_uri, tags."""
-        present = [i for i in listing_ids if i in self._faiss_ids_of_listing]
-        if not present:
+        rows = self._rows_of_listings(listing_ids)
+        present = np.flatnonzero(rows >= 0)
+        if not len(present):
             return pa.table({"query_listing_id": pa.array([], pa.string())})
-        vectors = np.concatenate([self.vector_of(i) for i in present])
-        tables = [t.append_column("query_listing_id", pa.array([q] * t.num_rows, pa.string()))
-                  for q, t in zip(present, self.search_vectors(vectors, k))]
-        table = pa.concat_tables(tables)
+        vectors = self.vectors_of_faiss_ids(self._faiss_ids[rows[present]])
+        table, counts = self._search_flat(vectors, k)
+        query = pa.array(listing_ids, pa.string()).take(pa.array(np.repeat(present, counts), pa.int64()))
+        table = table.append_column("query_listing_id", query)
         return table.select(["query_listing_id", "rank", "listing_id", "similarity", "image_uri", "tags"])
 
     def search_image(self, uri: str, model_dir: str, k: int = 5) -> pa.Table:

@@ -59,6 +59,7 @@ def test_trainable_factory_streams_and_trains(clustered):
     tmp_path, _, _ = clustered
     meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "ivf"), factory="IVF4,Flat", batch_rows=16))
     assert meta["count"] == 59 and meta["factory"] == "IVF4,Flat"
+    assert meta["train_sample"] == 59  # the whole (small) table: a uniform sample never exceeds it
     index = EmbeddingIndex.load(str(tmp_path / "ivf"))
     index.set_search_parameter("nprobe", 4)  # all lists: exact
     assert index.search_listing("L3", k=1).column("listing_id").to_pylist() == ["L3"]
