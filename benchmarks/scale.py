@@ -43,22 +43,28 @@ def cgroup_memory() -> int:
     return 0
 
 
+def pss_bytes(pid: int) -> int:
+    """A process's proportional set size (shared pages split between their users), from /proc."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def measured(command: list[str], env: dict | None = None) -> dict:
     """Runs ``command``; returns wall seconds, the driver's peak PSS and the cgroup's peak."""
-    import psutil
-
     proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     peak = {"driver": 0, "total": 0}
     base = cgroup_memory()
 
     def sample():
-        handle = psutil.Process(proc.pid)
         while proc.poll() is None:
-            try:
-                peak["driver"] = max(peak["driver"], handle.memory_full_info().pss)
-            except (psutil.Error, OSError):
-                pass
+            peak["driver"] = max(peak["driver"], pss_bytes(proc.pid))
             peak["total"] = max(peak["total"], cgroup_memory())
             time.sleep(0.2)
 
