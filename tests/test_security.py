@@ -596,3 +596,26 @@ def test_hostile_tag_names_are_escaped_in_the_rendered_report(tmp_path):
     assert "<td>&lt;script&gt;document.body.dataset.pwned='1'&lt;/script&gt;</td>" in dom
     assert "<td>&lt;img src=x onerror=\"document.body.dataset.pwned2='1'\"&gt;</td>" in dom
     assert "<td>a&amp;amp;b</td>" in dom and "<td>price $^{$ tag</td>" in dom
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("run_id", "x/../../../victim", "run_id"), ("run_id", "..", "run_id"), ("snapshot", "2026/11/23", "snapshot"),
+    ("allowed_schemes", "file,s3,ht tp", "allowed_schemes"), ("fetch_timeout_s", "0", "fetch_timeout_s"),
+])
+def test_tag_configs_refuse_path_escapes_and_bad_policies_before_any_work(field, value, match):
+    from mltag.config import config_from_dict
+    from mltag.tag import TagConfig
+
+    with pytest.raises(ValueError, match=match):
+        config_from_dict(TagConfig, {"manifest": "m.parquet", "model": "model", field: value})
+
+
+def test_the_tag_table_stores_uris_without_their_query_strings():
+    import numpy as np
+    import pyarrow as pa
+
+    from mltag import tag_table
+
+    batch = pa.table({"listing_id": ["a"], "image_uri": ["https://b.s3.amazonaws.com/a.jpg?X-Amz-Signature=SECRET&X-Amz-Credential=K"]})
+    row = tag_table.assemble(batch, np.array([0]), np.zeros((1, 2), np.float32), np.ones((1, 3), np.float32), [[]], "v", [None])
+    assert row.column("image_uri").to_pylist() == ["https://b.s3.amazonaws.com/a.jpg"] and "SECRET" not in str(row.to_pylist())
