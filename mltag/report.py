@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,7 +116,10 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: str) -> None
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > confusion.max() / 2 else "black", fontsize=8)
     ax.set_title("L1 confusion: true class vs top-1 prediction", fontsize=10)
     ax.set(xlabel="predicted (top-1)", ylabel="true")
-    fig.tight_layout()
+    with warnings.catch_warnings():
+        # Very long class names cannot fit any margin: the figure is still drawn, labels clipped.
+        warnings.filterwarnings("ignore", message="Tight layout not applied", category=UserWarning)
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
