@@ -109,7 +109,6 @@ outputs
 try
   mltag search --index {index_dir} --listing-id {query}
   mltag search --index {index_dir} --image {os.path.join(catalog['out'], 'images', '000000.jpg')}
-
   mltag history --table {tag_dir}
 
 analysts: the tag table is a Delta Lake table; read it through deltalake (python -m pip install duckdb)
