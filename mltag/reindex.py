@@ -35,11 +35,11 @@ from mltag.model import load_spec
 from mltag.row_errors import TRANSIENT
 from mltag.tag_table import redact_uri_column
 from mltag.uri_policy import DEFAULT_SCHEMES
-from mltag.sharded_run import KEY_COLUMNS, Plan, ShardedRun, Totals
+from mltag.sharded_run import KEY_COLUMNS, Plan, Totals
 from mltag.fingerprints import FINGERPRINTS, fingerprint_batch
 from mltag.identifiers import validate_identifier
 from mltag.tag import (
-    TagConfig, check_error_gate, commit_metadata, derived_run_id, manifest_signature, merge_tagged, tag_shards,
+    TagConfig, check_error_gate, commit_metadata, commit_run_files, open_run, derived_run_id, manifest_signature, merge_tagged, tag_shards,
 )
 
 
@@ -181,25 +181,18 @@ def _report_duplicates(plan_: Plan) -> None:
 
 
 def _overwrite(tag_config: TagConfig, today, rows: int | None, spec, started: float) -> dict:
-    import pyarrow.parquet as pq
-
     uri = tag_config.out
     run_id = derived_run_id("night", tag_config.snapshot, manifest_signature(tag_config.manifest), spec.version, "overwrite")
     tag_config.run_id = run_id
-    run = ShardedRun(uri, run_id)
-    app_id = f"mltag-{run_id}"
-    if delta_table.app_committed(uri, app_id):
-        run.remove()
-        return {**tag_table.run_metadata(uri), "committed": False}
+    run, app_id, committed = open_run(uri, run_id)
+    if committed is not None:
+        return {**committed, "committed": False}
     plan_, totals, resumed = tag_shards(tag_config, run, today, data_prefix="", rows=rows)
     _report_duplicates(plan_)
     check_error_gate(run, totals, tag_config.max_error_rate)
-    fs, root = storage.arrow_filesystem_for(uri)
-    schema = pq.read_schema(f"{root}/{totals.files[0]['path']}", filesystem=fs)
     metadata = commit_metadata(tag_config, spec, run_id, "reindex", plan_, totals, started, new=totals.rows, changed=0, retry=0,
                                unchanged=0, deleted=0, manifest_rows=plan_.rows + plan_.duplicates, shards_resumed=resumed)
-    version = delta_table.commit_overwrite(uri, [delta_table.add_action(f["path"], f["size"], f["rows"]) for f in totals.files],
-                                           schema, metadata, app_id)
+    version = commit_run_files(uri, totals, metadata, app_id)
     run.remove()
     print(f"reindex {tag_config.snapshot}: {totals.rows} rows tagged ({totals.errors} errors) -> {uri} version {version}")
     return {**metadata, "table_version": version, "table": uri, "mode": "overwrite"}
@@ -210,11 +203,9 @@ def _merge_night(config: ReindexConfig, tag_config: TagConfig, uri: str, today, 
     dt = delta_table.open_table(uri)
     run_id = derived_run_id("night", snapshot, dt.version(), manifest_signature(config.manifest), spec.version, config.fingerprint)
     tag_config.run_id = run_id
-    run = ShardedRun(uri, run_id)
-    app_id = f"mltag-{run_id}"
-    if delta_table.app_committed(uri, app_id):
-        run.remove()
-        return {**tag_table.run_metadata(uri), "committed": False}
+    run, app_id, committed = open_run(uri, run_id)
+    if committed is not None:
+        return {**committed, "committed": False}
     # The plan, shard by shard in Ray tasks: today's rows against the table's rows of the same listings.
     table_rows = int(pc.sum(pa.table(dt.get_add_actions(flatten=True)).column("num_records")).as_py() or 0)
     plan_ = run.prepare(today, config.shard_rows, rows, previous=previous_keys(dt), classify=plan,

@@ -306,6 +306,25 @@ def commit_metadata(config, spec, run_id: str, operation: str, plan: Plan, total
     }
 
 
+def open_run(uri: str, run_id: str) -> tuple[ShardedRun, str, dict | None]:
+    """A run's working directory and application id, and, when that run already committed (a
+    crash came after its commit, before its clean-up), the table's metadata for it instead."""
+    run = ShardedRun(uri, run_id)
+    app_id = f"mltag-{run_id}"
+    if delta_table.app_committed(uri, app_id):
+        run.remove()
+        return run, app_id, tag_table.run_metadata(uri)
+    return run, app_id, None
+
+
+def commit_run_files(uri: str, totals: Totals, metadata: dict, app_id: str) -> int:
+    """The run's files as one commit that replaces the table's content; returns the new version."""
+    fs, root = storage.arrow_filesystem_for(uri)
+    schema = pq.read_schema(f"{root}/{totals.files[0]['path']}", filesystem=fs)
+    actions = [delta_table.add_action(f["path"], f["size"], f["rows"]) for f in totals.files]
+    return delta_table.commit_overwrite(uri, actions, schema, metadata, app_id)
+
+
 def run(config: TagConfig) -> dict:
     """Tags the manifest and commits the run as one new table version; returns the commit's
     metadata (rows, errors, run id, table version...)."""
@@ -320,22 +339,16 @@ def run(config: TagConfig) -> dict:
     spec = load_spec(config.model)
     uri = delta_table.table_uri(config.out)
     run_id = config.run_id or derived_run_id("tag", manifest_signature(config.manifest), spec.version, config.result_fields())
-    app_id = f"mltag-{run_id}"
-    run = ShardedRun(uri, run_id)
-    if delta_table.app_committed(uri, app_id):
-        run.remove()  # a crash came after the commit, before the clean-up
-        meta = tag_table.run_metadata(uri)
+    run, app_id, meta = open_run(uri, run_id)
+    if meta is not None:
         print(f"run {run_id} is already committed to {uri} (table version {meta['table_version']}); nothing to do. "
               f"Give --run-id to tag again.")
         return meta
     plan, totals, resumed = tag_shards(config, run, manifest, data_prefix="", rows=rows)
     check_error_gate(run, totals, config.max_error_rate)
-    schema = pq.read_schema(storage.join(uri, totals.files[0]["path"]), filesystem=storage.arrow_filesystem_for(uri)[0]) \
-        if not storage.is_remote(uri) else _remote_schema(uri, totals.files[0]["path"])
     metadata = commit_metadata(config, spec, run_id, "tag", plan, totals, started, manifest_rows=plan.rows + plan.duplicates,
                                shards=plan.n_shards, shards_resumed=resumed)
-    actions = [delta_table.add_action(f["path"], f["size"], f["rows"]) for f in totals.files]
-    version = delta_table.commit_overwrite(uri, actions, schema, metadata, app_id)
+    version = commit_run_files(uri, totals, metadata, app_id)
     run.remove()
     metadata["table_version"], metadata["table"] = version, uri
     rate = totals.rows / max(time.time() - started, 1e-9)
@@ -343,11 +356,6 @@ def run(config: TagConfig) -> dict:
           f"{metadata['seconds']} s ({rate:.1f} images/s) -> {uri} version {version}"
           + (f"; {resumed} of {plan.n_shards} shards were done before this run" if resumed else ""))
     return metadata
-
-
-def _remote_schema(uri: str, relative: str) -> pa.Schema:
-    fs, root = storage.arrow_filesystem_for(uri)
-    return pq.read_schema(f"{root}/{relative}", filesystem=fs)
 
 
 def merge_tagged(uri: str, dt, run: ShardedRun, totals: Totals, deleted_files: list[str], metadata: dict, app_id: str) -> dict:
