@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from results import save  # noqa: E402
+from synthetic_catalog import make_images, tiny_model  # noqa: E402
 
 GIB = 2**30
 
@@ -79,23 +80,6 @@ def measured(command: list[str], env: dict | None = None) -> dict:
     return {"wall_s": wall, "driver_peak": peak["driver"], "total_peak": peak["total"], "total_base": base, "output": output}
 
 
-def make_images(folder: str, count: int, seed: int) -> list[str]:
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    rng = np.random.default_rng(seed)
-    photos = load_sample_images().images
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        y, x = rng.integers(0, photo.shape[0] - 96), rng.integers(0, photo.shape[1] - 96)
-        path = os.path.join(folder, f"{seed}-{i:05d}.jpg")
-        Image.fromarray(photo[y:y + 96, x:x + 96]).resize((64, 64)).save(path, "JPEG", quality=85)
-        paths.append(path)
-    return paths
-
-
 def build_catalog(work: str, rows: int) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -111,19 +95,6 @@ def build_catalog(work: str, rows: int) -> str:
     manifest = os.path.join(work, "manifest.parquet")
     pq.write_table(pa.table({"listing_id": [f"L{i:08d}" for i in range(rows)], "image_uri": uris}), manifest, row_group_size=100_000)
     return manifest
-
-
-def tiny_model(work: str) -> str:
-    import torch
-
-    from mltag.model import Tagger, TaggerSpec, save_tagger
-
-    torch.manual_seed(0)
-    names = [f"tag{i}" for i in range(15)]
-    out = os.path.join(work, "model")
-    save_tagger(Tagger("test_efficientnet", len(names)), TaggerSpec(backbone="test_efficientnet", img_size=64,
-                                                                   vocabulary={"tags": names}), out)
-    return out
 
 
 PLAIN = r'''

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from results import save  # noqa: E402
+from synthetic_catalog import make_images, tiny_model  # noqa: E402
 
 GOAL_SHARE = 0.05  # bytes written per night <= 5% of the table's size
 
@@ -40,27 +41,10 @@ def tree_files(root: str) -> dict[str, int]:
     return out
 
 
-def make_images(folder: str, count: int, seed: int) -> list[str]:
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    rng = np.random.default_rng(seed)
-    photos = load_sample_images().images
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        y, x = rng.integers(0, photo.shape[0] - 128), rng.integers(0, photo.shape[1] - 128)
-        path = os.path.join(folder, f"img{seed}-{i:05d}.jpg")
-        Image.fromarray(photo[y:y + 128, x:x + 128]).resize((64, 64)).save(path, "JPEG", quality=85)
-        paths.append(path)
-    return paths
-
-
 def build_catalog(work: str, rows: int, seed: int = 0):
     import pyarrow as pa
 
-    images = make_images(os.path.join(work, "images"), 400, seed)
+    images = make_images(os.path.join(work, "images"), 400, seed, crop=128)
     links = os.path.join(work, "rows")
     os.makedirs(links, exist_ok=True)
     uris = []
@@ -71,19 +55,6 @@ def build_catalog(work: str, rows: int, seed: int = 0):
     return pa.table({"listing_id": [f"L{i:07d}" for i in range(rows)], "image_uri": uris}), links
 
 
-def tiny_model(work: str) -> str:
-    import torch
-
-    from mltag.model import Tagger, TaggerSpec, save_tagger
-
-    torch.manual_seed(0)
-    names = [f"tag{i}" for i in range(15)]
-    out = os.path.join(work, "model")
-    save_tagger(Tagger("test_efficientnet", len(names)), TaggerSpec(backbone="test_efficientnet", img_size=64,
-                                                                   vocabulary={"tags": names}), out)
-    return out
-
-
 def night2_changes(catalog, links: str, work: str, seed: int = 1):
     """1% of rows get new photo bytes (same listing and URI), 0.5% new listings, 0.5% deleted."""
     import pyarrow as pa
@@ -92,7 +63,7 @@ def night2_changes(catalog, links: str, work: str, seed: int = 1):
     rows = catalog.num_rows
     order = rng.permutation(rows)
     changed, deleted = order[: rows // 100], order[rows // 100: rows // 100 + rows // 200]
-    fresh = make_images(os.path.join(work, "images2"), 50, seed + 10)
+    fresh = make_images(os.path.join(work, "images2"), 50, seed + 10, crop=128)
     for k, i in enumerate(changed):
         path = catalog.column("image_uri")[int(i)].as_py()
         os.unlink(path)
@@ -201,7 +172,7 @@ def main() -> None:
     # Night 3, new listings only (0.5%): what a MERGE costs when no existing file holds a changed row.
     import pyarrow as pa
 
-    fresh = make_images(os.path.join(work, "images3"), 20, 33)
+    fresh = make_images(os.path.join(work, "images3"), 20, 33, crop=128)
     more_ids = [f"M{i:07d}" for i in range(args.rows // 200)]
     more_uris = []
     for k, _ in enumerate(more_ids):
