@@ -43,3 +43,13 @@ def save(name: str, payload: dict, markdown: str) -> None:
     with open(RESULTS_MD, "w") as f:
         f.write(text)
     print(f"-> {RESULTS_MD} and benchmarks/results/{name}.json")
+
+
+def files_under(root: str) -> dict[str, int]:
+    """path -> size of every file under ``root`` (what a run wrote is the difference of two calls)."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            out[path] = os.path.getsize(path)
+    return out

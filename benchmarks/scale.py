@@ -28,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results import save  # noqa: E402
-from synthetic_catalog import make_images, tiny_model  # noqa: E402
+from results import files_under, save  # noqa: E402
+from synthetic_catalog import link_rows, make_images, tiny_model  # noqa: E402
 
 GIB = 2**30
 
@@ -84,14 +84,7 @@ def build_catalog(work: str, rows: int) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    images = make_images(os.path.join(work, "images"), 2000, 0)
-    links = os.path.join(work, "rows")
-    os.makedirs(links, exist_ok=True)
-    uris = []
-    for i in range(rows):
-        path = os.path.join(links, f"{i:08d}.jpg")
-        os.link(images[i % len(images)], path)
-        uris.append(path)
+    uris = link_rows(make_images(os.path.join(work, "images"), 2000, 0), os.path.join(work, "rows"), rows)
     manifest = os.path.join(work, "manifest.parquet")
     pq.write_table(pa.table({"listing_id": [f"L{i:08d}" for i in range(rows)], "image_uri": uris}), manifest, row_group_size=100_000)
     return manifest
@@ -167,15 +160,6 @@ def night_manifest(work: str, manifest: str) -> str:
     return path
 
 
-def tree_bytes(root: str) -> dict[str, int]:
-    out = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            out[path] = os.path.getsize(path)
-    return out
-
-
 def one_size(rows: int, keep: bool) -> dict:
     work = tempfile.mkdtemp(prefix=f"scale-{rows}-")
     print(f"== {rows:,} rows in {work}", flush=True)
@@ -192,9 +176,9 @@ def one_size(rows: int, keep: bool) -> dict:
     print(f"   plain: {result['plain']['wall_s']:.0f} s", flush=True)
     result["index"] = measured(cli + ["index", "--tag-table", table, "--out", index], env)
     night = night_manifest(work, manifest)
-    before = tree_bytes(table)
+    before = files_under(table)
     result["nightly"] = measured(cli + ["reindex", "--manifest", night, "--model", model, "--table", table, "--batch-size", "256"], env)
-    result["nightly"]["bytes"] = sum(s for p, s in tree_bytes(table).items() if p not in before)
+    result["nightly"]["bytes"] = sum(s for p, s in files_under(table).items() if p not in before)
     result["index-update"] = measured(cli + ["index-update", "--index", index], env)
     result["anomalies"] = measured(cli + ["anomalies", "--index", index, "--out", os.path.join(work, "anomalies.parquet")], env)
     result["duplicates"] = measured(cli + ["duplicates", "--index", index, "--out", os.path.join(work, "duplicates.parquet")], env)

@@ -25,33 +25,17 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results import save  # noqa: E402
-from synthetic_catalog import make_images, tiny_model  # noqa: E402
+from results import files_under, save  # noqa: E402
+from synthetic_catalog import link_rows, make_images, tiny_model  # noqa: E402
 
 GOAL_SHARE = 0.05  # bytes written per night <= 5% of the table's size
-
-
-def tree_files(root: str) -> dict[str, int]:
-    """path -> size of every file under root (what a night wrote is the difference)."""
-    out = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            out[path] = os.path.getsize(path)
-    return out
 
 
 def build_catalog(work: str, rows: int, seed: int = 0):
     import pyarrow as pa
 
-    images = make_images(os.path.join(work, "images"), 400, seed, crop=128)
     links = os.path.join(work, "rows")
-    os.makedirs(links, exist_ok=True)
-    uris = []
-    for i in range(rows):
-        path = os.path.join(links, f"{i:07d}.jpg")
-        os.link(images[i % len(images)], path)
-        uris.append(path)
+    uris = link_rows(make_images(os.path.join(work, "images"), 400, seed, crop=128), links, rows)
     return pa.table({"listing_id": [f"L{i:07d}" for i in range(rows)], "image_uri": uris}), links
 
 
@@ -100,7 +84,7 @@ def full_snapshot_copy(table_uri: str, version: int, tagged_files: list[str], un
             hit = marks.join(keys, keys=["listing_id", "image_uri"], join_type="inner", use_threads=False).column("_row")
             if len(hit):
                 writer.write_table(table.take(pa.array(np.sort(hit.to_numpy()))))
-    return time.time() - started, sum(tree_files(out_dir).values())
+    return time.time() - started, sum(files_under(out_dir).values())
 
 
 def main() -> None:
@@ -127,17 +111,17 @@ def main() -> None:
     night1 = run(ReindexConfig(manifest=os.path.join(work, "night1.parquet"), model=model, table=table_uri, snapshot="2026-11-20",
                                batch_size=256))
     night1_s = time.time() - started
-    table_bytes = sum(size for path, size in tree_files(table_uri).items() if "/_delta_log/" not in path)
+    table_bytes = sum(size for path, size in files_under(table_uri).items() if "/_delta_log/" not in path)
     print(f"night 1: {night1['rows']} rows in {night1_s:.0f} s, table {table_bytes / 2**20:.1f} MiB", flush=True)
 
     today, n_changed, n_new, n_deleted = night2_changes(catalog, links, work)
     pq.write_table(today, os.path.join(work, "night2.parquet"))
-    before = tree_files(table_uri)
+    before = files_under(table_uri)
     started = time.time()
     night2 = run(ReindexConfig(manifest=os.path.join(work, "night2.parquet"), model=model, table=table_uri, snapshot="2026-11-21",
                                batch_size=256))
     merge_wall = time.time() - started
-    after = tree_files(table_uri)
+    after = files_under(table_uri)
     written = {p: s for p, s in after.items() if p not in before}
     merge_bytes = sum(written.values()) + night2["bytes_tagged"]  # + the tagged rows staged before the MERGE read them
     metrics = night2["merge"]
@@ -181,12 +165,12 @@ def main() -> None:
         more_uris.append(path)
     pq.write_table(pa.concat_tables([today, pa.table({"listing_id": more_ids, "image_uri": more_uris})]),
                    os.path.join(work, "night3.parquet"))
-    before = tree_files(table_uri)
+    before = files_under(table_uri)
     started = time.time()
     night3 = run(ReindexConfig(manifest=os.path.join(work, "night3.parquet"), model=model, table=table_uri, snapshot="2026-11-22",
                                batch_size=256))
     append_wall = time.time() - started
-    append_written = {p: s for p, s in tree_files(table_uri).items() if p not in before}
+    append_written = {p: s for p, s in files_under(table_uri).items() if p not in before}
     append_bytes = sum(append_written.values()) + night3["bytes_tagged"]
     append_metrics = night3["merge"]
     append_files = append_metrics["num_target_files_added"] + append_metrics["num_target_files_removed"]

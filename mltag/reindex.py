@@ -229,7 +229,7 @@ def _merge_night(config: ReindexConfig, tag_config: TagConfig, uri: str, today, 
     metadata.update(rows=today_rows,
                     summary=f"mltag reindex {snapshot}: {counts['new']} new, {counts['changed']} changed, {counts['retry']} retried, "
                             f"{counts['deleted']} deleted")
-    metrics = merge_tagged(uri, dt, run, totals, deleted_files, metadata, app_id)
+    metrics = merge_tagged(uri, dt, totals, deleted_files, metadata, app_id)
     run.remove()
     version = delta_table.latest_version(uri)
     print(f"reindex {snapshot}: {counts['new']} new, {counts['changed']} changed, {counts['retry']} retried, "

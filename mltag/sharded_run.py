@@ -355,7 +355,7 @@ class ShardedRun:
                 files.append(f)
         return Totals(rows, errors, reasons, files)
 
-    def remove_data_files(self, totals: Totals | None = None) -> None:
+    def remove_data_files(self) -> None:
         """Deletes the data files this run wrote (a run that will not be committed)."""
         for shard in self.done_shards():
             try:

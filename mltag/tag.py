@@ -285,7 +285,7 @@ def check_error_gate(run: ShardedRun, totals: Totals, max_error_rate: float) -> 
     and shards are removed, so the same command after the cause is fixed tags everything again."""
     if totals.error_rate <= max_error_rate:
         return
-    run.remove_data_files(totals)
+    run.remove_data_files()
     run.remove()
     raise ErrorGateError(
         f"{totals.errors} of {totals.rows} rows ({totals.error_rate:.1%}) failed, over max_error_rate {max_error_rate:.1%}: "
@@ -358,7 +358,7 @@ def run(config: TagConfig) -> dict:
     return metadata
 
 
-def merge_tagged(uri: str, dt, run: ShardedRun, totals: Totals, deleted_files: list[str], metadata: dict, app_id: str) -> dict:
+def merge_tagged(uri: str, dt, totals: Totals, deleted_files: list[str], metadata: dict, app_id: str) -> dict:
     """One MERGE commit: the run's tagged rows (files under the run directory) upserted, the keys
     in ``deleted_files`` removed; both streamed. Returns delta-rs's merge metrics."""
     fs, root = storage.arrow_filesystem_for(uri)
@@ -409,7 +409,7 @@ def retry_errors(config: TagConfig) -> dict:
     plan, totals, resumed = tag_shards(config, run, manifest, data_prefix=f"_mltag_runs/{run_id}/data/")
     metadata = commit_metadata(config, spec, run_id, "retry-errors", plan, totals, started, retried=totals.rows,
                                healed=totals.rows - totals.errors, read_version=dt.version())
-    metrics = merge_tagged(uri, dt, run, totals, [], metadata, f"mltag-{run_id}")
+    metrics = merge_tagged(uri, dt, totals, [], metadata, f"mltag-{run_id}")
     run.remove()
     metadata.update(table_version=delta_table.latest_version(uri), table=uri, merge=metrics)
     print(f"retried {totals.rows} error rows of version {dt.version()}: {totals.rows - totals.errors} now tagged, "
