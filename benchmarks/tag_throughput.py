@@ -141,7 +141,6 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
-    import torch
 
     from mltag.catalog import read_manifest
     from mltag.model import Tagger, TaggerSpec, backbone_normalisation, save_tagger

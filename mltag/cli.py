@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import functools
 from typing import Callable, Sequence
 
 from mltag.config import ConfigError, add_config_arguments, config_from_args
@@ -26,6 +27,10 @@ from mltag.config import ConfigError, add_config_arguments, config_from_args
 def _stages() -> dict[str, tuple[type, Callable]]:
     # Imported lazily so `mltag --help` stays fast and a stage's heavy imports load only when used.
     from mltag import anomalies, demo, duplicates, evaluate, history, index, reindex, report, sample, tag, thresholds, train
+    from mltag.cluster import on_worker
+
+    def worker(fn: Callable) -> Callable:  # a step whose memory grows with the catalog runs on a worker, not here
+        return functools.partial(on_worker, fn)
 
     return {
         "sample": (sample.SampleConfig, sample.run),
@@ -36,11 +41,11 @@ def _stages() -> dict[str, tuple[type, Callable]]:
         "tag": (tag.TagConfig, tag.run),
         "reindex": (reindex.ReindexConfig, reindex.run),
         "history": (history.HistoryConfig, history.run),
-        "index": (index.IndexConfig, index.build_index),
-        "index-update": (index.IndexUpdateConfig, index.update_index),
+        "index": (index.IndexConfig, worker(index.build_index)),
+        "index-update": (index.IndexUpdateConfig, worker(index.update_index)),
         "search": (index.SearchConfig, index.run_search),
-        "anomalies": (anomalies.AnomalyConfig, anomalies.run),
-        "duplicates": (duplicates.DuplicatesConfig, duplicates.run),
+        "anomalies": (anomalies.AnomalyConfig, worker(anomalies.run)),
+        "duplicates": (duplicates.DuplicatesConfig, worker(duplicates.run)),
         "demo": (demo.DemoConfig, demo.run),
     }
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mltag.cluster import init_ray
 from mltag import catalog
 from mltag.metrics import (
     hamming_loss, level_accuracy, mean_average_precision, per_tag_average_precision, precision_recall_f1, top_k_accuracy,
@@ -57,8 +58,6 @@ def predict(manifest_uri: str, model_dir: str, split: str = "val", batch_size: i
 
     Returns (y_true 0/1 closed upward, scores, listing_ids) for the rows that could be decoded.
     """
-    import ray
-
     from mltag.tag import TagConfig, build_pipeline
 
     table = catalog.read_manifest(manifest_uri, require_tags=True)
@@ -71,8 +70,7 @@ def predict(manifest_uri: str, model_dir: str, split: str = "val", batch_size: i
     bad = vocab.unknown(t for tags in table.column("tags").to_pylist() for t in (tags or []))
     if bad:
         raise catalog.ManifestError(f"manifest tags not in the model's vocabulary: {sorted(bad)[:10]}")
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     config = TagConfig(manifest=manifest_uri, model=model_dir, batch_size=batch_size, num_actors=num_actors)
     ids, labels, scores = [], [], []
     for batch in build_pipeline(config, table).iter_batches(batch_format="pyarrow", batch_size=None):

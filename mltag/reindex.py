@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mltag import catalog, delta_table, storage, tag_table
+from mltag.cluster import init_ray, on_worker
 from mltag.model import load_spec
 from mltag.row_errors import TRANSIENT
 from mltag.tag_table import redact_uri_column
@@ -138,14 +139,11 @@ def _read_key_columns(batch: pa.Table, columns: list[str]) -> pa.Table:
 
 
 def run(config: ReindexConfig) -> dict:
-    import ray
-
     started = time.time()
     snapshot = config.snapshot_value()
     spec = load_spec(config.model)
     uri = delta_table.table_uri(config.table)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     manifest, rows = catalog.manifest_dataset(config.manifest)  # a bad manifest stops here, before any work
     tag_config = TagConfig(manifest=config.manifest, model=config.model, out=uri, snapshot=snapshot, shard_rows=config.shard_rows,
                            batch_size=config.batch_size, num_actors=config.num_actors, max_error_rate=config.max_error_rate,
@@ -167,10 +165,11 @@ def run(config: ReindexConfig) -> dict:
     if config.index and summary.get("committed", True):
         from mltag.index import IndexConfig, IndexUpdateConfig, build_index, update_index
 
+        # On a worker: the index holds every embedding of the catalog, the driver none.
         if summary.get("mode") == "overwrite":  # every row re-tagged (maybe by a new model): a fresh index version
-            build_index(IndexConfig(tag_table=uri, out=config.index))
+            on_worker(build_index, IndexConfig(tag_table=uri, out=config.index))
         else:
-            update_index(IndexUpdateConfig(index=config.index, tag_table=uri))
+            on_worker(update_index, IndexUpdateConfig(index=config.index, tag_table=uri))
     return summary
 
 

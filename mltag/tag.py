@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import time
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mltag import catalog, delta_table, storage, tag_table
+from mltag.cluster import init_ray, on_worker
 from mltag.config import config_dict, config_hash
 from mltag.images import DEFAULT_MAX_PIXELS, decode_batch, fetch_batch, pixels_from_arrow
 from mltag.uri_policy import DEFAULT_SCHEMES, FetchPolicy
@@ -234,13 +234,6 @@ def derived_run_id(prefix: str, *parts) -> str:
     return f"{prefix}-{hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]}"
 
 
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
-
-
 def tag_shards(config: TagConfig, run: ShardedRun, manifest, data_prefix: str, rows: int | None = None,
                plan: Plan | None = None) -> tuple[Plan, Totals, int]:
     """Tags every unfinished shard of ``run`` into files under the table, marking shards done as
@@ -248,14 +241,14 @@ def tag_shards(config: TagConfig, run: ShardedRun, manifest, data_prefix: str, r
     already prepared one. Returns (plan, totals over all shards, shards already done before this call)."""
     import ray.data
 
-    _init_ray()
+    init_ray()
     plan = plan or run.prepare(manifest, config.shard_rows, rows)
     todo = run.unfinished_manifests(plan)
     resumed = plan.n_shards - len(todo)
     if resumed:
         print(f"resuming run {run.run_id}: {resumed} of {plan.n_shards} shards already done, tagging {len(todo)}")
     if todo:
-        _init_ray()
+        init_ray()
         paths = [run.shard_manifest(s) for s in todo]
         # Reading shard manifests and writing Parquet are light I/O stages: a small CPU share each,
         # so on a small node they never wait behind the decode and inference work for a whole CPU
@@ -331,7 +324,7 @@ def run(config: TagConfig) -> dict:
     if config.retry_errors:
         return retry_errors(config)
     started = time.time()
-    _init_ray()
+    init_ray()
     manifest, rows = catalog.manifest_dataset(config.manifest)  # a bad manifest fails here, before any work
     if config.fingerprint != "none":  # so that a nightly re-index can tell what changed since this run
         manifest = manifest.map_batches(fingerprint_batch, fn_kwargs={"mode": config.fingerprint, "policy": config.fetch_policy()},
@@ -360,9 +353,17 @@ def run(config: TagConfig) -> dict:
 
 def merge_tagged(uri: str, dt, totals: Totals, deleted_files: list[str], metadata: dict, app_id: str) -> dict:
     """One MERGE commit: the run's tagged rows (files under the run directory) upserted, the keys
-    in ``deleted_files`` removed; both streamed. Returns delta-rs's merge metrics."""
+    in ``deleted_files`` removed; both streamed. Returns delta-rs's merge metrics.
+
+    Runs on a worker: delta-rs joins the source with every table file holding one of its keys,
+    and that join's memory grows with the table, which the driver must not hold."""
+    return on_worker(_merge_tagged, uri, dt.version(), totals.files, deleted_files, metadata, app_id)
+
+
+def _merge_tagged(uri: str, version: int, files: list[dict], deleted_files: list[str], metadata: dict, app_id: str) -> dict:
+    dt = delta_table.open_table(uri, version)  # the version the caller planned against: a later commit is a conflict
     fs, root = storage.arrow_filesystem_for(uri)
-    paths = [f"{root}/{f['path']}" for f in totals.files]
+    paths = [f"{root}/{f['path']}" for f in files]
     table_schema = pa.schema(dt.schema().to_arrow())
     source_schema = pq.read_schema(paths[0], filesystem=fs) if paths else table_schema
     for name in table_schema.names:  # a source without a table column (e.g. fingerprint) gets nulls

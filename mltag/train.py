@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
+from mltag.cluster import init_ray
 from mltag import catalog, storage
 from mltag.augment import augment_batch
 from mltag.config import config_dict, config_hash, save_config
@@ -476,8 +477,7 @@ def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None, *,
     train_table = labelled_table(train_table, vocab, config.repeat_threshold, config.repeat_sqrt, counts=train_counts)
     val_table = labelled_table(val_table, vocab)
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     storage_path = _storage_path(config)
 
     # Workers iterate these datasets every epoch; their per-epoch progress bars only add noise.

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import io
-import json
-import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 

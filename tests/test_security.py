@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.server
 import io
 import json
-import os
 import shutil
 import socket
 import subprocess

@@ -1,0 +1,34 @@
+"""Where work runs: joining the Ray cluster, and running a whole-catalog step on a worker.
+
+The driver of a job (the process ``ray job submit`` starts, or ``mltag`` on a laptop) plans and
+commits; it holds nothing that grows with the catalog. Steps whose memory does grow with it (a
+FAISS index of every embedding, delta-rs's MERGE join) run as one Ray task on a worker, which
+the cluster places on a node with the memory; the driver waits for the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def init_ray() -> None:
+    """Joins the cluster named by RAY_ADDRESS (or starts a local one) unless this process already has."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
+def on_worker(fn: Callable[..., Any], *args, num_cpus: float = 1, memory: int | None = None, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` run as one Ray task; returns its result. An exception in the task is
+    raised here as its own class too (Ray's task errors subclass their cause), so callers catch
+    ``TableConflictError`` and friends as if the call were local. Not retried: the steps sent
+    here commit (a MERGE, an index version) and are made idempotent by their own checks."""
+    import ray
+
+    init_ray()
+    options: dict[str, Any] = {"num_cpus": num_cpus, "max_retries": 0}
+    if memory:
+        options["memory"] = int(memory)
+    task = ray.remote(fn).options(name=getattr(fn, "__name__", "mltag-step"), **options)
+    return ray.get(task.remote(*args, **kwargs))
