@@ -59,6 +59,7 @@ class TagConfig:
     rows_per_file: int = 50_000  # at most this many rows per data file
     batch_size: int = 64  # images per inference call
     decode_batch_size: int = 32  # images per CPU decode task
+    decode_cpus: float = 0.5  # logical CPUs per decode task: two per free core, so one waiting on I/O leaves the core to the other
     num_actors: int = 0  # inference actors; 0: one per GPU, or one per 2 CPUs on CPU-only clusters
     cpus_per_actor: int = 1  # CPUs reserved per inference actor
     torch_threads: int = 0  # intra-op threads per actor; 0: cpus_per_actor on GPU, the node's CPU share on CPU-only clusters
@@ -89,6 +90,11 @@ class TagConfig:
                              f"(Delta Lake has no half-precision type)")
         if self.decode_on not in ("cpu", "actor"):
             raise ValueError("decode_on must be cpu or actor")
+        if not 0 < self.decode_cpus or self.decode_cpus == self.cpus_per_actor:
+            # Equal resources would let Ray Data fuse decode into the actor: one process would then
+            # decode while the model waits and run the model while nothing decodes.
+            raise ValueError(f"decode_cpus must be positive and differ from cpus_per_actor ({self.cpus_per_actor}); "
+                             f"got {self.decode_cpus}")
         if self.fingerprint not in FINGERPRINTS + ("none",):
             raise ValueError(f"unknown fingerprint {self.fingerprint!r}; choose one of: {', '.join(FINGERPRINTS + ('none',))}")
         if not 0 <= self.max_error_rate <= 1:
@@ -158,8 +164,8 @@ class TaggerActor:
                 logits, emb = self.forward(x)
             scores = torch.sigmoid(logits.float()).cpu().numpy()
             embeddings = emb.float().cpu().numpy()
-        tags = tag_table.decide_tags(scores, self.thresholds, self.names, self.ancestors, self.max_tags)
-        return tag_table.assemble(batch, ok, scores, embeddings, tags, self.spec.version, errors, self.embedding_dtype)
+        chosen = tag_table.chosen_tags(scores, self.thresholds, self.names, self.ancestors, self.max_tags)
+        return tag_table.assemble(batch, ok, scores, embeddings, chosen, self.spec.version, errors, self.embedding_dtype, self.names)
 
 
 def _resources(config: TagConfig) -> tuple[int, bool]:
@@ -198,12 +204,15 @@ def build_pipeline(config: TagConfig, source):
     threads = _torch_threads(config, num_actors, use_gpu)
     policy = config.fetch_policy()
     ds = ray.data.from_arrow(catalog.chunk_table(source, config.decode_batch_size)) if isinstance(source, pa.Table) else source
+    # Decode tasks ask for other resources than the actors on purpose: Ray Data fuses adjacent maps
+    # whose resources are equal, and a fused decode would run in the actor, in turn with the model.
     if config.decode_on == "actor":
-        ds = ds.map_batches(fetch_batch, fn_kwargs={"max_pixels": config.max_pixels, "policy": policy},
+        ds = ds.map_batches(fetch_batch, fn_kwargs={"max_pixels": config.max_pixels, "policy": policy}, num_cpus=config.decode_cpus,
                             batch_format="pyarrow", batch_size=config.decode_batch_size, udf_modifying_row_count=False)
     else:
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.img_size, "max_pixels": config.max_pixels, "policy": policy},
-                            batch_format="pyarrow", batch_size=config.decode_batch_size, udf_modifying_row_count=False)
+                            num_cpus=config.decode_cpus, batch_format="pyarrow", batch_size=config.decode_batch_size,
+                            udf_modifying_row_count=False)
     return ds.map_batches(
         TaggerActor,
         fn_constructor_kwargs={"model_dir": config.model, "use_gpu": use_gpu, "threads": threads,
@@ -216,6 +225,18 @@ def build_pipeline(config: TagConfig, source):
         num_cpus=config.cpus_per_actor,
         udf_modifying_row_count=False,
     )
+
+
+def physical_plan(ds) -> str:
+    """The optimised physical plan Ray Data will run (``Dataset.explain``'s last section): one
+    line per operator, fused maps joined by ``->``."""
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        ds.explain()
+    return text.getvalue().rsplit("-------- Physical Plan (Optimized) --------", 1)[-1].strip()
 
 
 # ---- a run: shards -> files -> one commit ----------------------------------------------------------
@@ -262,6 +283,8 @@ def tag_shards(config: TagConfig, run: ShardedRun, manifest, data_prefix: str, r
             write_shard_files, fn_kwargs={"table_uri": run.table_uri, "data_prefix": data_prefix, "run_id": run.run_id},
             batch_format="pyarrow", batch_size=min(config.rows_per_file, config.shard_rows), udf_modifying_row_count=True,
             num_cpus=IO_STAGE_CPUS)
+        print("Ray Data plan (optimised): " + " <- ".join(
+            line.strip("+- ").strip() for line in physical_plan(records).splitlines() if line.strip()))
         finished = [resumed]
 
         def progress() -> None:

@@ -34,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from mltag import delta_table
@@ -60,15 +61,24 @@ def schema(embedding_dim: int, embedding_dtype: str = "float32") -> pa.Schema:
 
 
 def redact_uri_column(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Image URIs as the table stores them: presigned query strings and credentials removed."""
+    """Image URIs as the table stores them: presigned query strings and credentials removed. Only
+    the URIs that carry a query or a user part go through Python; the rest pass as they are."""
+    uris = pa.chunked_array([uris]) if isinstance(uris, pa.Array) else uris
+    uris = uris.cast(pa.string()).combine_chunks()
+    suspect = pc.fill_null(pc.match_substring_regex(uris, r"[?#@]"), False)
+    positions = np.flatnonzero(suspect.to_numpy(zero_copy_only=False))
+    if positions.size == 0:
+        return uris
     values = uris.to_pylist()
-    return pa.array([None if u is None else redact_uri(u) for u in values], pa.string())
+    for i in positions:
+        values[i] = redact_uri(values[i])
+    return pa.array(values, pa.string())
 
 
-def decide_tags(scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]],
-                max_tags: int = 0) -> list[list[str]]:
-    """Tags per row whose score reaches its tag's threshold (at most ``max_tags`` of them, best
-    first, when set), plus their ancestors, in vocabulary order."""
+def chosen_tags(scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]],
+                max_tags: int = 0) -> np.ndarray:
+    """Rows x tags mask: a score reaching its tag's threshold (at most ``max_tags`` per row, best
+    first, when set), closed upward (a chosen child chooses its parents)."""
     chosen = scores >= thresholds[None, :]
     if max_tags > 0 and scores.shape[1] > max_tags:
         rank = np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1)
@@ -77,7 +87,22 @@ def decide_tags(scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str]
     for child, parents in ancestors.items():
         for parent in parents:
             chosen[:, index[parent]] |= chosen[:, index[child]]
-    return [[names[j] for j in np.flatnonzero(row)] for row in chosen]
+    return chosen
+
+
+def decide_tags(scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]],
+                max_tags: int = 0) -> list[list[str]]:
+    """``chosen_tags`` as tag names per row, in vocabulary order."""
+    return [[names[j] for j in np.flatnonzero(row)] for row in chosen_tags(scores, thresholds, names, ancestors, max_tags)]
+
+
+def tags_column(chosen: np.ndarray, names: Sequence[str]) -> pa.Array:
+    """A rows x tags mask as a list<string> column (vocabulary order), built without a per-row loop."""
+    rows, cols = np.nonzero(chosen)  # row-major: each row's tags in vocabulary order
+    offsets = np.zeros(chosen.shape[0] + 1, np.int32)
+    np.cumsum(np.bincount(rows, minlength=chosen.shape[0]), out=offsets[1:])
+    values = pa.array(list(names), pa.string()).take(pa.array(cols, pa.int64()))
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
 def assemble(
@@ -85,35 +110,48 @@ def assemble(
     ok_rows: np.ndarray,
     scores: np.ndarray,
     embeddings: np.ndarray,
-    tags: list[list[str]],
+    tags: np.ndarray | list[list[str]],
     model_version: str,
     errors: list[str | None],
     embedding_dtype: str = "float32",
+    names: Sequence[str] | None = None,
 ) -> pa.Table:
     """Builds tag-table rows for a whole batch: ``ok_rows`` (indices) got model outputs, the rest
-    keep their error. Manifest columns other than the core ones are carried after them."""
-    n, dim = batch.num_rows, embeddings.shape[1]
-    full_scores: list = [None] * n
-    full_tags: list = [[] for _ in range(n)]
-    emb = np.zeros((n, dim), dtype=np.float32)
+    keep their error. ``tags`` is the ok rows' mask from ``chosen_tags`` (with ``names``) or their
+    tag lists. Columns are built from whole arrays, never row by row. Manifest columns other than
+    the core ones are carried after them."""
+    n, dim, n_tags = batch.num_rows, embeddings.shape[1], scores.shape[1]
+    ok_rows = np.asarray(ok_rows, np.int64)
     valid = np.zeros(n, dtype=bool)
-    for k, i in enumerate(ok_rows):
-        full_scores[i] = scores[k].astype(np.float32)
-        full_tags[i] = tags[k]
-        emb[i] = embeddings[k]
-        valid[i] = True
+    valid[ok_rows] = True
+    order = np.argsort(ok_rows, kind="stable")  # output values follow row order
+    emb = np.zeros((n, dim), dtype=np.float32)
+    emb[ok_rows] = embeddings
+    score_offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(np.where(valid, n_tags, 0), out=score_offsets[1:])
+    score_values = pa.array(np.ascontiguousarray(scores[order], np.float32).ravel(), pa.float32())
+    if isinstance(tags, np.ndarray):
+        mask = np.zeros((n, tags.shape[1]), bool)
+        mask[ok_rows] = tags
+        tags_array = tags_column(mask, names)
+    else:
+        full_tags: list = [[] for _ in range(n)]
+        for k, i in enumerate(ok_rows):
+            full_tags[i] = tags[k]
+        tags_array = pa.array(full_tags, pa.list_(pa.string()))
     value_type = pa.float16() if embedding_dtype == "float16" else pa.float32()
     values = pa.array(emb.ravel().astype(np.float16 if embedding_dtype == "float16" else np.float32), value_type)
     embedding = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
+    error_array = pa.array(errors, pa.string())
     columns = {
         "listing_id": batch.column("listing_id").cast(pa.string()),
-        "image_uri": redact_uri_column(batch.column("image_uri").cast(pa.string())),
-        "tags": pa.array(full_tags, pa.list_(pa.string())),
-        "scores": pa.array(full_scores, pa.list_(pa.float32())),
+        "image_uri": redact_uri_column(batch.column("image_uri")),
+        "tags": tags_array,
+        "scores": pa.ListArray.from_arrays(pa.array(score_offsets), score_values, mask=pa.array(~valid)),
         "embedding": embedding,
-        "model_version": pa.array([model_version] * n, pa.string()),
-        "error": pa.array(errors, pa.string()),
-        "error_reason": reason_column(pa.array(errors, pa.string())),
+        "model_version": pa.repeat(pa.scalar(model_version, pa.string()), n),
+        "error": error_array,
+        "error_reason": reason_column(error_array),
     }
     table = pa.table(columns, schema=schema(dim, embedding_dtype))
     for name in batch.column_names:

@@ -133,3 +133,24 @@ def test_killed_inference_actor_loses_and_duplicates_nothing(ray_local, tiny_cat
     assert success["rows"] == len(ids) == len(set(ids)) == table.num_rows
     assert set(ids) == set(table.column("listing_id").to_pylist())
     assert success["errors"] == 0
+
+
+@pytest.mark.parametrize("decode_on", ["cpu", "actor"])
+def test_decode_and_inference_are_separate_operators(ray_local, tiny_catalog, tiny_model_dir, decode_on):
+    """Ray Data fuses adjacent maps with equal resources; a decode fused into the actor would take
+    turns with the model. The optimised physical plan must keep them apart."""
+    from mltag.tag import build_pipeline, physical_plan
+
+    config = TagConfig(manifest=tiny_catalog["manifest"], model=tiny_model_dir, decode_on=decode_on)
+    plan = physical_plan(build_pipeline(config, read_manifest(tiny_catalog["manifest"])))
+    operators = [line.strip("+- ").strip() for line in plan.splitlines() if line.strip()]
+    stage = "decode_batch" if decode_on == "cpu" else "fetch_batch"
+    actor = [op for op in operators if "TaggerActor" in op]
+    decode = [op for op in operators if stage in op]
+    assert len(actor) == 1 and actor[0].startswith("ActorPoolMapOperator"), plan
+    assert len(decode) == 1 and decode[0].startswith("TaskPoolMapOperator") and "TaggerActor" not in decode[0], plan
+
+
+def test_equal_decode_and_actor_cpus_are_refused():
+    with pytest.raises(ValueError, match="decode_cpus must .* differ from cpus_per_actor"):
+        TagConfig(manifest="m.parquet", model="m", decode_cpus=1, cpus_per_actor=1).validate()
