@@ -1,7 +1,9 @@
 """Decode a batch of image bytes on the model's device: nvJPEG through torchvision on GPUs, the
 same torchvision call on CPU elsewhere, Pillow for anything torchvision refuses.
 
-JPEGs are decoded in one batched ``torchvision.io.decode_jpeg`` call; if that call fails (one bad
+JPEGs are decoded in one batched ``torchvision.io.decode_jpeg`` call; their EXIF orientation is
+read from the header on the CPU and applied on the device (torchvision's CUDA decoder ignores it,
+and a photo must get the same pixels on both paths); if that call fails (one bad
 image fails the batch), each image is retried alone, and an image that still fails, or is not a
 JPEG, goes through the CPU path of ``mltag.images`` (which handles every mode and every format the
 ``FetchPolicy`` allows). Images are resized on the device with antialiasing to the model's square
@@ -15,10 +17,14 @@ Example:
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
+
+from PIL import Image
 
 from mltag.images import ImageLoadError, decode_image
 from mltag.uri_policy import DEFAULT_POLICY, FetchPolicy
@@ -33,9 +39,41 @@ def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) from the header alone; 1 when there is none or it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            value = image.getexif().get(EXIF_ORIENTATION, 1)
+        return int(value) if 1 <= int(value) <= 8 else 1
+    except Exception:  # an unreadable header: the decode itself will say what is wrong
+        return 1
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(C, H, W) as stored -> as displayed, for EXIF orientation 1-8 (what PIL's ``exif_transpose`` does)."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-1, -2)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-1, -2)
+    if orientation == 6:
+        return image.rot90(-1, dims=(-2, -1))
+    if orientation == 7:
+        return image.flip(-1, -2).transpose(-1, -2)
+    if orientation == 8:
+        return image.rot90(1, dims=(-2, -1))
+    return image
+
+
 def _jpeg(data: bytes, device: torch.device) -> torch.Tensor:
     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device,
-                       apply_exif_orientation=True)
+                       apply_exif_orientation=False)
 
 
 def decode_on_device(blobs: list[bytes], size: int, device: torch.device, *,
@@ -49,12 +87,12 @@ def decode_on_device(blobs: list[bytes], size: int, device: torch.device, *,
     if jpegs:
         try:
             decoded = decode_jpeg([torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs],
-                                  mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-            images.update({i: _resize(img, size) for i, img in zip(jpegs, decoded)})
+                                  mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False)
+            images.update({i: _resize(orient(img, exif_orientation(blobs[i])), size) for i, img in zip(jpegs, decoded)})
         except RuntimeError:
             for i in jpegs:  # one bad file fails a batched call: find it
                 try:
-                    images[i] = _resize(_jpeg(blobs[i], device), size)
+                    images[i] = _resize(orient(_jpeg(blobs[i], device), exif_orientation(blobs[i])), size)
                 except RuntimeError:
                     pass
     for i, data in enumerate(blobs):

@@ -33,6 +33,7 @@ import socket
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 import numpy as np
@@ -58,6 +59,7 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 FETCH_RETRIES = 3
 MAX_REDIRECTS = 5
 HTTP_CHUNK = 1 << 16
+FETCH_THREADS = 16  # objects fetched at once per decode task (S3 latency, not bandwidth, is the limit)
 # Truncated files must be errors, not silently grey-filled images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -173,8 +175,8 @@ def _read_once(uri: str, policy: FetchPolicy, max_bytes: int) -> bytes:
     if scheme == "file" and policy.allowed_roots:
         uri = local_path(uri)  # read the very file the root check resolved (no symlink detour)
     fs, path = storage.filesystem_for(uri)
-    with fs.open(path, "rb") as f:
-        return f.read(max_bytes + 1)
+    # One ranged GET: no HEAD for the size first (fs.open's way), one byte past the limit to tell "too large".
+    return fs.cat_file(path, start=0, end=max_bytes + 1)
 
 
 def fetch_bytes(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, retries: int = FETCH_RETRIES, *,
@@ -369,25 +371,50 @@ def pixels_from_arrow(column: pa.ChunkedArray | pa.Array, size: int) -> np.ndarr
     return raw.reshape(len(array), size, size, 3)
 
 
+def _fetch_rows(uris: list[str], previous: list[str | None], policy: FetchPolicy | None,
+                threads: int) -> tuple[list[bytes | None], list[str | None]]:
+    """Every row's bytes, fetched ``threads`` at a time: a decode task waits for the slowest of a
+    few objects, not for the sum of every object's latency. Rows with an ``error`` already set keep
+    it and are not fetched; a failed fetch is that row's error."""
+    def one(uri: str) -> tuple[bytes | None, str | None]:
+        try:
+            return fetch_bytes(uri, policy=policy), None
+        except Exception as exc:  # never the job's problem: an error row
+            return None, _error_text(exc)
+
+    todo = [i for i, prior in enumerate(previous) if prior is None]
+    blobs: list[bytes | None] = [None] * len(uris)
+    errors: list[str | None] = list(previous)
+    if len(todo) <= 1 or threads <= 1:
+        results = [one(uris[i]) for i in todo]
+    else:
+        with ThreadPoolExecutor(max_workers=min(threads, len(todo)), thread_name_prefix="mltag-fetch") as pool:
+            results = list(pool.map(one, [uris[i] for i in todo]))
+    for i, (data, error) in zip(todo, results):
+        blobs[i], errors[i] = data, error
+    return blobs, errors
+
+
 def decode_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *,
-                 policy: FetchPolicy | None = None) -> pa.Table:
+                 policy: FetchPolicy | None = None, fetch_threads: int = FETCH_THREADS) -> pa.Table:
     """Ray Data stage: adds ``pixels`` and ``error`` columns; keeps every row and every column.
 
     Rows that fail get zero pixels and an error message (an ``error`` already set upstream wins).
-    ``policy`` (default ``DEFAULT_POLICY``) says which URIs and formats are allowed.
+    ``policy`` (default ``DEFAULT_POLICY``) says which URIs and formats are allowed. Objects are
+    fetched concurrently, then decoded one after another (the task's CPU share is for decoding).
     """
     uris = batch.column("image_uri").to_pylist()
     previous = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * len(uris)
+    blobs, errors = _fetch_rows(uris, previous, policy, fetch_threads)
     pixels = np.zeros((len(uris), size, size, 3), dtype=np.uint8)
-    errors: list[str | None] = []
-    for i, (uri, prior) in enumerate(zip(uris, previous)):
-        if prior is not None:
-            errors.append(prior)
+    for i, data in enumerate(blobs):
+        if data is None:
             continue
-        array, error = load_image(uri, size, max_pixels, policy=policy)
-        if array is not None:
-            pixels[i] = array
-        errors.append(error)
+        try:
+            pixels[i] = decode_image(data, size, max_pixels, policy=policy)
+        except Exception as exc:
+            errors[i] = _error_text(exc)
+        blobs[i] = None  # free the encoded bytes as soon as they are decoded
     if "error" in batch.column_names:
         batch = batch.drop_columns(["error"])
     return batch.append_column("pixels", pixels_to_arrow(pixels)).append_column("error", pa.array(errors, pa.string()))
@@ -402,28 +429,22 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, policy: Fe
         return _open_within_limit(data, max_pixels, policy).format or "unknown"
 
 
-def fetch_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS, *, policy: FetchPolicy | None = None) -> pa.Table:
+def fetch_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS, *, policy: FetchPolicy | None = None,
+                fetch_threads: int = FETCH_THREADS) -> pa.Table:
     """Ray Data stage for device-side decoding: adds raw ``image_bytes`` and ``error``.
 
     Only the header is read here (policy, format and size checks); pixels are decoded by the
-    actor (``decode_on_device``, given the same policy)."""
+    actor (``decode_on_device``, given the same policy). Objects are fetched concurrently."""
     uris = batch.column("image_uri").to_pylist()
     previous = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * len(uris)
-    blobs: list[bytes | None] = []
-    errors: list[str | None] = []
-    for uri, prior in zip(uris, previous):
-        if prior is not None:
-            blobs.append(None)
-            errors.append(prior)
+    blobs, errors = _fetch_rows(uris, previous, policy, fetch_threads)
+    for i, data in enumerate(blobs):
+        if data is None:
             continue
         try:
-            data = fetch_bytes(uri, policy=policy)
             probe_image(data, max_pixels, policy=policy)
-            blobs.append(data)
-            errors.append(None)
-        except Exception as exc:  # never the job's problem: an error row
-            blobs.append(None)
-            errors.append(_error_text(exc))
+        except Exception as exc:
+            blobs[i], errors[i] = None, _error_text(exc)
     if "error" in batch.column_names:
         batch = batch.drop_columns(["error"])
     return batch.append_column("image_bytes", pa.array(blobs, pa.binary())).append_column("error", pa.array(errors, pa.string()))
