@@ -17,51 +17,73 @@ and calls the same ``run(config)`` that the ``jobs/`` entrypoints call.
 from __future__ import annotations
 
 import argparse
-import sys
 import functools
+import importlib
+import sys
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from mltag.config import ConfigError, add_config_arguments, config_from_args
 
 
-def _stages() -> dict[str, tuple[type, Callable]]:
-    # Imported lazily so `mltag --help` stays fast and a stage's heavy imports load only when used.
-    from mltag import anomalies, demo, duplicates, evaluate, history, index, reindex, report, sample, tag, thresholds, train
-    from mltag.cluster import on_worker
+@dataclass(frozen=True)
+class Stage:
+    """A subcommand: where its config class and entry point live, imported only when it runs (or
+    its own --help is asked for), so `mltag --help` never loads torch, timm, Ray or FAISS."""
 
-    def worker(fn: Callable) -> Callable:  # a step whose memory grows with the catalog runs on a worker, not here
-        return functools.partial(on_worker, fn)
+    config: str  # "module:ConfigClass"
+    run: str  # "module:function"
+    help: str  # one line for `mltag --help` (a test keeps it equal to the config's docstring)
+    on_worker: bool = False  # its memory grows with the catalog: run as a Ray task, not in this driver
 
-    return {
-        "sample": (sample.SampleConfig, sample.run),
-        "train": (train.TrainConfig, train.run),
-        "eval": (evaluate.EvalConfig, evaluate.run),
-        "calibrate": (thresholds.CalibrateConfig, thresholds.run),
-        "report": (report.ReportConfig, report.run),
-        "tag": (tag.TagConfig, tag.run),
-        "reindex": (reindex.ReindexConfig, reindex.run),
-        "history": (history.HistoryConfig, history.run),
-        "index": (index.IndexConfig, worker(index.build_index)),
-        "index-update": (index.IndexUpdateConfig, worker(index.update_index)),
-        "search": (index.SearchConfig, index.run_search),
-        "anomalies": (anomalies.AnomalyConfig, worker(anomalies.run)),
-        "duplicates": (duplicates.DuplicatesConfig, worker(duplicates.run)),
-        "demo": (demo.DemoConfig, demo.run),
-    }
+    def load(self) -> tuple[type, Callable]:
+        config_cls, run = _resolve(self.config), _resolve(self.run)
+        if self.on_worker:
+            from mltag.cluster import on_worker
+
+            run = functools.partial(on_worker, run)
+        return config_cls, run
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _resolve(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+STAGES: dict[str, Stage] = {
+    "sample": Stage("mltag.sample:SampleConfig", "mltag.sample:run", "Build the offline sample catalog (real photos + real handwritten digits)."),
+    "train": Stage("mltag.train:TrainConfig", "mltag.train:run", "Train a multi-label tagger with Ray Train (TorchTrainer fed by Ray Data)."),
+    "eval": Stage("mltag.evaluate:EvalConfig", "mltag.evaluate:run", "Evaluate a tagger on a labelled manifest: metrics JSON and a per-tag Parquet."),
+    "calibrate": Stage("mltag.thresholds:CalibrateConfig", "mltag.thresholds:run", "Choose per-tag thresholds on a validation split and save them with the model."),
+    "report": Stage("mltag.report:ReportConfig", "mltag.report:run", "Write an HTML report (PNG figures + metrics table) for a trained and evaluated tagger."),
+    "tag": Stage("mltag.tag:TagConfig", "mltag.tag:run", "Tag every image of a catalog manifest into the Delta tag table (one commit per run)."),
+    "reindex": Stage("mltag.reindex:ReindexConfig", "mltag.reindex:run", "Nightly incremental re-index: tag only new, changed or transiently failed images; one MERGE."),
+    "history": Stage("mltag.history:HistoryConfig", "mltag.history:run", "List a tag table's versions with each run's metadata."),
+    "index": Stage("mltag.index:IndexConfig", "mltag.index:build_index", "Build a FAISS similarity index from a committed tag table.", on_worker=True),
+    "index-update": Stage("mltag.index:IndexUpdateConfig", "mltag.index:update_index", "Bring an index to a newer version of its tag table, or remove listings, without a rebuild.", on_worker=True),
+    "search": Stage("mltag.index:SearchConfig", "mltag.index:run_search", "Find the listings most similar to a listing id or an image."),
+    "anomalies": Stage("mltag.anomalies:AnomalyConfig", "mltag.anomalies:run", "Score every listing by its kNN distance and write the outlier table.", on_worker=True),
+    "duplicates": Stage("mltag.duplicates:DuplicatesConfig", "mltag.duplicates:run", "Group near-duplicate listings by embedding similarity.", on_worker=True),
+    "demo": Stage("mltag.demo:DemoConfig", "mltag.demo:run", "Run sample -> train -> tag -> index -> search end to end on a local Ray instance."),
+}
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``stage`` (the one being run) gets its config's arguments, which imports its module."""
     parser = argparse.ArgumentParser(prog="mltag", description="Tag, embed and search very large image catalogs on Ray.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, (config_cls, _) in _stages().items():
-        stage = sub.add_parser(name, help=(config_cls.__doc__ or "").strip().splitlines()[0])
-        add_config_arguments(stage, config_cls)
+    for name, entry in STAGES.items():
+        parser_of_stage = sub.add_parser(name, help=entry.help, description=entry.help)
+        if name == stage:
+            add_config_arguments(parser_of_stage, _resolve(entry.config))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config_cls, run = _stages()[args.stage]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(stage if stage in STAGES else None).parse_args(argv)
+    config_cls, run = STAGES[args.stage].load()
     try:
         config = config_from_args(config_cls, args)
     except (ConfigError, ValueError) as exc:

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
+from mltag.staging import StagingBuffers
 from mltag.cluster import init_ray
 from mltag import catalog, storage
 from mltag.augment import augment_batch
@@ -373,6 +374,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     use_amp = device.type == "cuda"
+    staging = StagingBuffers(device)  # pinned host buffers on GPUs: asynchronous copies
     phase = None
 
     for epoch in range(start_epoch, config["epochs"]):
@@ -382,15 +384,17 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         if head_only:
             tagger.backbone.eval()  # a frozen backbone keeps its batch-norm statistics too
-        started, seen, loss_sum, steps = time.time(), 0, 0.0, 0
+        # The loss is summed on the device and read once an epoch: reading it every step would
+        # wait for the device every step.
+        started, seen, loss_sum, steps = time.time(), 0, torch.zeros((), device=device), 0
         batches = train_shard.iter_batches(batch_size=bs, batch_format="pyarrow", local_shuffle_buffer_size=4 * bs,
-                                           local_shuffle_seed=config["seed"] + epoch)
+                                           local_shuffle_seed=config["seed"] + epoch, prefetch_batches=2)
         if config["resample"]:
             batches = resampled_batches(batches, bs, config["seed"] + rank, epoch)
         for batch in batches:
             pixels, labels = batch_arrays(batch, size, tag_index)
-            x = normalise(torch.from_numpy(pixels).to(device), mean, std)
-            y = torch.from_numpy(labels).to(device)
+            x = normalise(staging.to_device(pixels), mean, std)
+            y = torch.from_numpy(labels).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits, _ = model(x)
             loss = loss_fn(logits, y)
@@ -401,10 +405,10 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             if ema is not None:
                 ema.update(tagger, step=step)
-            seen, steps, loss_sum = seen + len(labels), steps + 1, loss_sum + float(loss)
+            seen, steps, loss_sum = seen + len(labels), steps + 1, loss_sum + loss.detach()
         train_time = time.time() - started
 
-        metrics = {"epoch": epoch + 1, "phase": 1 if head_only else 2, "train_loss": loss_sum / max(1, steps),
+        metrics = {"epoch": epoch + 1, "phase": 1 if head_only else 2, "train_loss": float(loss_sum) / max(1, steps),
                    "samples_per_s": seen * world / max(train_time, 1e-9), "lr": scheduler.get_last_lr()[-1], "restarts": restarts}
         if rank == 0:
             metrics.update(evaluate(ema.module if ema is not None else tagger, val_shard, config, device, tag_index))
@@ -435,9 +439,10 @@ def evaluate(model: torch.nn.Module, shard, config: dict, device: torch.device, 
     was_training = model.training
     model.eval()
     all_scores, all_labels = [], []
-    for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="pyarrow"):
+    staging = StagingBuffers(device)
+    for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="pyarrow", prefetch_batches=2):
         pixels, labels = batch_arrays(batch, config["img_size"], tag_index)
-        logits, _ = model(normalise(torch.from_numpy(pixels).to(device), config["mean"], config["std"]))
+        logits, _ = model(normalise(staging.to_device(pixels), config["mean"], config["std"]))
         all_scores.append(torch.sigmoid(logits.float()).cpu().numpy())
         all_labels.append(labels)
     model.train(was_training)

@@ -1,0 +1,31 @@
+"""The `mltag` command: every stage is listed, `mltag --help` imports no heavy library, and each
+stage's help line is its config's own docstring."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mltag.cli import STAGES, _resolve, build_parser
+
+
+def test_top_level_help_lists_every_stage_without_importing_heavy_libraries():
+    code = ("import sys\nfrom mltag.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'timm', 'ray', 'faiss', 'deltalake', 'pyarrow') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+    for name in STAGES:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_help_is_its_config_docstring_and_its_entry_point_resolves(name):
+    stage = STAGES[name]
+    config_cls = _resolve(stage.config)
+    assert stage.help == (config_cls.__doc__ or "").strip().splitlines()[0]
+    assert callable(_resolve(stage.run))
+    parser = build_parser(name)
+    assert parser.parse_args([name]).stage == name
