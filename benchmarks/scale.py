@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 import numpy as np
 
@@ -28,57 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from measure import GIB, measured  # noqa: E402
 from results import files_under, save  # noqa: E402
 from synthetic_catalog import link_rows, make_images, tiny_model  # noqa: E402
-
-GIB = 2**30
-
-
-def cgroup_memory() -> int:
-    for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
-        try:
-            with open(path) as f:
-                return int(f.read())
-        except OSError:
-            continue
-    return 0
-
-
-def pss_bytes(pid: int) -> int:
-    """A process's proportional set size (shared pages split between their users), from /proc."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def measured(command: list[str], env: dict | None = None) -> dict:
-    """Runs ``command``; returns wall seconds, the driver's peak PSS and the cgroup's peak."""
-    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    peak = {"driver": 0, "total": 0}
-    base = cgroup_memory()
-
-    def sample():
-        while proc.poll() is None:
-            peak["driver"] = max(peak["driver"], pss_bytes(proc.pid))
-            peak["total"] = max(peak["total"], cgroup_memory())
-            time.sleep(0.2)
-
-    started = time.time()
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    output = proc.communicate()[0]
-    wall = time.time() - started
-    thread.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{output[-4000:]}")
-    return {"wall_s": wall, "driver_peak": peak["driver"], "total_peak": peak["total"], "total_base": base, "output": output}
-
 
 def build_catalog(work: str, rows: int) -> str:
     import pyarrow as pa

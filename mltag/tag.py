@@ -35,6 +35,7 @@ from mltag.uri_policy import DEFAULT_SCHEMES, FetchPolicy
 from mltag.fingerprints import FINGERPRINTS, fingerprint_batch
 from mltag.identifiers import validate_identifier
 from mltag.model import load_spec, load_tagger, normalise, pick_device
+from mltag.staging import StagingBuffers
 from mltag.sharded_run import Plan, ShardedRun, Totals, format_reasons, read_shard_manifests, write_shard_files
 
 IO_STAGE_CPUS = 0.25  # CPU share of a manifest-read or file-write task
@@ -135,11 +136,12 @@ class TaggerActor:
         self.ancestors = {n: vocab.ancestors(n) for n in vocab.names if vocab.ancestors(n)}
         self.thresholds = np.full(len(self.names), threshold, np.float32) if threshold >= 0 else self.spec.threshold_array()
         self.max_tags, self.embedding_dtype, self.policy = max_tags, embedding_dtype, policy
+        self.staging = StagingBuffers(self.device)
 
     def _pixels(self, batch: pa.Table, ok: np.ndarray, errors: list) -> tuple[torch.Tensor, np.ndarray]:
         if "pixels" in batch.column_names:
-            pixels = pixels_from_arrow(batch.column("pixels"), self.spec.img_size)[ok]
-            return torch.from_numpy(pixels).to(self.device, non_blocking=True), ok
+            pixels = pixels_from_arrow(batch.column("pixels"), self.spec.img_size)  # a view: no copy yet
+            return self.staging.to_device(pixels if len(ok) == len(pixels) else pixels[ok]), ok
         from mltag.device_decode import decode_on_device
 
         data = batch.column("image_bytes").take(pa.array(ok)).to_pylist()
