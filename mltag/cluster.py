@@ -19,15 +19,27 @@ def init_ray() -> None:
         ray.init()
 
 
-def on_worker(fn: Callable[..., Any], *args, num_cpus: float = 1, memory: int | None = None, **kwargs) -> Any:
-    """``fn(*args, **kwargs)`` run as one Ray task; returns its result. An exception in the task is
-    raised here as its own class too (Ray's task errors subclass their cause), so callers catch
-    ``TableConflictError`` and friends as if the call were local. Not retried: the steps sent
-    here commit (a MERGE, an index version) and are made idempotent by their own checks."""
+def largest_node_cpus(limit: int = 16) -> int:
+    """The CPUs of the cluster's largest live node (at most ``limit``)."""
     import ray
 
     init_ray()
-    options: dict[str, Any] = {"num_cpus": num_cpus, "max_retries": 0}
+    sizes = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return max(1, min(limit, int(max(sizes, default=1))))
+
+
+def on_worker(fn: Callable[..., Any], *args, num_cpus: float | None = None, memory: int | None = None, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` run as one Ray task; returns its result. An exception in the task is
+    raised here as its own class too (Ray's task errors subclass their cause), so callers catch
+    ``TableConflictError`` and friends as if the call were local. Not retried: the steps sent
+    here commit (a MERGE, an index version) and are made idempotent by their own checks.
+
+    ``num_cpus`` defaults to a whole node (``largest_node_cpus``): these steps are multi-threaded
+    (FAISS, delta-rs) and Ray gives a task as many OpenMP threads as CPUs it reserved."""
+    import ray
+
+    init_ray()
+    options: dict[str, Any] = {"num_cpus": num_cpus or largest_node_cpus(), "max_retries": 0}
     if memory:
         options["memory"] = int(memory)
     task = ray.remote(fn).options(name=getattr(fn, "__name__", "mltag-step"), **options)
