@@ -8,15 +8,30 @@ the cluster places on a node with the memory; the driver waits for the result.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 
 def init_ray() -> None:
-    """Joins the cluster named by RAY_ADDRESS (or starts a local one) unless this process already has."""
+    """Joins the cluster named by RAY_ADDRESS, or a cluster already running on this machine
+    (`ray start --head`), or else starts a local instance of its own; nothing if this process
+    already has. A local instance of our own starts without the dashboard (a second of start-up
+    and a process per run); start a cluster with `ray start --head` to watch runs in it."""
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and address != "local":
         ray.init()
+        return
+    if not address:
+        try:
+            ray.init(address="auto")
+            return
+        except ConnectionError:  # no cluster running here
+            pass
+    ray.init(address="local", include_dashboard=False)
 
 
 def largest_node_cpus(limit: int = 16) -> int:

@@ -205,7 +205,14 @@ def build_pipeline(config: TagConfig, source):
     num_actors, use_gpu = _resources(config)
     threads = _torch_threads(config, num_actors, use_gpu)
     policy = config.fetch_policy()
-    ds = ray.data.from_arrow(catalog.chunk_table(source, config.decode_batch_size)) if isinstance(source, pa.Table) else source
+    if isinstance(source, pa.Table):
+        ds = ray.data.from_arrow(catalog.chunk_table(source, config.decode_batch_size))
+    else:
+        # Manifest blocks are large (a whole 50k-row shard, or a file's row group) and a map task
+        # takes one block: cut them to one decode batch each (a streaming repartition, no barrier),
+        # so a shard is decoded by many tasks at once and each decoded batch reaches the actors
+        # as soon as it is ready, not when the whole block is.
+        ds = source.repartition(target_num_rows_per_block=config.decode_batch_size)
     # Decode tasks ask for other resources than the actors on purpose: Ray Data fuses adjacent maps
     # whose resources are equal, and a fused decode would run in the actor, in turn with the model.
     if config.decode_on == "actor":
