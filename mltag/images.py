@@ -385,6 +385,8 @@ def _fetch_rows(uris: list[str], previous: list[str | None], policy: FetchPolicy
     todo = [i for i, prior in enumerate(previous) if prior is None]
     blobs: list[bytes | None] = [None] * len(uris)
     errors: list[str | None] = list(previous)
+    if not any(storage.is_remote(uris[i]) for i in todo):
+        threads = 1  # local files: a read is a page-cache copy, threads would only add their overhead
     if len(todo) <= 1 or threads <= 1:
         results = [one(uris[i]) for i in todo]
     else:

@@ -39,6 +39,7 @@ from mltag.staging import StagingBuffers
 from mltag.sharded_run import Plan, ShardedRun, Totals, format_reasons, read_shard_manifests, write_shard_files
 
 IO_STAGE_CPUS = 0.25  # CPU share of a manifest-read or file-write task
+DECODE_BATCHES_PER_TASK = 4  # manifest rows per decode task, in decode batches: small enough to stream, large enough that task overhead stays small
 
 
 class ErrorGateError(RuntimeError):
@@ -209,10 +210,10 @@ def build_pipeline(config: TagConfig, source):
         ds = ray.data.from_arrow(catalog.chunk_table(source, config.decode_batch_size))
     else:
         # Manifest blocks are large (a whole 50k-row shard, or a file's row group) and a map task
-        # takes one block: cut them to one decode batch each (a streaming repartition, no barrier),
+        # takes one block: cut them to a few decode batches each (a streaming repartition, no barrier),
         # so a shard is decoded by many tasks at once and each decoded batch reaches the actors
         # as soon as it is ready, not when the whole block is.
-        ds = source.repartition(target_num_rows_per_block=config.decode_batch_size)
+        ds = source.repartition(target_num_rows_per_block=DECODE_BATCHES_PER_TASK * config.decode_batch_size)
     # Decode tasks ask for other resources than the actors on purpose: Ray Data fuses adjacent maps
     # whose resources are equal, and a fused decode would run in the actor, in turn with the model.
     if config.decode_on == "actor":
