@@ -27,8 +27,11 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1; } || \
 	  echo "note: no chromium available; the report's browser check will be skipped"
 
+# Lint and format are checked first (ruff, configured in pyproject.toml), then the suite.
 # pytest exits 5 when it collects no test: that is a failure here, never a pass.
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 clean:

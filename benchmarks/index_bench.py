@@ -156,39 +156,78 @@ def main() -> None:
         if factory == "Flat":
             exact_qps = qps
         picked_by = [budget for budget, a in autos.items() if a.factory == factory]
-        rows.append({"factory": factory, "build_s": build, "bytes_per_vector": size / args.n, "nprobe": nprobe,
-                     "qps": qps, "recall_at_10": recall, "auto_for_budgets": picked_by})
-        print(f"{factory:<36} build {build:7.1f} s  {size / args.n:8.1f} B/vec  nprobe {nprobe}  {qps:9.1f} q/s  recall@10 {recall:.3f}", flush=True)
+        rows.append(
+            {
+                "factory": factory,
+                "build_s": build,
+                "bytes_per_vector": size / args.n,
+                "nprobe": nprobe,
+                "qps": qps,
+                "recall_at_10": recall,
+                "auto_for_budgets": picked_by,
+            }
+        )
+        print(
+            f"{factory:<36} build {build:7.1f} s  {size / args.n:8.1f} B/vec  nprobe {nprobe}  {qps:9.1f} q/s  recall@10 {recall:.3f}",
+            flush=True,
+        )
         del index
-        write_results(args, autos, rows, exact_qps or args.queries / numpy_s, args.queries / numpy_s, args.queries / torch_s,
-                      done=factory == candidates[-1])  # after every row: a long run killed part way keeps what it measured
+        write_results(
+            args,
+            autos,
+            rows,
+            exact_qps or args.queries / numpy_s,
+            args.queries / numpy_s,
+            args.queries / torch_s,
+            done=factory == candidates[-1],
+        )  # after every row: a long run killed part way keeps what it measured
 
 
 def write_results(args, autos, rows, exact_qps, numpy_qps, torch_qps, done) -> None:
-    lines = ["| index | build (s) | bytes / vector | nprobe | queries/s | speed vs exact (Flat) | recall@10 |", "|---|---|---|---|---|---|---|",
-             f"| numpy brute force (argpartition of queries @ data.T) | - | {4 * args.dim} | - | {numpy_qps:.1f} | {numpy_qps / exact_qps:.2f}x | 1.000 |",
-             f"| torch brute force (topk of queries @ data.T) | - | {4 * args.dim} | - | {torch_qps:.1f} | {torch_qps / exact_qps:.2f}x | 1.000 |"]
+    lines = [
+        "| index | build (s) | bytes / vector | nprobe | queries/s | speed vs exact (Flat) | recall@10 |",
+        "|---|---|---|---|---|---|---|",
+        f"| numpy brute force (argpartition of queries @ data.T) | - | {4 * args.dim} | - | {numpy_qps:.1f} | {numpy_qps / exact_qps:.2f}x | 1.000 |",
+        f"| torch brute force (topk of queries @ data.T) | - | {4 * args.dim} | - | {torch_qps:.1f} | {torch_qps / exact_qps:.2f}x | 1.000 |",
+    ]
     for r in rows:
         mark = f" **(auto, {' / '.join(r['auto_for_budgets'])} budget)**" if r["auto_for_budgets"] else ""
-        lines.append(f"| {r['factory']}{mark} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | {r['nprobe'] or '-'} | "
-                     f"{r['qps']:.1f} | {r['qps'] / exact_qps:.1f}x | {r['recall_at_10']:.3f} |")
+        lines.append(
+            f"| {r['factory']}{mark} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | {r['nprobe'] or '-'} | "
+            f"{r['qps']:.1f} | {r['qps'] / exact_qps:.1f}x | {r['recall_at_10']:.3f} |"
+        )
     table = "\n".join(lines)
     if done:
         print(table)
     meets = [r["factory"] for r in rows if r["recall_at_10"] >= GOAL_RECALL and r["qps"] / exact_qps >= GOAL_SPEEDUP]
-    verdict = (f"Goal (recall@10 >= {GOAL_RECALL} at >= {GOAL_SPEEDUP:.0f}x exact search's speed) met by: "
-               + (", ".join(f"`{f}`" for f in meets) if meets else "none of them") + ". "
-               "An index with PQ codes only (no raw vectors to re-rank with) stops where its codes cap recall; "
-               "nprobe tuning then stops too, rather than scan every list for nothing.")
+    verdict = (
+        f"Goal (recall@10 >= {GOAL_RECALL} at >= {GOAL_SPEEDUP:.0f}x exact search's speed) met by: "
+        + (", ".join(f"`{f}`" for f in meets) if meets else "none of them")
+        + ". "
+        "An index with PQ codes only (no raw vectors to re-rank with) stops where its codes cap recall; "
+        "nprobe tuning then stops too, rather than scan every list for nothing."
+    )
     reasons = " ".join(f"With a {budget} budget auto-selection picks `{a.factory}`: {a.reason}." for budget, a in autos.items())
-    save("index_bench", {"args": vars(args), "complete": done, "auto": {b: a.factory for b, a in autos.items()},
-                         "auto_reason": {b: a.reason for b, a in autos.items()}, "numpy_qps": numpy_qps, "torch_qps": torch_qps, "rows": rows},
-         f"{args.n:,} synthetic clustered unit vectors, dimension {args.dim}: {args.clusters} product kinds in a 48-d latent "
-         f"space mapped to {args.dim}-d plus noise (see `ClusteredEmbeddings`). {args.queries} queries are new vectors from "
-         f"the same distribution; recall@10 against exact search; nprobe tuned to recall {args.target_recall} (or to where "
-         f"doubling it stops helping) on 200 other queries; RFlat re-ranks {REFINE_K_FACTOR}x k candidates exactly. "
-         f"Built on 2 cores, so build times are long; they scale with cores. {reasons} CPU only (no GPU was lent)."
-         + ("" if done else " **Incomplete run: the rows measured before it stopped.**") + f"\n\n{table}\n\n{verdict}")
+    save(
+        "index_bench",
+        {
+            "args": vars(args),
+            "complete": done,
+            "auto": {b: a.factory for b, a in autos.items()},
+            "auto_reason": {b: a.reason for b, a in autos.items()},
+            "numpy_qps": numpy_qps,
+            "torch_qps": torch_qps,
+            "rows": rows,
+        },
+        f"{args.n:,} synthetic clustered unit vectors, dimension {args.dim}: {args.clusters} product kinds in a 48-d latent "
+        f"space mapped to {args.dim}-d plus noise (see `ClusteredEmbeddings`). {args.queries} queries are new vectors from "
+        f"the same distribution; recall@10 against exact search; nprobe tuned to recall {args.target_recall} (or to where "
+        f"doubling it stops helping) on 200 other queries; RFlat re-ranks {REFINE_K_FACTOR}x k candidates exactly. "
+        f"Built on 2 cores, so build times are long; they scale with cores. {reasons} CPU only (no GPU was lent)."
+        + ("" if done else " **Incomplete run: the rows measured before it stopped.**")
+        + f"\n\n{table}\n\n{verdict}",
+    )
+
 
 if __name__ == "__main__":
     main()

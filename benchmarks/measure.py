@@ -38,8 +38,9 @@ def pss_bytes(pid: int) -> int:
 def measured(command: list[str], env: dict | None = None) -> dict:
     """Runs ``command`` from the repository root; returns wall seconds, the process's peak PSS
     ("driver_peak"), the cgroup's peak and its output. Raises if the command fails."""
-    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peak = {"driver": 0, "total": 0}
     base = cgroup_memory()
 

@@ -37,7 +37,11 @@ def save(name: str, payload: dict, markdown: str) -> None:
     with open(os.path.join(HERE, "results", f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=2)
     section = f"<!-- {name}:start -->\n## {name}\n\nMachine: {payload['machine']}. Run {payload['date']}.\n\n{markdown.strip()}\n<!-- {name}:end -->"
-    text = open(RESULTS_MD).read() if os.path.exists(RESULTS_MD) else "# Benchmark results\n\nWritten by the scripts in benchmarks/; each owns one section.\n"
+    text = (
+        open(RESULTS_MD).read()
+        if os.path.exists(RESULTS_MD)
+        else "# Benchmark results\n\nWritten by the scripts in benchmarks/; each owns one section.\n"
+    )
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     with open(RESULTS_MD, "w") as f:

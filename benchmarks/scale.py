@@ -29,6 +29,7 @@ from measure import GIB, measured  # noqa: E402
 from results import files_under, save  # noqa: E402
 from synthetic_catalog import link_rows, make_images, tiny_model  # noqa: E402
 
+
 def build_catalog(work: str, rows: int) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -90,7 +91,7 @@ def night_manifest(work: str, manifest: str) -> str:
     rows = table.num_rows
     rng = np.random.default_rng(1)
     order = rng.permutation(rows)
-    changed, deleted = order[: rows // 100], order[rows // 100: rows // 100 + rows // 200]
+    changed, deleted = order[: rows // 100], order[rows // 100 : rows // 100 + rows // 200]
     fresh = make_images(os.path.join(work, "images2"), 100, 5)
     uris = table.column("image_uri").to_pylist()
     for k, i in enumerate(changed):
@@ -102,8 +103,9 @@ def night_manifest(work: str, manifest: str) -> str:
         os.link(fresh[k % len(fresh)], path)
         new_uris.append(path)
     keep = np.setdiff1d(np.arange(rows), deleted)
-    night = pa.concat_tables([table.take(pa.array(keep)),
-                              pa.table({"listing_id": [f"N{k:08d}" for k in range(len(new_uris))], "image_uri": new_uris})])
+    night = pa.concat_tables(
+        [table.take(pa.array(keep)), pa.table({"listing_id": [f"N{k:08d}" for k in range(len(new_uris))], "image_uri": new_uris})]
+    )
     path = os.path.join(work, "night.parquet")
     pq.write_table(night, path, row_group_size=100_000)
     return path
@@ -118,8 +120,9 @@ def one_size(rows: int, keep: bool) -> dict:
     env = {"RAY_ADDRESS": "local"}
     table, index = os.path.join(work, "tag_table"), os.path.join(work, "index")
     result = {}
-    result["tag"] = measured(cli + ["tag", "--manifest", manifest, "--model", model, "--out", table, "--batch-size", "256",
-                                    "--decode-batch-size", "256"], env)
+    result["tag"] = measured(
+        cli + ["tag", "--manifest", manifest, "--model", model, "--out", table, "--batch-size", "256", "--decode-batch-size", "256"], env
+    )
     print(f"   tag: {result['tag']['wall_s']:.0f} s", flush=True)
     result["plain"] = measured([sys.executable, "-c", PLAIN, manifest, model, os.path.join(work, "plain")])
     print(f"   plain: {result['plain']['wall_s']:.0f} s", flush=True)
@@ -133,8 +136,10 @@ def one_size(rows: int, keep: bool) -> dict:
     result["duplicates"] = measured(cli + ["duplicates", "--index", index, "--out", os.path.join(work, "duplicates.parquet")], env)
     for name, r in result.items():
         r.pop("output", None)
-        print(f"   {name}: {r['wall_s']:.1f} s, driver peak {r['driver_peak'] / GIB:.2f} GiB, total peak {r['total_peak'] / GIB:.2f} GiB",
-              flush=True)
+        print(
+            f"   {name}: {r['wall_s']:.1f} s, driver peak {r['driver_peak'] / GIB:.2f} GiB, total peak {r['total_peak'] / GIB:.2f} GiB",
+            flush=True,
+        )
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -148,27 +153,35 @@ def main() -> None:
     sizes = args.rows or [100_000]
     results = {n: one_size(n, args.keep) for n in sizes}
     stages = ["tag", "plain", "nightly", "index", "index-update", "anomalies", "duplicates"]
-    lines = ["| stage | " + " | ".join(f"{n:,} rows: wall (s) / rows/s / driver peak / total peak" for n in sizes) + " |",
-             "|---|" + "---|" * len(sizes)]
+    lines = [
+        "| stage | " + " | ".join(f"{n:,} rows: wall (s) / rows/s / driver peak / total peak" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
     for stage in stages:
         cells = []
         for n in sizes:
             r = results[n][stage]
             extra = f" / {r['bytes'] / 2**20:.0f} MiB written" if "bytes" in r else ""
-            cells.append(f"{r['wall_s']:.0f} / {n / r['wall_s']:.0f} / {r['driver_peak'] / GIB:.2f} GiB / {r['total_peak'] / GIB:.2f} GiB{extra}")
+            cells.append(
+                f"{r['wall_s']:.0f} / {n / r['wall_s']:.0f} / {r['driver_peak'] / GIB:.2f} GiB / {r['total_peak'] / GIB:.2f} GiB{extra}"
+            )
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     goals = []
     for n in sizes:
         ratio = results[n]["plain"]["wall_s"] / results[n]["tag"]["wall_s"]
         worst = max(results[n][s]["driver_peak"] for s in stages if s != "plain")
-        goals.append(f"- {n:,} rows: `mltag tag` at {ratio:.2f}x the plain script's rows/s (goal >= 0.8 at 1M: "
-                     f"{'met' if ratio >= 0.8 else 'not met'} here); largest driver peak {worst / GIB:.2f} GiB (goal <= 1.5 GiB: "
-                     f"{'met' if worst <= 1.5 * GIB else 'not met'})")
+        goals.append(
+            f"- {n:,} rows: `mltag tag` at {ratio:.2f}x the plain script's rows/s (goal >= 0.8 at 1M: "
+            f"{'met' if ratio >= 0.8 else 'not met'} here); largest driver peak {worst / GIB:.2f} GiB (goal <= 1.5 GiB: "
+            f"{'met' if worst <= 1.5 * GIB else 'not met'})"
+        )
     if len(sizes) > 1:
         small, large = sizes[0], sizes[-1]
         growth = max(results[large][s]["driver_peak"] / max(results[small][s]["driver_peak"], 1) for s in stages if s != "plain")
-        goals.append(f"- driver peak at {large:,} rows / at {small:,} rows: at most {growth:.2f}x over the stages "
-                     f"(goal <= 1.3x: {'met' if growth <= 1.3 else 'not met'})")
+        goals.append(
+            f"- driver peak at {large:,} rows / at {small:,} rows: at most {growth:.2f}x over the stages "
+            f"(goal <= 1.3x: {'met' if growth <= 1.3 else 'not met'})"
+        )
     save("scale", {"sizes": sizes, "results": {str(n): results[n] for n in sizes}}, "\n".join(lines + [""] + goals))
     print("\n".join(lines + [""] + goals))
 

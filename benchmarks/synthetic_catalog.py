@@ -21,7 +21,7 @@ def make_images(folder: str, count: int, seed: int, crop: int = 96, size: int = 
         photo = photos[i % len(photos)]
         y, x = rng.integers(0, photo.shape[0] - crop), rng.integers(0, photo.shape[1] - crop)
         path = os.path.join(folder, f"{seed}-{i:05d}.jpg")
-        Image.fromarray(photo[y:y + crop, x:x + crop]).resize((size, size)).save(path, "JPEG", quality=85)
+        Image.fromarray(photo[y : y + crop, x : x + crop]).resize((size, size)).save(path, "JPEG", quality=85)
         paths.append(path)
     return paths
 
@@ -35,8 +35,9 @@ def tiny_model(work: str) -> str:
     torch.manual_seed(0)
     names = [f"tag{i}" for i in range(15)]
     out = os.path.join(work, "model")
-    save_tagger(Tagger("test_efficientnet", len(names)), TaggerSpec(backbone="test_efficientnet", img_size=64,
-                                                                   vocabulary={"tags": names}), out)
+    save_tagger(
+        Tagger("test_efficientnet", len(names)), TaggerSpec(backbone="test_efficientnet", img_size=64, vocabulary={"tags": names}), out
+    )
     return out
 
 

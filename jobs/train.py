@@ -1,7 +1,7 @@
 """Train a tagger on a Ray cluster (or locally).
 
-    ray job submit --working-dir . -- python jobs/train.py --config configs/demo.yaml
-    python jobs/train.py --manifest catalog/manifest.parquet --epochs 3
+ray job submit --working-dir . -- python jobs/train.py --config configs/demo.yaml
+python jobs/train.py --manifest catalog/manifest.parquet --epochs 3
 """
 
 import sys

@@ -121,11 +121,15 @@ def describe_short_rows(stats: dict, k: int, total: int) -> str | None:
         return None
     parts = []
     if stats["widened"]:
-        parts.append(f"{stats['widened']} of {total} listings had fewer than k={k} neighbours in their probed IVF lists "
-                     "and were searched again over every list")
+        parts.append(
+            f"{stats['widened']} of {total} listings had fewer than k={k} neighbours in their probed IVF lists "
+            "and were searched again over every list"
+        )
     if stats["short"]:
-        parts.append(f"{stats['short']} of {total} listings have fewer than k={k} neighbours (the index holds too few "
-                     "vectors): scored over the neighbours found")
+        parts.append(
+            f"{stats['short']} of {total} listings have fewer than k={k} neighbours (the index holds too few "
+            "vectors): scored over the neighbours found"
+        )
     return "; ".join(parts)
 
 
@@ -156,8 +160,9 @@ def knn_scores(similarities, k: int, score: str) -> np.ndarray:
     return out
 
 
-def neighbour_lists(index: EmbeddingIndex, neighbour_ids: np.ndarray, neighbour_sims: np.ndarray,
-                    rows: np.ndarray | None = None) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+def neighbour_lists(
+    index: EmbeddingIndex, neighbour_ids: np.ndarray, neighbour_sims: np.ndarray, rows: np.ndarray | None = None
+) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
     """The ``neighbours`` (list<string>) and ``neighbour_similarities`` (list<float>) columns for
     these rows (all, by default), built from flat arrays and offsets a slice of rows at a time."""
     rows = np.arange(len(neighbour_ids)) if rows is None else np.asarray(rows)
@@ -168,8 +173,9 @@ def neighbour_lists(index: EmbeddingIndex, neighbour_ids: np.ndarray, neighbour_
         ids, similarities = neighbour_ids[part], neighbour_sims[part]
         present = ids >= 0
         offsets = pa.array(np.concatenate([[0], np.cumsum(present.sum(axis=1))]), pa.int32())
-        names.append(pa.ListArray.from_arrays(
-            offsets, listings.take(pa.array(index.rows_of_faiss_ids(ids[present]), pa.int64())).combine_chunks()))
+        names.append(
+            pa.ListArray.from_arrays(offsets, listings.take(pa.array(index.rows_of_faiss_ids(ids[present]), pa.int64())).combine_chunks())
+        )
         sims.append(pa.ListArray.from_arrays(offsets, pa.array(similarities[present], pa.float32())))
     return (pa.chunked_array(names, pa.list_(listings.type)), pa.chunked_array(sims, pa.list_(pa.float32())))
 
@@ -186,18 +192,22 @@ def run(config: AnomalyConfig) -> pa.Table:
     neighbours, similarities = neighbour_lists(index, neighbour_ids, neighbour_sims, order)
     del neighbour_ids, neighbour_sims
     taken = index.ids.select(["listing_id", "image_uri"]).take(pa.array(order, pa.int64()))
-    table = pa.table({
-        "listing_id": taken.column("listing_id"),
-        "image_uri": taken.column("image_uri"),
-        "score": pa.array(scores[order], pa.float64()),
-        "rank": pa.array(rank),
-        "is_outlier": pa.array(rank <= n_flagged),
-        "neighbours": neighbours,
-        "neighbour_similarities": similarities,
-    })
+    table = pa.table(
+        {
+            "listing_id": taken.column("listing_id"),
+            "image_uri": taken.column("image_uri"),
+            "score": pa.array(scores[order], pa.float64()),
+            "rank": pa.array(rank),
+            "is_outlier": pa.array(rank <= n_flagged),
+            "neighbours": neighbours,
+            "neighbour_similarities": similarities,
+        }
+    )
     os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
     pq.write_table(table, config.out)
-    print(f"{n_flagged} of {len(scores)} listings flagged (top {config.contamination:.1%} by {config.score} distance, k={config.k}) -> {config.out}")
+    print(
+        f"{n_flagged} of {len(scores)} listings flagged (top {config.contamination:.1%} by {config.score} distance, k={config.k}) -> {config.out}"
+    )
     for row in table.slice(0, min(5, n_flagged or 5)).to_pylist():
         print(f"  {row['rank']:>4}  {row['score']:.4f}  {row['listing_id']}")
     return table

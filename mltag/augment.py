@@ -44,8 +44,9 @@ def colour_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) 
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
-def augment_batch(batch: pa.Table, size: int, hflip: bool = True, crop_scale: float = 0.7, jitter: float = 0.2,
-                  seed: int | None = None) -> pa.Table:
+def augment_batch(
+    batch: pa.Table, size: int, hflip: bool = True, crop_scale: float = 0.7, jitter: float = 0.2, seed: int | None = None
+) -> pa.Table:
     """Ray Data stage: replaces ``pixels`` with an augmented copy; all other columns unchanged."""
     rng = np.random.default_rng(seed)
     pixels = pixels_from_arrow(batch.column("pixels"), size).copy()

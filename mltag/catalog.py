@@ -126,8 +126,10 @@ def _csv_options(path: str) -> dict:
         head = f.read(1 << 20)
     parse = pacsv.ParseOptions(delimiter=delimiter)
     names = pacsv.open_csv(io.BytesIO(head), parse_options=parse).schema.names
-    return {"parse_options": parse,
-            "convert_options": pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)}
+    return {
+        "parse_options": parse,
+        "convert_options": pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False),
+    }
 
 
 def check_manifest_files(files: list[str], require_tags: bool = False) -> int | None:
@@ -177,16 +179,17 @@ def normalise_batch(batch: pa.Table, base: str | None = None) -> pa.Table:
     if pc.any(relative).as_py():
         if PATH_COLUMN in batch.column_names:
             paths = batch.column(PATH_COLUMN).cast(pa.string())
-            bases = pa.array([storage.parent_dir(p if "://" in p or p.startswith("/") else "/" + p) for p in
-                              pc.unique(paths).to_pylist()])
+            bases = pa.array([storage.parent_dir(p if "://" in p or p.startswith("/") else "/" + p) for p in pc.unique(paths).to_pylist()])
             dirs = pc.take(bases, pc.index_in(paths, value_set=pc.unique(paths)))
         else:
             dirs = pa.array([base or "."] * batch.num_rows, pa.string())
         resolved = pc.binary_join_element_wise(dirs, uris, "/")
         joined = pc.if_else(relative, resolved, uris)
         if pc.any(pc.and_(relative, pc.match_substring(uris, ".."))).as_py():  # rare: normalise those few in Python
-            joined = pa.array([storage.resolve_relative(u, d) if r else u for u, d, r in
-                               zip(uris.to_pylist(), dirs.to_pylist(), relative.to_pylist())], pa.string())
+            joined = pa.array(
+                [storage.resolve_relative(u, d) if r else u for u, d, r in zip(uris.to_pylist(), dirs.to_pylist(), relative.to_pylist())],
+                pa.string(),
+            )
         batch = batch.set_column(batch.schema.get_field_index("image_uri"), "image_uri", joined)
     if PATH_COLUMN in batch.column_names:
         batch = batch.drop_columns([PATH_COLUMN])
@@ -214,16 +217,18 @@ def manifest_dataset(uri: str, require_tags: bool = False):
     else:
         ds = ray.data.read_csv(paths, filesystem=fs, include_paths=True, **_csv_options(files[0]))
     prefix = files[0].split("://", 1)[0] + "://" if storage.is_remote(files[0]) else ""
-    return ds.map_batches(_normalise_with_prefix, fn_kwargs={"prefix": prefix}, batch_format="pyarrow",
-                          udf_modifying_row_count=False), rows
+    return ds.map_batches(_normalise_with_prefix, fn_kwargs={"prefix": prefix}, batch_format="pyarrow", udf_modifying_row_count=False), rows
 
 
 def _normalise_with_prefix(batch: pa.Table, prefix: str) -> pa.Table:
     """Ray's ``path`` column has no scheme for remote files: put it back before resolving."""
     if prefix and PATH_COLUMN in batch.column_names:
         paths = batch.column(PATH_COLUMN).cast(pa.string())
-        batch = batch.set_column(batch.schema.get_field_index(PATH_COLUMN), PATH_COLUMN,
-                                 pc.binary_join_element_wise(pa.array([prefix[:-3]] * batch.num_rows), paths, "://"))
+        batch = batch.set_column(
+            batch.schema.get_field_index(PATH_COLUMN),
+            PATH_COLUMN,
+            pc.binary_join_element_wise(pa.array([prefix[:-3]] * batch.num_rows), paths, "://"),
+        )
     return normalise_batch(batch)
 
 

@@ -20,8 +20,8 @@ import argparse
 import functools
 import importlib
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from mltag.config import ConfigError, add_config_arguments, config_from_args
 
@@ -51,20 +51,59 @@ def _resolve(target: str):
 
 
 STAGES: dict[str, Stage] = {
-    "sample": Stage("mltag.sample:SampleConfig", "mltag.sample:run", "Build the offline sample catalog (real photos + real handwritten digits)."),
-    "train": Stage("mltag.train:TrainConfig", "mltag.train:run", "Train a multi-label tagger with Ray Train (TorchTrainer fed by Ray Data)."),
-    "eval": Stage("mltag.evaluate:EvalConfig", "mltag.evaluate:run", "Evaluate a tagger on a labelled manifest: metrics JSON and a per-tag Parquet."),
-    "calibrate": Stage("mltag.thresholds:CalibrateConfig", "mltag.thresholds:run", "Choose per-tag thresholds on a validation split and save them with the model."),
-    "report": Stage("mltag.report:ReportConfig", "mltag.report:run", "Write an HTML report (PNG figures + metrics table) for a trained and evaluated tagger."),
-    "tag": Stage("mltag.tag:TagConfig", "mltag.tag:run", "Tag every image of a catalog manifest into the Delta tag table (one commit per run)."),
-    "reindex": Stage("mltag.reindex:ReindexConfig", "mltag.reindex:run", "Nightly incremental re-index: tag only new, changed or transiently failed images; one MERGE."),
+    "sample": Stage(
+        "mltag.sample:SampleConfig", "mltag.sample:run", "Build the offline sample catalog (real photos + real handwritten digits)."
+    ),
+    "train": Stage(
+        "mltag.train:TrainConfig", "mltag.train:run", "Train a multi-label tagger with Ray Train (TorchTrainer fed by Ray Data)."
+    ),
+    "eval": Stage(
+        "mltag.evaluate:EvalConfig", "mltag.evaluate:run", "Evaluate a tagger on a labelled manifest: metrics JSON and a per-tag Parquet."
+    ),
+    "calibrate": Stage(
+        "mltag.thresholds:CalibrateConfig",
+        "mltag.thresholds:run",
+        "Choose per-tag thresholds on a validation split and save them with the model.",
+    ),
+    "report": Stage(
+        "mltag.report:ReportConfig",
+        "mltag.report:run",
+        "Write an HTML report (PNG figures + metrics table) for a trained and evaluated tagger.",
+    ),
+    "tag": Stage(
+        "mltag.tag:TagConfig", "mltag.tag:run", "Tag every image of a catalog manifest into the Delta tag table (one commit per run)."
+    ),
+    "reindex": Stage(
+        "mltag.reindex:ReindexConfig",
+        "mltag.reindex:run",
+        "Nightly incremental re-index: tag only new, changed or transiently failed images; one MERGE.",
+    ),
     "history": Stage("mltag.history:HistoryConfig", "mltag.history:run", "List a tag table's versions with each run's metadata."),
-    "index": Stage("mltag.index:IndexConfig", "mltag.index:build_index", "Build a FAISS similarity index from a committed tag table.", on_worker=True),
-    "index-update": Stage("mltag.index:IndexUpdateConfig", "mltag.index:update_index", "Bring an index to a newer version of its tag table, or remove listings, without a rebuild.", on_worker=True),
+    "index": Stage(
+        "mltag.index:IndexConfig", "mltag.index:build_index", "Build a FAISS similarity index from a committed tag table.", on_worker=True
+    ),
+    "index-update": Stage(
+        "mltag.index:IndexUpdateConfig",
+        "mltag.index:update_index",
+        "Bring an index to a newer version of its tag table, or remove listings, without a rebuild.",
+        on_worker=True,
+    ),
     "search": Stage("mltag.index:SearchConfig", "mltag.index:run_search", "Find the listings most similar to a listing id or an image."),
-    "anomalies": Stage("mltag.anomalies:AnomalyConfig", "mltag.anomalies:run", "Score every listing by its kNN distance and write the outlier table.", on_worker=True),
-    "duplicates": Stage("mltag.duplicates:DuplicatesConfig", "mltag.duplicates:run", "Group near-duplicate listings by embedding similarity.", on_worker=True),
-    "demo": Stage("mltag.demo:DemoConfig", "mltag.demo:run", "Run sample -> train -> tag -> index -> search end to end on a local Ray instance."),
+    "anomalies": Stage(
+        "mltag.anomalies:AnomalyConfig",
+        "mltag.anomalies:run",
+        "Score every listing by its kNN distance and write the outlier table.",
+        on_worker=True,
+    ),
+    "duplicates": Stage(
+        "mltag.duplicates:DuplicatesConfig",
+        "mltag.duplicates:run",
+        "Group near-duplicate listings by embedding similarity.",
+        on_worker=True,
+    ),
+    "demo": Stage(
+        "mltag.demo:DemoConfig", "mltag.demo:run", "Run sample -> train -> tag -> index -> search end to end on a local Ray instance."
+    ),
 }
 
 

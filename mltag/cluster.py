@@ -9,7 +9,8 @@ the cluster places on a node with the memory; the driver waits for the result.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def init_ray() -> None:

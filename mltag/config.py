@@ -21,8 +21,9 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -97,10 +98,7 @@ def config_from_dict(cls: type[C], values: dict[str, Any], base: C | None = None
     types_ = _field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}; "
-            f"valid keys: {', '.join(sorted(types_))}"
-        )
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}; valid keys: {', '.join(sorted(types_))}")
     current = dataclasses.asdict(base) if base is not None else {}
     current.update({k: coerce(k, v, types_[k]) for k, v in values.items()})
     try:

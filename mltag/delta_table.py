@@ -25,7 +25,8 @@ import json
 import os
 import re
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -54,7 +55,7 @@ def table_uri(path: str) -> str:
     path = path.rstrip("/")
     if storage.is_remote(path):
         return path
-    return os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
+    return os.path.abspath(path[len("file://") :] if path.startswith("file://") else path)
 
 
 def storage_options(uri: str) -> dict[str, str] | None:
@@ -102,7 +103,7 @@ def resolve_as_of(dt, as_of: str | int) -> int:
     text = str(as_of)
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}([T ][0-9:.+Z-]*)?", text):
         raise ValueError(f"--as-of {text!r}: give a version number or a date such as 2026-11-20")
-    candidates = [entry for entry in history_entries(dt) if _as_of_key(entry) <= text or _as_of_key(entry)[:len(text)] == text]
+    candidates = [entry for entry in history_entries(dt) if _as_of_key(entry) <= text or _as_of_key(entry)[: len(text)] == text]
     if not candidates:
         raise ValueError(f"the table has no version on or before {text}")
     return max(entry["version"] for entry in candidates)
@@ -113,7 +114,7 @@ def _as_of_key(entry: dict) -> str:
     if label:
         return str(label)
     stamp = entry.get("timestamp")
-    return _dt.datetime.fromtimestamp(stamp / 1000, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") if stamp else ""
+    return _dt.datetime.fromtimestamp(stamp / 1000, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S") if stamp else ""
 
 
 def history_entries(dt) -> list[dict[str, Any]]:
@@ -143,8 +144,14 @@ def commit_metadata(dt, version: int | None = None) -> dict[str, Any]:
 def add_action(relative_path: str, size: int, rows: int):
     from deltalake.transaction import AddAction
 
-    return AddAction(path=relative_path, size=int(size), partition_values={}, modification_time=int(time.time() * 1000),
-                     data_change=True, stats=json.dumps({"numRecords": int(rows)}))
+    return AddAction(
+        path=relative_path,
+        size=int(size),
+        partition_values={},
+        modification_time=int(time.time() * 1000),
+        data_change=True,
+        stats=json.dumps({"numRecords": int(rows)}),
+    )
 
 
 def _commit_properties(metadata: dict[str, Any], app_id: str | None):
@@ -179,8 +186,15 @@ def commit_overwrite(uri: str, actions: list, schema: pa.Schema, metadata: dict[
     for attempt in range(COMMIT_RETRIES):
         try:
             if not DeltaTable.is_deltatable(uri, storage_options=options):
-                create_table_with_add_actions(uri, Schema.from_arrow(schema), actions, mode="error", configuration=TABLE_PROPERTIES,
-                                              storage_options=options, commit_properties=properties)
+                create_table_with_add_actions(
+                    uri,
+                    Schema.from_arrow(schema),
+                    actions,
+                    mode="error",
+                    configuration=TABLE_PROPERTIES,
+                    storage_options=options,
+                    commit_properties=properties,
+                )
             else:
                 dt = DeltaTable(uri, storage_options=options)
                 dt.create_write_transaction(actions, "overwrite", schema, commit_properties=properties)
@@ -198,8 +212,14 @@ def write_table(uri: str, table: pa.Table, metadata: dict[str, Any], mode: str =
     from deltalake import write_deltalake
 
     uri = table_uri(uri)
-    write_deltalake(uri, table, mode=mode, storage_options=storage_options(uri), configuration=TABLE_PROPERTIES,
-                    commit_properties=_commit_properties(metadata, None))
+    write_deltalake(
+        uri,
+        table,
+        mode=mode,
+        storage_options=storage_options(uri),
+        configuration=TABLE_PROPERTIES,
+        commit_properties=_commit_properties(metadata, None),
+    )
     return latest_version(uri)
 
 
@@ -216,17 +236,26 @@ def merge_rows(dt, batches: Iterable[pa.RecordBatch], schema: pa.Schema, metadat
     from deltalake.exceptions import CommitFailedError
 
     reader = pa.RecordBatchReader.from_batches(schema, iter(batches))
-    merger = dt.merge(reader, "t.listing_id = s.listing_id AND t.image_uri = s.image_uri", source_alias="s", target_alias="t",
-                      merge_schema=True, commit_properties=_commit_properties(metadata, app_id))
+    merger = dt.merge(
+        reader,
+        "t.listing_id = s.listing_id AND t.image_uri = s.image_uri",
+        source_alias="s",
+        target_alias="t",
+        merge_schema=True,
+        commit_properties=_commit_properties(metadata, app_id),
+    )
     try:
-        return (merger.when_matched_delete(predicate="s._action = 'delete'")
-                .when_matched_update_all(predicate="s._action = 'upsert'", except_cols=["_action"])
-                .when_not_matched_insert_all(predicate="s._action = 'upsert'", except_cols=["_action"])
-                .execute())
+        return (
+            merger.when_matched_delete(predicate="s._action = 'delete'")
+            .when_matched_update_all(predicate="s._action = 'upsert'", except_cols=["_action"])
+            .when_not_matched_insert_all(predicate="s._action = 'upsert'", except_cols=["_action"])
+            .execute()
+        )
     except CommitFailedError as exc:
         raise TableConflictError(
             f"another writer committed to {dt.table_uri} after version {dt.version()}, which this night was planned "
-            f"against; nothing was committed. Run the same command again to plan against the new version. ({exc})") from exc
+            f"against; nothing was committed. Run the same command again to plan against the new version. ({exc})"
+        ) from exc
 
 
 def latest_version(uri: str) -> int:

@@ -22,9 +22,8 @@ import io
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
-
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from mltag.images import ImageLoadError, decode_image
 from mltag.uri_policy import DEFAULT_POLICY, FetchPolicy
@@ -72,12 +71,14 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def _jpeg(data: bytes, device: torch.device) -> torch.Tensor:
-    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device,
-                       apply_exif_orientation=False)
+    return decode_jpeg(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False
+    )
 
 
-def decode_on_device(blobs: list[bytes], size: int, device: torch.device, *,
-                     policy: FetchPolicy | None = None) -> tuple[torch.Tensor, dict[int, str]]:
+def decode_on_device(
+    blobs: list[bytes], size: int, device: torch.device, *, policy: FetchPolicy | None = None
+) -> tuple[torch.Tensor, dict[int, str]]:
     """Returns (N_ok, size, size, 3) uint8 on ``device`` and {index: error} for the failures
     (the tensor holds the successful images in input order). Only ``policy.formats`` are decoded."""
     policy = policy or DEFAULT_POLICY
@@ -86,8 +87,12 @@ def decode_on_device(blobs: list[bytes], size: int, device: torch.device, *,
     jpegs = [i for i, b in enumerate(blobs) if b[:3] == JPEG_MAGIC] if "JPEG" in policy.formats else []
     if jpegs:
         try:
-            decoded = decode_jpeg([torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs],
-                                  mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False)
+            decoded = decode_jpeg(
+                [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs],
+                mode=ImageReadMode.RGB,
+                device=device,
+                apply_exif_orientation=False,
+            )
             images.update({i: _resize(orient(img, exif_orientation(blobs[i])), size) for i, img in zip(jpegs, decoded)})
         except RuntimeError:
             for i in jpegs:  # one bad file fails a batched call: find it

@@ -84,7 +84,7 @@ def duplicate_pairs(index: EmbeddingIndex, k: int, threshold: float, batch: int 
     """(a, b, similarity) of every row's neighbours at or above ``threshold``: rows of ``index.ids``,
     searched a batch at a time, only the pairs kept."""
     a_parts, b_parts, s_parts = [], [], []
-    for start, chunk, found, sims in iter_neighbours(index, k, batch, stats):
+    for start, _chunk, found, sims in iter_neighbours(index, k, batch, stats):
         hit = (found >= 0) & (sims >= threshold)  # nan (no neighbour) compares False
         row, col = np.nonzero(hit)
         target = index.rows_of_faiss_ids(found[row, col])
@@ -110,13 +110,15 @@ def run(config: DuplicatesConfig) -> pa.Table:
     np.maximum.at(best, np.searchsorted(nodes, a), sims)
     np.maximum.at(best, np.searchsorted(nodes, b), sims)
     taken = index.ids.select(["listing_id", "image_uri"]).take(pa.array(members, pa.int64()))
-    table = pa.table({
-        "group_id": pa.array(group, pa.int64()),
-        "listing_id": taken.column("listing_id").cast(pa.string()),
-        "image_uri": taken.column("image_uri").cast(pa.string()),
-        "group_size": pa.array(sizes[group] if len(group) else np.zeros(0, np.int64), pa.int64()),
-        "max_similarity": pa.array(best[np.searchsorted(nodes, members)] if len(members) else np.zeros(0), pa.float64()),
-    })
+    table = pa.table(
+        {
+            "group_id": pa.array(group, pa.int64()),
+            "listing_id": taken.column("listing_id").cast(pa.string()),
+            "image_uri": taken.column("image_uri").cast(pa.string()),
+            "group_size": pa.array(sizes[group] if len(group) else np.zeros(0, np.int64), pa.int64()),
+            "max_similarity": pa.array(best[np.searchsorted(nodes, members)] if len(members) else np.zeros(0), pa.float64()),
+        }
+    )
     os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
     pq.write_table(table, config.out)
     print(f"{len(sizes)} duplicate group(s), {table.num_rows} listings, similarity >= {config.threshold} -> {config.out}")

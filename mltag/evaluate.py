@@ -24,10 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mltag.cluster import init_ray
 from mltag import catalog
+from mltag.cluster import init_ray
 from mltag.metrics import (
-    hamming_loss, level_accuracy, mean_average_precision, per_tag_average_precision, precision_recall_f1, top_k_accuracy,
+    hamming_loss,
+    level_accuracy,
+    mean_average_precision,
+    per_tag_average_precision,
+    precision_recall_f1,
+    top_k_accuracy,
 )
 from mltag.model import load_spec
 from mltag.tag_table import decide_tags
@@ -96,7 +101,8 @@ def stored_scores(manifest_uri: str, table_uri: str, as_of: str, spec, split: st
     labelled = table.select(["listing_id", "image_uri", "tags"])
     labelled = labelled.set_column(1, "image_uri", tag_table.redact_uri_column(labelled.column("image_uri")))
     stored = tag_table.open_dataset(table_uri, as_of or None).to_table(
-        columns=["listing_id", "image_uri", "scores", "model_version"], filter=pc.field("error").is_null())
+        columns=["listing_id", "image_uri", "scores", "model_version"], filter=pc.field("error").is_null()
+    )
     # Arrow joins carry no list columns: join row numbers on the keys, then take the rows.
     keys = ["listing_id", "image_uri"]
     left = labelled.select(keys).append_column("_l", pa.array(np.arange(labelled.num_rows)))
@@ -129,21 +135,36 @@ def compute_metrics(y: np.ndarray, scores: np.ndarray, spec) -> tuple[dict, pa.T
     for level in range(1, vocab.depth + 1):
         classes, mapping = vocab.level_map(level)
         result = level_accuracy(y, scores, mapping)
-        levels[f"L{level}"] = {"classes": classes, "micro_accuracy": result["micro"], "macro_accuracy": result["macro"],
-                               "rows": result["rows"], "confusion": result["confusion"].tolist()}
+        levels[f"L{level}"] = {
+            "classes": classes,
+            "micro_accuracy": result["micro"],
+            "macro_accuracy": result["macro"],
+            "rows": result["rows"],
+            "confusion": result["confusion"].tolist(),
+        }
     metrics = {
-        "images": int(len(y)), "tags": len(names),
-        "map_macro": maps["macro"], "map_micro": maps["micro"], "tags_scored": maps["tags_scored"],
+        "images": int(len(y)),
+        "tags": len(names),
+        "map_macro": maps["macro"],
+        "map_micro": maps["micro"],
+        "tags_scored": maps["tags_scored"],
         "hamming_loss": hamming_loss(y, predicted),
         **{k: prf[k] for k in ("micro_precision", "micro_recall", "micro_f1", "macro_precision", "macro_recall", "macro_f1")},
         **{f"top{k}_accuracy": top_k_accuracy(y, scores, k) for k in (1, 3, 5)},
         "levels": levels,
     }
-    per_tag = pa.table({
-        "tag": names, "level": [vocab.level_of(n) for n in names], "support": prf["support"].astype(np.int64),
-        "ap": per_tag_average_precision(y, scores), "threshold": thresholds.astype(np.float64),
-        "precision": prf["precision"], "recall": prf["recall"], "f1": prf["f1"],
-    })
+    per_tag = pa.table(
+        {
+            "tag": names,
+            "level": [vocab.level_of(n) for n in names],
+            "support": prf["support"].astype(np.int64),
+            "ap": per_tag_average_precision(y, scores),
+            "threshold": thresholds.astype(np.float64),
+            "precision": prf["precision"],
+            "recall": prf["recall"],
+            "f1": prf["f1"],
+        }
+    )
     return metrics, per_tag
 
 
@@ -165,14 +186,21 @@ def run(config: EvalConfig) -> dict:
         json.dump(metrics, f, indent=2)
     pq.write_table(per_tag, os.path.join(config.out, "per_tag.parquet"))
     n = len(spec.vocab)
-    pq.write_table(pa.table({
-        "listing_id": ids,
-        "labels": pa.FixedSizeListArray.from_arrays(pa.array(y.ravel().astype(np.uint8)), n),
-        "scores": pa.FixedSizeListArray.from_arrays(pa.array(scores.ravel(), pa.float32()), n),
-    }), os.path.join(config.out, "scores.parquet"))
-    print(f"eval on {metrics['images']} images ({config.split or 'all'}): mAP {metrics['map_macro']:.4f} "
-          f"(micro {metrics['map_micro']:.4f}), Hamming loss {metrics['hamming_loss']:.4f}, "
-          f"top-1/3/5 {metrics['top1_accuracy']:.3f}/{metrics['top3_accuracy']:.3f}/{metrics['top5_accuracy']:.3f}")
+    pq.write_table(
+        pa.table(
+            {
+                "listing_id": ids,
+                "labels": pa.FixedSizeListArray.from_arrays(pa.array(y.ravel().astype(np.uint8)), n),
+                "scores": pa.FixedSizeListArray.from_arrays(pa.array(scores.ravel(), pa.float32()), n),
+            }
+        ),
+        os.path.join(config.out, "scores.parquet"),
+    )
+    print(
+        f"eval on {metrics['images']} images ({config.split or 'all'}): mAP {metrics['map_macro']:.4f} "
+        f"(micro {metrics['map_micro']:.4f}), Hamming loss {metrics['hamming_loss']:.4f}, "
+        f"top-1/3/5 {metrics['top1_accuracy']:.3f}/{metrics['top3_accuracy']:.3f}/{metrics['top5_accuracy']:.3f}"
+    )
     for level, m in metrics["levels"].items():
         print(f"  {level} accuracy: micro {m['micro_accuracy']:.3f}, macro {m['macro_accuracy']:.3f} over {len(m['classes'])} classes")
     print(f"-> {config.out}")

@@ -44,5 +44,3 @@ def fingerprint_batch(batch: pa.Table, mode: str, policy: FetchPolicy = DEFAULT_
     if "fingerprint" in batch.column_names:
         batch = batch.drop_columns(["fingerprint"])
     return batch.append_column("fingerprint", pa.array(prints, pa.string()))
-
-

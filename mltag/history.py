@@ -35,23 +35,33 @@ def rows(table: str, limit: int = 0) -> list[dict]:
     for entry in entries[: limit or None]:
         meta = entry.get(delta_table.METADATA_KEY) or {}
         stamp = entry.get("timestamp")
-        out.append({
-            "version": entry["version"], "operation": entry.get("operation"),
-            "committed": _dt.datetime.fromtimestamp(stamp / 1000, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if stamp else "",
-            "mltag": meta.get("operation"), "snapshot": meta.get("snapshot"), "run_id": meta.get("run_id"),
-            "model_version": meta.get("model_version"), "rows": meta.get("rows"), "errors": meta.get("errors"),
-            **{k: meta.get(k) for k in ("new", "changed", "retry", "deleted", "retried", "healed") if k in meta},
-        })
+        out.append(
+            {
+                "version": entry["version"],
+                "operation": entry.get("operation"),
+                "committed": _dt.datetime.fromtimestamp(stamp / 1000, _dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if stamp else "",
+                "mltag": meta.get("operation"),
+                "snapshot": meta.get("snapshot"),
+                "run_id": meta.get("run_id"),
+                "model_version": meta.get("model_version"),
+                "rows": meta.get("rows"),
+                "errors": meta.get("errors"),
+                **{k: meta.get(k) for k in ("new", "changed", "retry", "deleted", "retried", "healed") if k in meta},
+            }
+        )
     return out
 
 
 def run(config: HistoryConfig) -> list[dict]:
     versions = rows(config.table, config.limit)
-    print(f"{'version':>7}  {'committed (UTC)':<19}  {'operation':<13}  {'snapshot':<10}  {'rows':>9}  {'errors':>7}  "
-          f"{'model':<12}  changes")
+    print(
+        f"{'version':>7}  {'committed (UTC)':<19}  {'operation':<13}  {'snapshot':<10}  {'rows':>9}  {'errors':>7}  {'model':<12}  changes"
+    )
     for v in versions:
         changes = ", ".join(f"{k} {v[k]}" for k in ("new", "changed", "retry", "deleted", "retried", "healed") if k in v)
-        print(f"{v['version']:>7}  {v['committed']:<19}  {(v['mltag'] or v['operation'] or ''):<13}  {(v['snapshot'] or ''):<10}  "
-              f"{'' if v['rows'] is None else v['rows']:>9}  {'' if v['errors'] is None else v['errors']:>7}  "
-              f"{(v['model_version'] or '')[:12]:<12}  {changes}")
+        print(
+            f"{v['version']:>7}  {v['committed']:<19}  {(v['mltag'] or v['operation'] or ''):<13}  {(v['snapshot'] or ''):<10}  "
+            f"{'' if v['rows'] is None else v['rows']:>9}  {'' if v['errors'] is None else v['errors']:>7}  "
+            f"{(v['model_version'] or '')[:12]:<12}  {changes}"
+        )
     return versions

@@ -33,16 +33,26 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps
 
 from mltag import storage
-from mltag.uri_policy import (DEFAULT_POLICY, FetchPolicy, RefusedURI, check_uri, local_path, public_addresses, redact_text,
-                              redact_uri, scheme_of)
+from mltag.uri_policy import (
+    DEFAULT_POLICY,
+    FetchPolicy,
+    RefusedURI,
+    check_uri,
+    local_path,
+    public_addresses,
+    redact_text,
+    redact_uri,
+    scheme_of,
+)
 
 try:  # the `heif` extra: HEIC/HEIF photos (iPhones)
     from pillow_heif import register_heif_opener
@@ -132,8 +142,11 @@ def _http_read(uri: str, policy: FetchPolicy, max_bytes: int, deadline: float) -
         connection = connection_class(host, port, timeout=max(0.01, deadline - time.monotonic()))
         connection._create_connection = functools.partial(_connect_pinned, addresses, port)
         try:
-            connection.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
-                               headers={"User-Agent": "mltag", "Accept": "image/*"})
+            connection.request(
+                "GET",
+                (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                headers={"User-Agent": "mltag", "Accept": "image/*"},
+            )
             response = connection.getresponse()
             if response.status in (301, 302, 303, 307, 308):
                 location = response.getheader("Location")
@@ -179,8 +192,7 @@ def _read_once(uri: str, policy: FetchPolicy, max_bytes: int) -> bytes:
     return fs.cat_file(path, start=0, end=max_bytes + 1)
 
 
-def fetch_bytes(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, retries: int = FETCH_RETRIES, *,
-                policy: FetchPolicy | None = None) -> bytes:
+def fetch_bytes(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, retries: int = FETCH_RETRIES, *, policy: FetchPolicy | None = None) -> bytes:
     """Reads an object's bytes under ``policy`` (default: ``DEFAULT_POLICY``); retries transient
     storage errors, not missing, forbidden, refused or timed-out ones. Raises ImageLoadError."""
     policy = policy or DEFAULT_POLICY
@@ -235,7 +247,7 @@ def _ftyp_format(data: bytes) -> str | None:
     if len(data) < 16 or data[4:8] != b"ftyp":
         return None
     size = int.from_bytes(data[:4], "big")
-    brands = [data[8:12]] + [data[i:i + 4] for i in range(16, min(len(data), max(size, 16), 1024) - 3, 4)]
+    brands = [data[8:12]] + [data[i : i + 4] for i in range(16, min(len(data), max(size, 16), 1024) - 3, 4)]
     for candidates in ([brands[0]], brands):  # the major brand decides when it is specific
         if any(b in _HEIC_BRANDS for b in candidates):
             return "HEIC"
@@ -343,8 +355,9 @@ def _error_text(exc: Exception) -> str:
     return redact_text(text)
 
 
-def load_image(uri: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *,
-               policy: FetchPolicy | None = None) -> tuple[np.ndarray | None, str | None]:
+def load_image(
+    uri: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *, policy: FetchPolicy | None = None
+) -> tuple[np.ndarray | None, str | None]:
     """Fetch + decode under ``policy``; returns (pixels, None) or (None, error message)."""
     try:
         return decode_image(fetch_bytes(uri, policy=policy), size, max_pixels, policy=policy), None
@@ -371,11 +384,13 @@ def pixels_from_arrow(column: pa.ChunkedArray | pa.Array, size: int) -> np.ndarr
     return raw.reshape(len(array), size, size, 3)
 
 
-def _fetch_rows(uris: list[str], previous: list[str | None], policy: FetchPolicy | None,
-                threads: int) -> tuple[list[bytes | None], list[str | None]]:
+def _fetch_rows(
+    uris: list[str], previous: list[str | None], policy: FetchPolicy | None, threads: int
+) -> tuple[list[bytes | None], list[str | None]]:
     """Every row's bytes, fetched ``threads`` at a time: a decode task waits for the slowest of a
     few objects, not for the sum of every object's latency. Rows with an ``error`` already set keep
     it and are not fetched; a failed fetch is that row's error."""
+
     def one(uri: str) -> tuple[bytes | None, str | None]:
         try:
             return fetch_bytes(uri, policy=policy), None
@@ -397,8 +412,14 @@ def _fetch_rows(uris: list[str], previous: list[str | None], policy: FetchPolicy
     return blobs, errors
 
 
-def decode_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *,
-                 policy: FetchPolicy | None = None, fetch_threads: int = FETCH_THREADS) -> pa.Table:
+def decode_batch(
+    batch: pa.Table,
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    policy: FetchPolicy | None = None,
+    fetch_threads: int = FETCH_THREADS,
+) -> pa.Table:
     """Ray Data stage: adds ``pixels`` and ``error`` columns; keeps every row and every column.
 
     Rows that fail get zero pixels and an error message (an ``error`` already set upstream wins).
@@ -431,8 +452,9 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, policy: Fe
         return _open_within_limit(data, max_pixels, policy).format or "unknown"
 
 
-def fetch_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS, *, policy: FetchPolicy | None = None,
-                fetch_threads: int = FETCH_THREADS) -> pa.Table:
+def fetch_batch(
+    batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS, *, policy: FetchPolicy | None = None, fetch_threads: int = FETCH_THREADS
+) -> pa.Table:
     """Ray Data stage for device-side decoding: adds raw ``image_bytes`` and ``error``.
 
     Only the header is read here (policy, format and size checks); pixels are decoded by the

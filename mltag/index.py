@@ -26,8 +26,8 @@ import shutil
 import time
 import uuid
 from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import faiss
 import numpy as np
@@ -100,12 +100,16 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 def _ok_batches(dataset, batch_rows: int, filter=None):
     """(table of listing_id/image_uri/tags, normalised vectors) per batch, error rows skipped."""
-    for batch in dataset.scanner(columns=["listing_id", "image_uri", "tags", "embedding", "error"], batch_size=batch_rows,
-                                 filter=filter).to_batches():
+    for batch in dataset.scanner(
+        columns=["listing_id", "image_uri", "tags", "embedding", "error"], batch_size=batch_rows, filter=filter
+    ).to_batches():
         table = pa.Table.from_batches([batch])
         ok = table.filter(pc.is_null(table.column("error")))
-        yield table.num_rows - ok.num_rows, ok.select(["listing_id", "image_uri", "tags"]), \
-            l2_normalise(tag_table.embedding_matrix(ok.column("embedding"))) if ok.num_rows else None
+        yield (
+            table.num_rows - ok.num_rows,
+            ok.select(["listing_id", "image_uri", "tags"]),
+            l2_normalise(tag_table.embedding_matrix(ok.column("embedding"))) if ok.num_rows else None,
+        )
 
 
 def exact_neighbours(queries: np.ndarray, batches, k: int) -> np.ndarray:
@@ -252,16 +256,31 @@ def build_index(config: IndexConfig) -> dict:
 
     id_map = pa.concat_tables(id_tables)
     meta = {
-        "model_version": table_meta["model_version"], "model": table_meta.get("model"),
-        "tag_table": table_meta["table"], "table_version": table_meta["table_version"], "tag_table_run_id": table_meta.get("run_id"),
-        "config_hash": config_hash(config), "dim": dim, "metric": "inner_product_on_l2_normalised", "factory": _factory_label(index, choice.factory), "reason": choice.reason,
-        "nprobe": nprobe, "tuned_recall_at_10": recall, "train_sample": train_sample, "count": int(index.ntotal), "next_id": int(next_id),
-        "skipped_error_rows": skipped, "build_seconds": round(time.time() - started, 3),
+        "model_version": table_meta["model_version"],
+        "model": table_meta.get("model"),
+        "tag_table": table_meta["table"],
+        "table_version": table_meta["table_version"],
+        "tag_table_run_id": table_meta.get("run_id"),
+        "config_hash": config_hash(config),
+        "dim": dim,
+        "metric": "inner_product_on_l2_normalised",
+        "factory": _factory_label(index, choice.factory),
+        "reason": choice.reason,
+        "nprobe": nprobe,
+        "tuned_recall_at_10": recall,
+        "train_sample": train_sample,
+        "count": int(index.ntotal),
+        "next_id": int(next_id),
+        "skipped_error_rows": skipped,
+        "build_seconds": round(time.time() - started, 3),
     }
     version_dir = write_version(config.out, index, id_map.select(["faiss_id", "listing_id", "image_uri", "tags"]), meta)
-    print(f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim}, table version {meta['table_version']} -> {version_dir}\n"
-          f"       why: {choice.reason}" + (f"; trained on a uniform sample of {train_sample} vectors" if train_sample else "")
-          + (f"; nprobe {nprobe} gives recall@10 {recall:.3f}" if nprobe else ""))
+    print(
+        f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim}, table version {meta['table_version']} -> {version_dir}\n"
+        f"       why: {choice.reason}"
+        + (f"; trained on a uniform sample of {train_sample} vectors" if train_sample else "")
+        + (f"; nprobe {nprobe} gives recall@10 {recall:.3f}" if nprobe else "")
+    )
     return meta
 
 
@@ -370,8 +389,11 @@ def write_version(directory: str, index: faiss.Index, ids: pa.Table, meta: dict,
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     staging = os.path.join(directory, f".staging-{uuid.uuid4().hex[:8]}")
     os.makedirs(staging)
-    steps = [(INDEX_FILE, lambda p: faiss.write_index(index, p)), (IDS_FILE, lambda p: pq.write_table(ids, p)),
-             (META_FILE, lambda p: open(p, "w").write(json.dumps(meta, indent=2)))]
+    steps = [
+        (INDEX_FILE, lambda p: faiss.write_index(index, p)),
+        (IDS_FILE, lambda p: pq.write_table(ids, p)),
+        (META_FILE, lambda p: open(p, "w").write(json.dumps(meta, indent=2))),
+    ]
     for name, write in steps:
         write(os.path.join(staging, name))
         if fail_after == name:
@@ -416,7 +438,7 @@ class EmbeddingIndex:
         self._n_listed = len(listings) - listings.null_count
 
     @classmethod
-    def load(cls, directory: str, mmap: bool = False) -> "EmbeddingIndex":
+    def load(cls, directory: str, mmap: bool = False) -> EmbeddingIndex:
         """The current version of the index at ``directory`` (a version directory also works)."""
         if not os.path.exists(os.path.join(directory, META_FILE)):
             directory = current_version_dir(directory)
@@ -577,8 +599,10 @@ def net_changes(changes: pa.Table) -> tuple[pa.Table, pa.Table]:
     deleted it). Within one version a written row wins over a removed one (an overwrite removes the
     old file and adds the new one)."""
     keys = ["listing_id", "image_uri"]
-    changes = pa.table({k: changes.column(k).cast(pa.string()) for k in keys + ["_change_type"]}
-                       | {"_commit_version": changes.column("_commit_version").cast(pa.int64())})
+    changes = pa.table(
+        {k: changes.column(k).cast(pa.string()) for k in keys + ["_change_type"]}
+        | {"_commit_version": changes.column("_commit_version").cast(pa.int64())}
+    )
     rank = pa.array([CHANGE_RANK[c] for c in changes.column("_change_type").to_pylist()], pa.int64())
     order = pc.add(pc.multiply(changes.column("_commit_version").cast(pa.int64()), 2), rank)
     keyed = changes.select(keys).append_column("_order", order).append_column("_rank", rank)
@@ -592,8 +616,9 @@ def net_changes(changes: pa.Table) -> tuple[pa.Table, pa.Table]:
 def _faiss_ids_of_keys(ids: pa.Table, keys: pa.Table) -> np.ndarray:
     if keys.num_rows == 0:
         return np.zeros(0, np.int64)
-    hit = ids.select(["faiss_id", "listing_id", "image_uri"]).join(keys, keys=["listing_id", "image_uri"], join_type="inner",
-                                                                    use_threads=False)
+    hit = ids.select(["faiss_id", "listing_id", "image_uri"]).join(
+        keys, keys=["listing_id", "image_uri"], join_type="inner", use_threads=False
+    )
     return np.sort(hit.column("faiss_id").to_numpy()).astype(np.int64)
 
 
@@ -611,35 +636,50 @@ def update_index(config: IndexUpdateConfig, remove: list[str] | None = None, fai
     target = dt.version()
     table_meta = delta_table.commit_metadata(dt)
     if table_meta.get("model_version") != meta["model_version"]:
-        raise ValueError(f"{uri} version {target} was tagged by model {table_meta.get('model_version')}, the index holds embeddings "
-                         f"of model {meta['model_version']}: rebuild it with `mltag index`")
+        raise ValueError(
+            f"{uri} version {target} was tagged by model {table_meta.get('model_version')}, the index holds embeddings "
+            f"of model {meta['model_version']}: rebuild it with `mltag index`"
+        )
     start = int(meta.get("table_version", -1)) + 1
     written = removed = pa.table({"listing_id": pa.array([], pa.string()), "image_uri": pa.array([], pa.string())})
     if start <= target:
-        changes = pa.table(dt.load_cdf(starting_version=start, ending_version=target,
-                                       columns=["listing_id", "image_uri", "_change_type", "_commit_version"]).read_all())
+        changes = pa.table(
+            dt.load_cdf(
+                starting_version=start, ending_version=target, columns=["listing_id", "image_uri", "_change_type", "_commit_version"]
+            ).read_all()
+        )
         written, removed = net_changes(changes)
     remove = list(remove or [])
     if config.remove_ids_file:
         with open(config.remove_ids_file) as f:
             remove += [line.strip() for line in f if line.strip()]
-    doomed = np.union1d(_faiss_ids_of_keys(index.ids, pa.concat_tables([written, removed])),
-                        index.ids.filter(pc.is_in(index.ids.column("listing_id"), pa.array(remove, pa.string())))
-                        .column("faiss_id").to_numpy().astype(np.int64) if remove else np.zeros(0, np.int64))
+    doomed = np.union1d(
+        _faiss_ids_of_keys(index.ids, pa.concat_tables([written, removed])),
+        index.ids.filter(pc.is_in(index.ids.column("listing_id"), pa.array(remove, pa.string())))
+        .column("faiss_id")
+        .to_numpy()
+        .astype(np.int64)
+        if remove
+        else np.zeros(0, np.int64),
+    )
     if len(doomed):
         # An explicit array selector: the only kind an IVF hash-table direct map accepts.
         try:
             index.index.remove_ids(faiss.IDSelectorArray(len(doomed), faiss.swig_ptr(doomed)))
         except RuntimeError as exc:  # faiss has no removal for some types (a refine stage)
-            raise ValueError(f"{meta['factory']} cannot remove or replace vectors ({len(doomed)} needed): "
-                             f"rebuild it with `mltag index`, or choose a factory without a refine stage") from exc
+            raise ValueError(
+                f"{meta['factory']} cannot remove or replace vectors ({len(doomed)} needed): "
+                f"rebuild it with `mltag index`, or choose a factory without a refine stage"
+            ) from exc
     ids = index.ids.filter(pc.invert(pc.is_in(index.ids.column("faiss_id"), pa.array(doomed, pa.int64()))))
     next_id = int(meta.get("next_id", int(index.ids.column("faiss_id").to_numpy().max(initial=-1)) + 1))
     new_tables = []
     if written.num_rows:
         # The written rows' embeddings, streamed from the target version (error rows skipped: they leave the index).
-        wanted = pc.is_in(pc.binary_join_element_wise(pc.field("listing_id"), pc.field("image_uri"), "\x1f"),
-                          value_set=pc.binary_join_element_wise(written.column("listing_id"), written.column("image_uri"), "\x1f"))
+        wanted = pc.is_in(
+            pc.binary_join_element_wise(pc.field("listing_id"), pc.field("image_uri"), "\x1f"),
+            value_set=pc.binary_join_element_wise(written.column("listing_id"), written.column("image_uri"), "\x1f"),
+        )
         for _, ok, vectors in _ok_batches(dt.to_pyarrow_dataset(), config.batch_rows, filter=wanted):
             if vectors is None:
                 continue
@@ -649,9 +689,21 @@ def update_index(config: IndexUpdateConfig, remove: list[str] | None = None, fai
             new_tables.append(ok.append_column("faiss_id", pa.array(faiss_ids, pa.int64())).select(ids.column_names))
     ids = pa.concat_tables([ids, *new_tables])
     added = sum(t.num_rows for t in new_tables)
-    meta.update({"count": int(index.index.ntotal), "next_id": next_id, "table_version": target, "tag_table": delta_table.table_uri(uri),
-                 "last_update": {"added": added, "removed": int(len(doomed)), "from_table_version": start - 1,
-                                 "to_table_version": target, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+    meta.update(
+        {
+            "count": int(index.index.ntotal),
+            "next_id": next_id,
+            "table_version": target,
+            "tag_table": delta_table.table_uri(uri),
+            "last_update": {
+                "added": added,
+                "removed": int(len(doomed)),
+                "from_table_version": start - 1,
+                "to_table_version": target,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        }
+    )
     version_dir = write_version(config.index, index.index, ids, meta, fail_after=fail_after)
     print(f"index updated to table version {target}: +{added} vectors, -{len(doomed)} vectors, now {meta['count']} -> {version_dir}")
     return meta

@@ -49,8 +49,9 @@ def choose_index(n: int, dim: int, max_memory_bytes: int) -> IndexChoice:
     nlist = _nlist(n)
     coarse = f"IVF{nlist}_HNSW32" if n >= HNSW_COARSE_MIN else f"IVF{nlist}"
     if n * (raw + ids) <= max_memory_bytes:
-        return IndexChoice(f"{coarse},Flat", f"{n} vectors: raw vectors fit the budget; inverted lists avoid a full scan",
-                           raw + ids, nlist, True)
+        return IndexChoice(
+            f"{coarse},Flat", f"{n} vectors: raw vectors fit the budget; inverted lists avoid a full scan", raw + ids, nlist, True
+        )
     for m in PQ_BYTES:
         per_vector = m + ids
         if m > dim or n * per_vector > max_memory_bytes:
@@ -58,9 +59,13 @@ def choose_index(n: int, dim: int, max_memory_bytes: int) -> IndexChoice:
         # OPQ rotates into a space PQ codes well; reducing to 4m dims (at most D) keeps training cheap.
         reduced = min(dim, 4 * m)
         reduced -= reduced % m
-        return IndexChoice(f"OPQ{m}_{reduced},{coarse},PQ{m}x8",
-                           f"{n} vectors x {raw} B do not fit {max_memory_bytes / 2**30:.1f} GiB: "
-                           f"product quantisation to {m} B a vector", per_vector, nlist, True)
+        return IndexChoice(
+            f"OPQ{m}_{reduced},{coarse},PQ{m}x8",
+            f"{n} vectors x {raw} B do not fit {max_memory_bytes / 2**30:.1f} GiB: product quantisation to {m} B a vector",
+            per_vector,
+            nlist,
+            True,
+        )
     raise ValueError(f"{n} vectors cannot fit {max_memory_bytes} bytes even at 8 bytes a vector; raise --max-index-memory")
 
 

@@ -74,8 +74,15 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tens
 class MultiLabelLoss(nn.Module):
     """A configured loss as a module (what the training loop holds)."""
 
-    def __init__(self, name: str, gamma_pos: float = 0.0, gamma_neg: float = 4.0, clip: float = 0.05, focal_gamma: float = 2.0,
-                 pos_weight: torch.Tensor | None = None):
+    def __init__(
+        self,
+        name: str,
+        gamma_pos: float = 0.0,
+        gamma_neg: float = 4.0,
+        clip: float = 0.05,
+        focal_gamma: float = 2.0,
+        pos_weight: torch.Tensor | None = None,
+    ):
         super().__init__()
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")

@@ -99,9 +99,18 @@ def precision_recall_f1(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, np.
     micro_p = tp.sum() / max(predicted.sum(), 1)
     micro_r = tp.sum() / max(actual.sum(), 1)
     micro_f1 = 2 * micro_p * micro_r / (micro_p + micro_r) if micro_p + micro_r > 0 else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "support": actual,
-            "micro_precision": float(micro_p), "micro_recall": float(micro_r), "micro_f1": float(micro_f1),
-            "macro_precision": float(precision.mean()), "macro_recall": float(recall.mean()), "macro_f1": float(f1.mean())}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": actual,
+        "micro_precision": float(micro_p),
+        "micro_recall": float(micro_r),
+        "micro_f1": float(micro_f1),
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+    }
 
 
 def level_accuracy(y_true: np.ndarray, scores: np.ndarray, level_map: np.ndarray) -> dict:
@@ -133,6 +142,9 @@ def level_accuracy(y_true: np.ndarray, scores: np.ndarray, level_map: np.ndarray
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     true_rows, true_classes = np.nonzero(level_true)
     np.add.at(confusion, (true_classes, predicted[true_rows]), 1)
-    return {"micro": float(correct[rows].mean()) if rows.any() else float("nan"),
-            "macro": float(np.mean(per_class)) if per_class else float("nan"),
-            "rows": int(rows.sum()), "confusion": confusion}
+    return {
+        "micro": float(correct[rows].mean()) if rows.any() else float("nan"),
+        "macro": float(np.mean(per_class)) if per_class else float("nan"),
+        "rows": int(rows.sum()),
+        "confusion": confusion,
+    }

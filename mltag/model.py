@@ -179,7 +179,8 @@ def verify_weights(weights: bytes, spec: TaggerSpec, model_dir: str) -> None:
         raise ModelIntegrityError(
             f"refusing to load the tagger at {model_dir}: {WEIGHTS_FILE} and {META_FILE} do not match "
             f"(content hash {actual}, recorded version {spec.version or '(none)'}); the directory was modified "
-            f"or is half-written. Re-export or re-save the model to make it consistent.")
+            f"or is half-written. Re-export or re-save the model to make it consistent."
+        )
 
 
 def load_tagger(model_dir: str, device: str | torch.device = "cpu") -> tuple[Tagger, TaggerSpec]:

@@ -32,17 +32,24 @@ import pyarrow.compute as pc
 
 from mltag import catalog, delta_table, storage, tag_table
 from mltag.cluster import init_ray, on_worker
-from mltag.model import load_spec
-from mltag.row_errors import TRANSIENT
-from mltag.tag_table import redact_uri_column
-from mltag.uri_policy import DEFAULT_SCHEMES
-from mltag.sharded_run import KEY_COLUMNS, Plan, Totals
 from mltag.fingerprints import FINGERPRINTS, fingerprint_batch
 from mltag.identifiers import validate_identifier
+from mltag.model import load_spec
+from mltag.row_errors import TRANSIENT
+from mltag.sharded_run import KEY_COLUMNS, Plan, Totals
 from mltag.tag import (
-    TagConfig, check_error_gate, commit_metadata, commit_run_files, open_run, derived_run_id, manifest_signature, merge_tagged, tag_shards,
+    TagConfig,
+    check_error_gate,
+    commit_metadata,
+    commit_run_files,
+    derived_run_id,
+    manifest_signature,
+    merge_tagged,
+    open_run,
+    tag_shards,
 )
-
+from mltag.tag_table import redact_uri_column
+from mltag.uri_policy import DEFAULT_SCHEMES
 
 
 @dataclass
@@ -93,7 +100,7 @@ def plan(today: pa.Table, previous: pa.Table, model_version: str) -> tuple[pa.Ar
     for name, type_ in prev_cols.items():
         if name not in right.column_names:
             right = right.append_column(name, pa.nulls(right.num_rows, type_))
-    right = right.rename_columns(keys + ["prev_" + c for c in right.column_names[len(keys):]])
+    right = right.rename_columns(keys + ["prev_" + c for c in right.column_names[len(keys) :]])
     right = right.append_column("_present", pa.array(np.ones(right.num_rows, dtype=bool)))
     joined = left.join(right, keys=keys, join_type="left outer", use_threads=False).sort_by("_row")
     present = pc.fill_null(joined.column("_present"), False)
@@ -101,9 +108,11 @@ def plan(today: pa.Table, previous: pa.Table, model_version: str) -> tuple[pa.Ar
     same_print = pc.fill_null(pc.and_(pc.equal(fingerprint, joined.column("prev_fingerprint")), pc.not_equal(fingerprint, "")), False)
     same_model = pc.fill_null(pc.equal(joined.column("prev_model_version"), model_version), False)
     transient = pc.fill_null(pc.is_in(joined.column("prev_error_reason"), pa.array(sorted(TRANSIENT))), False)
-    outcome = pc.if_else(pc.invert(present), "new",
-                         pc.if_else(pc.invert(pc.and_(same_print, same_model)), "changed",
-                                    pc.if_else(transient, "retry", "unchanged")))
+    outcome = pc.if_else(
+        pc.invert(present),
+        "new",
+        pc.if_else(pc.invert(pc.and_(same_print, same_model)), "changed", pc.if_else(transient, "retry", "unchanged")),
+    )
     deleted = right.select(keys).join(today.select(keys), keys=keys, join_type="left anti", use_threads=False)
     return outcome.combine_chunks() if isinstance(outcome, pa.ChunkedArray) else outcome, deleted
 
@@ -115,15 +124,18 @@ def previous_keys(dt):
     import ray.data
 
     if "deletionVectors" in (dt.protocol().reader_features or []):
-        raise ValueError(f"{dt.table_uri} uses deletion vectors (written by another engine): mltag reads its files directly "
-                         "and cannot apply them; rewrite the table without them (OPTIMIZE / REORG ... PURGE)")
+        raise ValueError(
+            f"{dt.table_uri} uses deletion vectors (written by another engine): mltag reads its files directly "
+            "and cannot apply them; rewrite the table without them (OPTIMIZE / REORG ... PURGE)"
+        )
     names = dt.schema().to_arrow().names
     columns = [c for c in ("listing_id", "image_uri", "fingerprint", "model_version", "error_reason") if c in names]
     files = dt.file_uris()
     # One task per file, each casting to plain strings: files delta-rs rewrote hold string_view
     # columns, ours string, and a single read_parquet would refuse to unify them.
     return ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, min(len(files), 1000))).map_batches(
-        _read_key_columns, fn_kwargs={"columns": columns}, batch_format="pyarrow", batch_size=1, udf_modifying_row_count=True)
+        _read_key_columns, fn_kwargs={"columns": columns}, batch_format="pyarrow", batch_size=1, udf_modifying_row_count=True
+    )
 
 
 def _read_key_columns(batch: pa.Table, columns: list[str]) -> pa.Table:
@@ -133,8 +145,14 @@ def _read_key_columns(batch: pa.Table, columns: list[str]) -> pa.Table:
     for uri in batch.column("path").to_pylist():
         fs, path = storage.arrow_filesystem_for(uri)
         table = pq.read_table(path, filesystem=fs, columns=[c for c in columns if c in pq.read_schema(path, filesystem=fs).names])
-        tables.append(pa.table({c: (table.column(c).cast(pa.string()) if c in table.column_names else pa.nulls(table.num_rows, pa.string()))
-                                for c in columns}))
+        tables.append(
+            pa.table(
+                {
+                    c: (table.column(c).cast(pa.string()) if c in table.column_names else pa.nulls(table.num_rows, pa.string()))
+                    for c in columns
+                }
+            )
+        )
     return pa.concat_tables(tables)
 
 
@@ -145,14 +163,28 @@ def run(config: ReindexConfig) -> dict:
     uri = delta_table.table_uri(config.table)
     init_ray()
     manifest, rows = catalog.manifest_dataset(config.manifest)  # a bad manifest stops here, before any work
-    tag_config = TagConfig(manifest=config.manifest, model=config.model, out=uri, snapshot=snapshot, shard_rows=config.shard_rows,
-                           batch_size=config.batch_size, num_actors=config.num_actors, max_error_rate=config.max_error_rate,
-                           allowed_schemes=config.allowed_schemes, allow_private_networks=config.allow_private_networks,
-                           allowed_roots=config.allowed_roots, fetch_timeout_s=config.fetch_timeout_s)
+    tag_config = TagConfig(
+        manifest=config.manifest,
+        model=config.model,
+        out=uri,
+        snapshot=snapshot,
+        shard_rows=config.shard_rows,
+        batch_size=config.batch_size,
+        num_actors=config.num_actors,
+        max_error_rate=config.max_error_rate,
+        allowed_schemes=config.allowed_schemes,
+        allow_private_networks=config.allow_private_networks,
+        allowed_roots=config.allowed_roots,
+        fetch_timeout_s=config.fetch_timeout_s,
+    )
     tag_config.validate()
     # Fingerprints in Ray tasks: a stat (or a read) per image is the slow part of the planning.
-    today = manifest.map_batches(fingerprint_batch, fn_kwargs={"mode": config.fingerprint, "policy": tag_config.fetch_policy()},
-                                 batch_format="pyarrow", udf_modifying_row_count=False)
+    today = manifest.map_batches(
+        fingerprint_batch,
+        fn_kwargs={"mode": config.fingerprint, "policy": tag_config.fetch_policy()},
+        batch_format="pyarrow",
+        udf_modifying_row_count=False,
+    )
 
     table_model = tag_table.run_metadata(uri).get("model_version") if delta_table.exists(uri) else None
     if table_model != spec.version:
@@ -175,8 +207,9 @@ def run(config: ReindexConfig) -> dict:
 
 def _report_duplicates(plan_: Plan) -> None:
     if plan_.duplicates:
-        print(f"manifest repeats {plan_.duplicates} (listing_id, image_uri) row(s): each key kept once, "
-              f"e.g. {plan_.duplicate_examples[:3]}")
+        print(
+            f"manifest repeats {plan_.duplicates} (listing_id, image_uri) row(s): each key kept once, e.g. {plan_.duplicate_examples[:3]}"
+        )
 
 
 def _overwrite(tag_config: TagConfig, today, rows: int | None, spec, started: float) -> dict:
@@ -189,16 +222,31 @@ def _overwrite(tag_config: TagConfig, today, rows: int | None, spec, started: fl
     plan_, totals, resumed = tag_shards(tag_config, run, today, data_prefix="", rows=rows)
     _report_duplicates(plan_)
     check_error_gate(run, totals, tag_config.max_error_rate)
-    metadata = commit_metadata(tag_config, spec, run_id, "reindex", plan_, totals, started, new=totals.rows, changed=0, retry=0,
-                               unchanged=0, deleted=0, manifest_rows=plan_.rows + plan_.duplicates, shards_resumed=resumed)
+    metadata = commit_metadata(
+        tag_config,
+        spec,
+        run_id,
+        "reindex",
+        plan_,
+        totals,
+        started,
+        new=totals.rows,
+        changed=0,
+        retry=0,
+        unchanged=0,
+        deleted=0,
+        manifest_rows=plan_.rows + plan_.duplicates,
+        shards_resumed=resumed,
+    )
     version = commit_run_files(uri, totals, metadata, app_id)
     run.remove()
     print(f"reindex {tag_config.snapshot}: {totals.rows} rows tagged ({totals.errors} errors) -> {uri} version {version}")
     return {**metadata, "table_version": version, "table": uri, "mode": "overwrite"}
 
 
-def _merge_night(config: ReindexConfig, tag_config: TagConfig, uri: str, today, rows: int | None, spec, started: float,
-                 snapshot: str) -> dict:
+def _merge_night(
+    config: ReindexConfig, tag_config: TagConfig, uri: str, today, rows: int | None, spec, started: float, snapshot: str
+) -> dict:
     dt = delta_table.open_table(uri)
     run_id = derived_run_id("night", snapshot, dt.version(), manifest_signature(config.manifest), spec.version, config.fingerprint)
     tag_config.run_id = run_id
@@ -207,31 +255,59 @@ def _merge_night(config: ReindexConfig, tag_config: TagConfig, uri: str, today, 
         return {**committed, "committed": False}
     # The plan, shard by shard in Ray tasks: today's rows against the table's rows of the same listings.
     table_rows = int(pc.sum(pa.table(dt.get_add_actions(flatten=True)).column("num_records")).as_py() or 0)
-    plan_ = run.prepare(today, config.shard_rows, rows, previous=previous_keys(dt), classify=plan,
-                        classify_kwargs={"model_version": spec.version}, previous_rows=table_rows)
+    plan_ = run.prepare(
+        today,
+        config.shard_rows,
+        rows,
+        previous=previous_keys(dt),
+        classify=plan,
+        classify_kwargs={"model_version": spec.version},
+        previous_rows=table_rows,
+    )
     _report_duplicates(plan_)
     counts = {name: int(plan_.counts.get(name, 0)) for name in OUTCOMES + ("deleted",)}
     deleted_files = run.deleted_key_files()
     if plan_.rows == 0 and counts["deleted"] == 0:
         run.remove()
         print(f"reindex {snapshot}: nothing changed since version {dt.version()} ({counts['unchanged']} rows unchanged); no commit")
-        return {**counts, "committed": False, "table_version": dt.version(), "rows": counts["unchanged"], "snapshot": snapshot,
-                "duplicates_dropped": plan_.duplicates}
+        return {
+            **counts,
+            "committed": False,
+            "table_version": dt.version(),
+            "rows": counts["unchanged"],
+            "snapshot": snapshot,
+            "duplicates_dropped": plan_.duplicates,
+        }
     if plan_.rows:
         plan_, totals, resumed = tag_shards(tag_config, run, None, data_prefix=f"_mltag_runs/{run_id}/data/", plan=plan_)
         check_error_gate(run, totals, config.max_error_rate)
     else:  # only deletions tonight
         totals, resumed = Totals(0, 0, {}, []), 0
     today_rows = sum(counts[name] for name in OUTCOMES)
-    metadata = commit_metadata(tag_config, spec, run_id, "reindex", plan_, totals, started, **counts, read_version=dt.version(),
-                               manifest_rows=today_rows + plan_.duplicates, shards_resumed=resumed)
-    metadata.update(rows=today_rows,
-                    summary=f"mltag reindex {snapshot}: {counts['new']} new, {counts['changed']} changed, {counts['retry']} retried, "
-                            f"{counts['deleted']} deleted")
+    metadata = commit_metadata(
+        tag_config,
+        spec,
+        run_id,
+        "reindex",
+        plan_,
+        totals,
+        started,
+        **counts,
+        read_version=dt.version(),
+        manifest_rows=today_rows + plan_.duplicates,
+        shards_resumed=resumed,
+    )
+    metadata.update(
+        rows=today_rows,
+        summary=f"mltag reindex {snapshot}: {counts['new']} new, {counts['changed']} changed, {counts['retry']} retried, "
+        f"{counts['deleted']} deleted",
+    )
     metrics = merge_tagged(uri, dt, totals, deleted_files, metadata, app_id)
     run.remove()
     version = delta_table.latest_version(uri)
-    print(f"reindex {snapshot}: {counts['new']} new, {counts['changed']} changed, {counts['retry']} retried, "
-          f"{counts['unchanged']} unchanged, {counts['deleted']} deleted, {totals.errors} errors, "
-          f"{round(time.time() - started, 1)} s -> {uri} version {version}")
+    print(
+        f"reindex {snapshot}: {counts['new']} new, {counts['changed']} changed, {counts['retry']} retried, "
+        f"{counts['unchanged']} unchanged, {counts['deleted']} deleted, {totals.errors} errors, "
+        f"{round(time.time() - started, 1)} s -> {uri} version {version}"
+    )
     return {**metadata, "table_version": version, "table": uri, "merge": metrics}

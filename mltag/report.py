@@ -145,16 +145,31 @@ def run(config: ReportConfig) -> str:
     l1 = metrics["levels"]["L1"]
     plot_confusion(np.asarray(l1["confusion"]), l1["classes"], os.path.join(config.out, FIGURES[3]))
 
-    summary = [("model version", spec.version), ("backbone", spec.backbone), ("images evaluated", str(metrics["images"])),
-               ("mAP (macro)", f"{metrics['map_macro']:.4f}"), ("mAP (micro)", f"{metrics['map_micro']:.4f}"),
-               ("Hamming loss", f"{metrics['hamming_loss']:.4f}"),
-               ("precision / recall / F1 (micro)", f"{metrics['micro_precision']:.3f} / {metrics['micro_recall']:.3f} / {metrics['micro_f1']:.3f}"),
-               ("top-1 / top-3 / top-5 accuracy", f"{metrics['top1_accuracy']:.3f} / {metrics['top3_accuracy']:.3f} / {metrics['top5_accuracy']:.3f}")]
-    summary += [(f"{lvl} accuracy (micro / macro)", f"{m['micro_accuracy']:.3f} / {m['macro_accuracy']:.3f}") for lvl, m in metrics["levels"].items()]
+    summary = [
+        ("model version", spec.version),
+        ("backbone", spec.backbone),
+        ("images evaluated", str(metrics["images"])),
+        ("mAP (macro)", f"{metrics['map_macro']:.4f}"),
+        ("mAP (micro)", f"{metrics['map_micro']:.4f}"),
+        ("Hamming loss", f"{metrics['hamming_loss']:.4f}"),
+        (
+            "precision / recall / F1 (micro)",
+            f"{metrics['micro_precision']:.3f} / {metrics['micro_recall']:.3f} / {metrics['micro_f1']:.3f}",
+        ),
+        (
+            "top-1 / top-3 / top-5 accuracy",
+            f"{metrics['top1_accuracy']:.3f} / {metrics['top3_accuracy']:.3f} / {metrics['top5_accuracy']:.3f}",
+        ),
+    ]
+    summary += [
+        (f"{lvl} accuracy (micro / macro)", f"{m['micro_accuracy']:.3f} / {m['macro_accuracy']:.3f}")
+        for lvl, m in metrics["levels"].items()
+    ]
     tag_rows = "".join(
         f"<tr><td>{html.escape(r['tag'])}</td><td>{r['level']}</td><td>{r['support']}</td><td>{r['ap']:.3f}</td>"
         f"<td>{r['threshold']:.3f}</td><td>{r['precision']:.3f}</td><td>{r['recall']:.3f}</td><td>{r['f1']:.3f}</td></tr>"
-        for r in sorted(per_tag.to_pylist(), key=lambda r: (np.nan_to_num(r["ap"], nan=-1))))
+        for r in sorted(per_tag.to_pylist(), key=lambda r: np.nan_to_num(r["ap"], nan=-1))
+    )
     figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in FIGURES)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>mltag report {html.escape(spec.version)}</title>

@@ -126,8 +126,9 @@ def tag_counts(tags: pa.Array | pa.ChunkedArray, index: TagIndex, rows_per_slice
     return positives, len(tags)
 
 
-def repeat_factors_from_tags(tags: pa.Array | pa.ChunkedArray, index: TagIndex, per_tag: np.ndarray,
-                             rows_per_slice: int = ROWS_PER_SLICE) -> np.ndarray:
+def repeat_factors_from_tags(
+    tags: pa.Array | pa.ChunkedArray, index: TagIndex, per_tag: np.ndarray, rows_per_slice: int = ROWS_PER_SLICE
+) -> np.ndarray:
     """r(I) per row from its tags and the tag factors r(h) (``tag_repeat_factors_from_counts``):
     the largest factor among the row's closed tags, 1 when it has none."""
     per_tag = np.asarray(per_tag, dtype=np.float64)

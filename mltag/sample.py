@@ -112,9 +112,17 @@ def build_sample_catalog(out: str, n_images: int = 600, size: int = 160, val_fra
             f.write(buf.getvalue())
         rows.append({"listing_id": f"L{i:06d}", "image_uri": rel, "tags": tags, "split": "val" if i >= n_images - n_val else "train"})
 
-    table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("listing_id", pa.string()), ("image_uri", pa.string()), ("tags", pa.list_(pa.string())), ("split", pa.string()),
-    ]))
+    table = pa.Table.from_pylist(
+        rows,
+        schema=pa.schema(
+            [
+                ("listing_id", pa.string()),
+                ("image_uri", pa.string()),
+                ("tags", pa.list_(pa.string())),
+                ("split", pa.string()),
+            ]
+        ),
+    )
     pq.write_table(table, os.path.join(out, "manifest.parquet"))
     with open(os.path.join(out, "manifest.csv"), "w") as f:
         f.write("listing_id,image_uri,tags,split\n")

@@ -40,15 +40,26 @@ RUNS_DIR = "_mltag_runs"
 SHARD_COLUMN = "_shard"
 KEY_COLUMNS = ("listing_id", "image_uri")
 EXAMPLES_PER_REASON = 3
-FILE_RECORD_SCHEMA = pa.schema([("shard", pa.int32()), ("path", pa.string()), ("size", pa.int64()), ("rows", pa.int64()),
-                                ("errors", pa.int64()), ("reasons", pa.string())])
+FILE_RECORD_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int32()),
+        ("path", pa.string()),
+        ("size", pa.int64()),
+        ("rows", pa.int64()),
+        ("errors", pa.int64()),
+        ("reasons", pa.string()),
+    ]
+)
 
 
 # ---- pure pieces ----------------------------------------------------------------------------------
 def shard_of(listing_ids: pa.Array | pa.ChunkedArray, n_shards: int) -> np.ndarray:
     """Stable shard number per listing id (blake2b of the id: the same on every machine and run)."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") % n_shards
-                        for v in listing_ids.to_pylist()), dtype=np.int32, count=len(listing_ids))
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") % n_shards for v in listing_ids.to_pylist()),
+        dtype=np.int32,
+        count=len(listing_ids),
+    )
 
 
 def drop_duplicate_keys(table: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -59,8 +70,7 @@ def drop_duplicate_keys(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     groups = keyed.group_by(list(KEY_COLUMNS), use_threads=False).aggregate([("_row", "min"), ("_row", "count")])
     keep = np.sort(groups.column("_row_min").to_numpy())
     duplicated = groups.filter(pc.greater(groups.column("_row_count"), 1))
-    duplicated = duplicated.select(list(KEY_COLUMNS)).append_column(
-        "extra_copies", pc.subtract(duplicated.column("_row_count"), 1))
+    duplicated = duplicated.select(list(KEY_COLUMNS)).append_column("extra_copies", pc.subtract(duplicated.column("_row_count"), 1))
     return (table if len(keep) == table.num_rows else table.take(pa.array(keep))), duplicated
 
 
@@ -103,8 +113,9 @@ def _group_by_shard(ds, n_shards: int, directory: str, dedupe: bool) -> list[dic
     # Shuffle partitions: no more than shards, nor than the cluster has CPUs (Ray's default of 200
     # partitions costs more in start-up than a small run spends in work).
     partitions = max(1, min(n_shards, int(ray.cluster_resources().get("CPU", 1))))
-    grouped = ds.map_batches(add_shard_column, fn_kwargs={"n_shards": n_shards}, batch_format="pyarrow",
-                             udf_modifying_row_count=False).groupby(SHARD_COLUMN, num_partitions=partitions)
+    grouped = ds.map_batches(
+        add_shard_column, fn_kwargs={"n_shards": n_shards}, batch_format="pyarrow", udf_modifying_row_count=False
+    ).groupby(SHARD_COLUMN, num_partitions=partitions)
     return grouped.map_groups(_write_group, fn_kwargs={"directory": directory, "dedupe": dedupe}, batch_format="pyarrow").take_all()
 
 
@@ -132,8 +143,9 @@ def _classify_shards(batch: pa.Table, run_dir: str, classify, classify_kwargs: d
         if today is None:
             outcome, deleted = pa.array([], pa.string()), previous.select(list(KEY_COLUMNS))
         else:
-            outcome, deleted = classify(today, previous.drop_columns([SHARD_COLUMN]) if SHARD_COLUMN in previous.column_names
-                                        else previous, **classify_kwargs)
+            outcome, deleted = classify(
+                today, previous.drop_columns([SHARD_COLUMN]) if SHARD_COLUMN in previous.column_names else previous, **classify_kwargs
+            )
             for name in pc.unique(outcome).to_pylist():
                 counts[name] = int(pc.sum(pc.equal(outcome, name)).as_py())
             tagged = today.filter(pc.is_in(outcome, pa.array(["new", "changed", "retry"])))
@@ -198,9 +210,16 @@ def write_shard_files(batch: pa.Table, table_uri: str, data_prefix: str, run_id:
         path = f"{root}/{relative}"
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pq.write_table(part, path, filesystem=fs)
-        records.append({"shard": int(shard), "path": relative, "size": fs.get_file_info(path).size, "rows": part.num_rows,
-                        "errors": part.num_rows - part.column("error").null_count,
-                        "reasons": json.dumps(_reason_summary(part))})
+        records.append(
+            {
+                "shard": int(shard),
+                "path": relative,
+                "size": fs.get_file_info(path).size,
+                "rows": part.num_rows,
+                "errors": part.num_rows - part.column("error").null_count,
+                "reasons": json.dumps(_reason_summary(part)),
+            }
+        )
     return pa.Table.from_pylist(records, schema=FILE_RECORD_SCHEMA)
 
 
@@ -250,8 +269,16 @@ class ShardedRun:
         except FileNotFoundError:
             return None
 
-    def prepare(self, manifest, shard_rows: int, rows: int | None = None, previous=None, classify=None,
-                classify_kwargs: dict | None = None, previous_rows: int | None = None) -> Plan:
+    def prepare(
+        self,
+        manifest,
+        shard_rows: int,
+        rows: int | None = None,
+        previous=None,
+        classify=None,
+        classify_kwargs: dict | None = None,
+        previous_rows: int | None = None,
+    ) -> Plan:
         """Shards the manifest once (a restart reuses the plan) and returns the plan.
 
         ``manifest`` is a Ray Dataset of normalised manifest rows (or, for small inputs, a pyarrow
@@ -283,9 +310,13 @@ class ShardedRun:
         else:
             _group_by_shard(previous, n_shards, self._path("previous"), dedupe=False)
             shards = ray.data.from_items([{"shard": s} for s in range(n_shards)], override_num_blocks=min(n_shards, 1000))
-            classified = shards.map_batches(_classify_shards, fn_kwargs={"run_dir": self.dir, "classify": classify,
-                                                                          "classify_kwargs": classify_kwargs or {}},
-                                            batch_format="pyarrow", batch_size=1, num_cpus=0.5).take_all()
+            classified = shards.map_batches(
+                _classify_shards,
+                fn_kwargs={"run_dir": self.dir, "classify": classify, "classify_kwargs": classify_kwargs or {}},
+                batch_format="pyarrow",
+                batch_size=1,
+                num_cpus=0.5,
+            ).take_all()
             for r in classified:
                 shard_rows_list[r["shard"]] = r["to_tag"]
                 for name, value in json.loads(r["counts"]).items():
@@ -306,8 +337,7 @@ class ShardedRun:
         fs, path = storage.filesystem_for(self._path("done"))
         if not fs.exists(path):
             return set()
-        return {int(name.rsplit("/", 1)[-1][len("shard-"):-len(".json")]) for name in fs.ls(path, detail=False)
-                if name.endswith(".json")}
+        return {int(name.rsplit("/", 1)[-1][len("shard-") : -len(".json")]) for name in fs.ls(path, detail=False) if name.endswith(".json")}
 
     def mark_done(self, shard: int, files: list[dict]) -> None:
         storage.write_bytes_atomic(self._path("done", f"shard-{shard:05d}.json"), json.dumps({"shard": shard, "files": files}).encode())

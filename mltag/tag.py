@@ -30,16 +30,18 @@ import torch
 from mltag import catalog, delta_table, storage, tag_table
 from mltag.cluster import init_ray, on_worker
 from mltag.config import config_dict, config_hash
-from mltag.images import DEFAULT_MAX_PIXELS, decode_batch, fetch_batch, pixels_from_arrow
-from mltag.uri_policy import DEFAULT_SCHEMES, FetchPolicy
 from mltag.fingerprints import FINGERPRINTS, fingerprint_batch
 from mltag.identifiers import validate_identifier
+from mltag.images import DEFAULT_MAX_PIXELS, decode_batch, fetch_batch, pixels_from_arrow
 from mltag.model import load_spec, load_tagger, normalise, pick_device
-from mltag.staging import StagingBuffers
 from mltag.sharded_run import Plan, ShardedRun, Totals, format_reasons, read_shard_manifests, write_shard_files
+from mltag.staging import StagingBuffers
+from mltag.uri_policy import DEFAULT_SCHEMES, FetchPolicy
 
 IO_STAGE_CPUS = 0.25  # CPU share of a manifest-read or file-write task
-DECODE_BATCHES_PER_TASK = 4  # manifest rows per decode task, in decode batches: small enough to stream, large enough that task overhead stays small
+DECODE_BATCHES_PER_TASK = (
+    4  # manifest rows per decode task, in decode batches: small enough to stream, large enough that task overhead stays small
+)
 
 
 class ErrorGateError(RuntimeError):
@@ -88,15 +90,15 @@ class TagConfig:
         if self.batch_size < 1 or self.decode_batch_size < 1 or self.shard_rows < 1 or self.rows_per_file < 1:
             raise ValueError("batch sizes, shard_rows and rows_per_file must be positive")
         if self.embedding_dtype not in tag_table.EMBEDDING_DTYPES:
-            raise ValueError(f"embedding_dtype must be one of: {', '.join(tag_table.EMBEDDING_DTYPES)} "
-                             f"(Delta Lake has no half-precision type)")
+            raise ValueError(
+                f"embedding_dtype must be one of: {', '.join(tag_table.EMBEDDING_DTYPES)} (Delta Lake has no half-precision type)"
+            )
         if self.decode_on not in ("cpu", "actor"):
             raise ValueError("decode_on must be cpu or actor")
         if not 0 < self.decode_cpus or self.decode_cpus == self.cpus_per_actor:
             # Equal resources would let Ray Data fuse decode into the actor: one process would then
             # decode while the model waits and run the model while nothing decodes.
-            raise ValueError(f"decode_cpus must be positive and differ from cpus_per_actor ({self.cpus_per_actor}); "
-                             f"got {self.decode_cpus}")
+            raise ValueError(f"decode_cpus must be positive and differ from cpus_per_actor ({self.cpus_per_actor}); got {self.decode_cpus}")
         if self.fingerprint not in FINGERPRINTS + ("none",):
             raise ValueError(f"unknown fingerprint {self.fingerprint!r}; choose one of: {', '.join(FINGERPRINTS + ('none',))}")
         if not 0 <= self.max_error_rate <= 1:
@@ -109,13 +111,26 @@ class TagConfig:
 
     def fetch_policy(self) -> FetchPolicy:
         split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
-        return FetchPolicy(allowed_schemes=split(self.allowed_schemes), allow_private_networks=self.allow_private_networks,
-                           allowed_roots=split(self.allowed_roots), fetch_timeout_s=self.fetch_timeout_s)
+        return FetchPolicy(
+            allowed_schemes=split(self.allowed_schemes),
+            allow_private_networks=self.allow_private_networks,
+            allowed_roots=split(self.allowed_roots),
+            fetch_timeout_s=self.fetch_timeout_s,
+        )
 
     def result_fields(self) -> dict:
         """The settings that change the rows a run writes (not how fast it writes them)."""
-        keep = ("threshold", "max_tags", "embedding_dtype", "decode_on", "max_pixels", "allowed_schemes", "allow_private_networks",
-                "allowed_roots", "fingerprint")
+        keep = (
+            "threshold",
+            "max_tags",
+            "embedding_dtype",
+            "decode_on",
+            "max_pixels",
+            "allowed_schemes",
+            "allow_private_networks",
+            "allowed_roots",
+            "fingerprint",
+        )
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -125,8 +140,17 @@ class TaggerActor:
     Input rows carry either decoded ``pixels`` (decode_on=cpu) or raw ``image_bytes``
     (decode_on=actor, decoded here on the actor's device)."""
 
-    def __init__(self, model_dir: str, use_gpu: bool, threads: int, threshold: float, max_tags: int = 0,
-                 embedding_dtype: str = "float32", compile: bool = False, policy: FetchPolicy | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        use_gpu: bool,
+        threads: int,
+        threshold: float,
+        max_tags: int = 0,
+        embedding_dtype: str = "float32",
+        compile: bool = False,
+        policy: FetchPolicy | None = None,
+    ):
         torch.set_num_threads(max(1, threads))
         self.device = pick_device("true" if use_gpu else "false")
         self.model, self.spec = load_tagger(model_dir, self.device)
@@ -217,17 +241,35 @@ def build_pipeline(config: TagConfig, source):
     # Decode tasks ask for other resources than the actors on purpose: Ray Data fuses adjacent maps
     # whose resources are equal, and a fused decode would run in the actor, in turn with the model.
     if config.decode_on == "actor":
-        ds = ds.map_batches(fetch_batch, fn_kwargs={"max_pixels": config.max_pixels, "policy": policy}, num_cpus=config.decode_cpus,
-                            batch_format="pyarrow", batch_size=config.decode_batch_size, udf_modifying_row_count=False)
+        ds = ds.map_batches(
+            fetch_batch,
+            fn_kwargs={"max_pixels": config.max_pixels, "policy": policy},
+            num_cpus=config.decode_cpus,
+            batch_format="pyarrow",
+            batch_size=config.decode_batch_size,
+            udf_modifying_row_count=False,
+        )
     else:
-        ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.img_size, "max_pixels": config.max_pixels, "policy": policy},
-                            num_cpus=config.decode_cpus, batch_format="pyarrow", batch_size=config.decode_batch_size,
-                            udf_modifying_row_count=False)
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={"size": spec.img_size, "max_pixels": config.max_pixels, "policy": policy},
+            num_cpus=config.decode_cpus,
+            batch_format="pyarrow",
+            batch_size=config.decode_batch_size,
+            udf_modifying_row_count=False,
+        )
     return ds.map_batches(
         TaggerActor,
-        fn_constructor_kwargs={"model_dir": config.model, "use_gpu": use_gpu, "threads": threads,
-                               "threshold": config.threshold, "max_tags": config.max_tags,
-                               "embedding_dtype": config.embedding_dtype, "compile": config.compile, "policy": policy},
+        fn_constructor_kwargs={
+            "model_dir": config.model,
+            "use_gpu": use_gpu,
+            "threads": threads,
+            "threshold": config.threshold,
+            "max_tags": config.max_tags,
+            "embedding_dtype": config.embedding_dtype,
+            "compile": config.compile,
+            "policy": policy,
+        },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=config.batch_size,
         batch_format="pyarrow",
@@ -265,8 +307,9 @@ def derived_run_id(prefix: str, *parts) -> str:
     return f"{prefix}-{hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]}"
 
 
-def tag_shards(config: TagConfig, run: ShardedRun, manifest, data_prefix: str, rows: int | None = None,
-               plan: Plan | None = None) -> tuple[Plan, Totals, int]:
+def tag_shards(
+    config: TagConfig, run: ShardedRun, manifest, data_prefix: str, rows: int | None = None, plan: Plan | None = None
+) -> tuple[Plan, Totals, int]:
     """Tags every unfinished shard of ``run`` into files under the table, marking shards done as
     they finish. ``manifest`` is a Ray Dataset (or a small table) of normalised rows; ``plan`` an
     already prepared one. Returns (plan, totals over all shards, shards already done before this call)."""
@@ -288,13 +331,20 @@ def tag_shards(config: TagConfig, run: ShardedRun, manifest, data_prefix: str, r
         # finish one after another. (read_parquet would merge small shard files into one block, and
         # every shard would finish at the very end: a crash would lose them all.)
         source = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths)).map_batches(
-            read_shard_manifests, batch_size=1, batch_format="pyarrow", num_cpus=IO_STAGE_CPUS, udf_modifying_row_count=True)
+            read_shard_manifests, batch_size=1, batch_format="pyarrow", num_cpus=IO_STAGE_CPUS, udf_modifying_row_count=True
+        )
         records = build_pipeline(config, source).map_batches(
-            write_shard_files, fn_kwargs={"table_uri": run.table_uri, "data_prefix": data_prefix, "run_id": run.run_id},
-            batch_format="pyarrow", batch_size=min(config.rows_per_file, config.shard_rows), udf_modifying_row_count=True,
-            num_cpus=IO_STAGE_CPUS)
-        print("Ray Data plan (optimised): " + " <- ".join(
-            line.strip("+- ").strip() for line in physical_plan(records).splitlines() if line.strip()))
+            write_shard_files,
+            fn_kwargs={"table_uri": run.table_uri, "data_prefix": data_prefix, "run_id": run.run_id},
+            batch_format="pyarrow",
+            batch_size=min(config.rows_per_file, config.shard_rows),
+            udf_modifying_row_count=True,
+            num_cpus=IO_STAGE_CPUS,
+        )
+        print(
+            "Ray Data plan (optimised): "
+            + " <- ".join(line.strip("+- ").strip() for line in physical_plan(records).splitlines() if line.strip())
+        )
         finished = [resumed]
 
         def progress() -> None:
@@ -315,19 +365,31 @@ def check_error_gate(run: ShardedRun, totals: Totals, max_error_rate: float) -> 
     run.remove()
     raise ErrorGateError(
         f"{totals.errors} of {totals.rows} rows ({totals.error_rate:.1%}) failed, over max_error_rate {max_error_rate:.1%}: "
-        f"not committed, the table is unchanged. Reasons:\n{format_reasons(totals.reasons, totals.rows)}")
+        f"not committed, the table is unchanged. Reasons:\n{format_reasons(totals.reasons, totals.rows)}"
+    )
 
 
 def commit_metadata(config, spec, run_id: str, operation: str, plan: Plan, totals: Totals, started: float, **counts) -> dict:
     return {
-        "operation": operation, "run_id": run_id, "snapshot": config.snapshot or time.strftime("%Y-%m-%d", time.gmtime()),
-        "model_version": spec.version, "model": storage.absolute(config.model), "manifest": config.manifest,
-        "config_hash": config_hash(config), "config": config_dict(config), "embedding_dim": spec.embedding_dim,
-        "embedding_dtype": getattr(config, "embedding_dtype", "float32"), "vocabulary": list(spec.vocab.names),
-        "rows": totals.rows, "errors": totals.errors, "ok": totals.rows - totals.errors,
+        "operation": operation,
+        "run_id": run_id,
+        "snapshot": config.snapshot or time.strftime("%Y-%m-%d", time.gmtime()),
+        "model_version": spec.version,
+        "model": storage.absolute(config.model),
+        "manifest": config.manifest,
+        "config_hash": config_hash(config),
+        "config": config_dict(config),
+        "embedding_dim": spec.embedding_dim,
+        "embedding_dtype": getattr(config, "embedding_dtype", "float32"),
+        "vocabulary": list(spec.vocab.names),
+        "rows": totals.rows,
+        "errors": totals.errors,
+        "ok": totals.rows - totals.errors,
         "bytes_tagged": sum(f["size"] for f in totals.files),
-        "error_reasons": {k: v["count"] for k, v in totals.reasons.items()}, "duplicates_dropped": plan.duplicates,
-        "seconds": round(time.time() - started, 2), **counts,
+        "error_reasons": {k: v["count"] for k, v in totals.reasons.items()},
+        "duplicates_dropped": plan.duplicates,
+        "seconds": round(time.time() - started, 2),
+        **counts,
         "summary": f"mltag {operation} {run_id}: {totals.rows} rows, {totals.errors} errors, model {spec.version}",
     }
 
@@ -360,27 +422,45 @@ def run(config: TagConfig) -> dict:
     init_ray()
     manifest, rows = catalog.manifest_dataset(config.manifest)  # a bad manifest fails here, before any work
     if config.fingerprint != "none":  # so that a nightly re-index can tell what changed since this run
-        manifest = manifest.map_batches(fingerprint_batch, fn_kwargs={"mode": config.fingerprint, "policy": config.fetch_policy()},
-                                        batch_format="pyarrow", udf_modifying_row_count=False)
+        manifest = manifest.map_batches(
+            fingerprint_batch,
+            fn_kwargs={"mode": config.fingerprint, "policy": config.fetch_policy()},
+            batch_format="pyarrow",
+            udf_modifying_row_count=False,
+        )
     spec = load_spec(config.model)
     uri = delta_table.table_uri(config.out)
     run_id = config.run_id or derived_run_id("tag", manifest_signature(config.manifest), spec.version, config.result_fields())
     run, app_id, meta = open_run(uri, run_id)
     if meta is not None:
-        print(f"run {run_id} is already committed to {uri} (table version {meta['table_version']}); nothing to do. "
-              f"Give --run-id to tag again.")
+        print(
+            f"run {run_id} is already committed to {uri} (table version {meta['table_version']}); nothing to do. "
+            f"Give --run-id to tag again."
+        )
         return meta
     plan, totals, resumed = tag_shards(config, run, manifest, data_prefix="", rows=rows)
     check_error_gate(run, totals, config.max_error_rate)
-    metadata = commit_metadata(config, spec, run_id, "tag", plan, totals, started, manifest_rows=plan.rows + plan.duplicates,
-                               shards=plan.n_shards, shards_resumed=resumed)
+    metadata = commit_metadata(
+        config,
+        spec,
+        run_id,
+        "tag",
+        plan,
+        totals,
+        started,
+        manifest_rows=plan.rows + plan.duplicates,
+        shards=plan.n_shards,
+        shards_resumed=resumed,
+    )
     version = commit_run_files(uri, totals, metadata, app_id)
     run.remove()
     metadata["table_version"], metadata["table"] = version, uri
     rate = totals.rows / max(time.time() - started, 1e-9)
-    print(f"tag table: {totals.rows} rows ({totals.errors} errors, {plan.duplicates} duplicate rows dropped) in "
-          f"{metadata['seconds']} s ({rate:.1f} images/s) -> {uri} version {version}"
-          + (f"; {resumed} of {plan.n_shards} shards were done before this run" if resumed else ""))
+    print(
+        f"tag table: {totals.rows} rows ({totals.errors} errors, {plan.duplicates} duplicate rows dropped) in "
+        f"{metadata['seconds']} s ({rate:.1f} images/s) -> {uri} version {version}"
+        + (f"; {resumed} of {plan.n_shards} shards were done before this run" if resumed else "")
+    )
     return metadata
 
 
@@ -416,8 +496,10 @@ def _merge_tagged(uri: str, version: int, files: list[dict], deleted_files: list
         for uri_ in deleted_files:
             dfs, dpath = storage.arrow_filesystem_for(uri_)
             deleted = pq.read_table(dpath, filesystem=dfs)
-            columns = {f.name: (deleted.column(f.name) if f.name in ("listing_id", "image_uri") else pa.nulls(deleted.num_rows, f.type))
-                       for f in source_schema}
+            columns = {
+                f.name: (deleted.column(f.name) if f.name in ("listing_id", "image_uri") else pa.nulls(deleted.num_rows, f.type))
+                for f in source_schema
+            }
             table = pa.table(columns, schema=source_schema)
             yield from table.append_column("_action", pa.array(["delete"] * table.num_rows, pa.string())).to_batches()
 
@@ -441,11 +523,23 @@ def retry_errors(config: TagConfig) -> dict:
     run_id = config.run_id or derived_run_id("retry", uri, dt.version(), spec.version, config.result_fields())
     run = ShardedRun(uri, run_id)
     plan, totals, resumed = tag_shards(config, run, manifest, data_prefix=f"_mltag_runs/{run_id}/data/")
-    metadata = commit_metadata(config, spec, run_id, "retry-errors", plan, totals, started, retried=totals.rows,
-                               healed=totals.rows - totals.errors, read_version=dt.version())
+    metadata = commit_metadata(
+        config,
+        spec,
+        run_id,
+        "retry-errors",
+        plan,
+        totals,
+        started,
+        retried=totals.rows,
+        healed=totals.rows - totals.errors,
+        read_version=dt.version(),
+    )
     metrics = merge_tagged(uri, dt, totals, [], metadata, f"mltag-{run_id}")
     run.remove()
     metadata.update(table_version=delta_table.latest_version(uri), table=uri, merge=metrics)
-    print(f"retried {totals.rows} error rows of version {dt.version()}: {totals.rows - totals.errors} now tagged, "
-          f"{totals.errors} still failing -> {uri} version {metadata['table_version']}")
+    print(
+        f"retried {totals.rows} error rows of version {dt.version()}: {totals.rows - totals.errors} now tagged, "
+        f"{totals.errors} still failing -> {uri} version {metadata['table_version']}"
+    )
     return metadata

@@ -30,7 +30,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -48,16 +48,18 @@ CORE_COLUMNS = ("listing_id", "image_uri", "tags", "scores", "embedding", "model
 
 def schema(embedding_dim: int, embedding_dtype: str = "float32") -> pa.Schema:
     value_type = pa.float16() if embedding_dtype == "float16" else pa.float32()
-    return pa.schema([
-        ("listing_id", pa.string()),
-        ("image_uri", pa.string()),
-        ("tags", pa.list_(pa.string())),
-        ("scores", pa.list_(pa.float32())),
-        ("embedding", pa.list_(value_type, embedding_dim)),
-        ("model_version", pa.string()),
-        ("error", pa.string()),
-        ("error_reason", pa.string()),
-    ])
+    return pa.schema(
+        [
+            ("listing_id", pa.string()),
+            ("image_uri", pa.string()),
+            ("tags", pa.list_(pa.string())),
+            ("scores", pa.list_(pa.float32())),
+            ("embedding", pa.list_(value_type, embedding_dim)),
+            ("model_version", pa.string()),
+            ("error", pa.string()),
+            ("error_reason", pa.string()),
+        ]
+    )
 
 
 def redact_uri_column(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -75,8 +77,9 @@ def redact_uri_column(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array(values, pa.string())
 
 
-def chosen_tags(scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]],
-                max_tags: int = 0) -> np.ndarray:
+def chosen_tags(
+    scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]], max_tags: int = 0
+) -> np.ndarray:
     """Rows x tags mask: a score reaching its tag's threshold (at most ``max_tags`` per row, best
     first, when set), closed upward (a chosen child chooses its parents)."""
     chosen = scores >= thresholds[None, :]
@@ -90,8 +93,9 @@ def chosen_tags(scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str]
     return chosen
 
 
-def decide_tags(scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]],
-                max_tags: int = 0) -> list[list[str]]:
+def decide_tags(
+    scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]], max_tags: int = 0
+) -> list[list[str]]:
     """``chosen_tags`` as tag names per row, in vocabulary order."""
     return [[names[j] for j in np.flatnonzero(row)] for row in chosen_tags(scores, thresholds, names, ancestors, max_tags)]
 

@@ -39,8 +39,7 @@ class TagThreshold:
     note: str = ""
 
 
-def choose_threshold(y_true: np.ndarray, scores: np.ndarray, mode: str, target: float, tag: str = "",
-                     current: float = 0.5) -> TagThreshold:
+def choose_threshold(y_true: np.ndarray, scores: np.ndarray, mode: str, target: float, tag: str = "", current: float = 0.5) -> TagThreshold:
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}; choose one of: {', '.join(MODES)}")
     y = np.asarray(y_true).astype(bool)
@@ -60,12 +59,25 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, mode: str, target: 
             return TagThreshold(tag, float(thresholds[i]), float(precision[i]), float(recall[i]), True, positives)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=(precision + recall) > 0)
     i = int(np.argmax(f1))
-    return TagThreshold(tag, float(thresholds[i]), float(precision[i]), float(recall[i]), False, positives,
-                        f"{mode} {target} unreachable: best-F1 threshold used")
+    return TagThreshold(
+        tag,
+        float(thresholds[i]),
+        float(precision[i]),
+        float(recall[i]),
+        False,
+        positives,
+        f"{mode} {target} unreachable: best-F1 threshold used",
+    )
 
 
-def choose_thresholds(y_true: np.ndarray, scores: np.ndarray, names: list[str], mode: str = "precision", target: float = 0.9,
-                      current: np.ndarray | None = None) -> list[TagThreshold]:
+def choose_thresholds(
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    names: list[str],
+    mode: str = "precision",
+    target: float = 0.9,
+    current: np.ndarray | None = None,
+) -> list[TagThreshold]:
     current = np.full(len(names), 0.5) if current is None else current
     return [choose_threshold(y_true[:, j], scores[:, j], mode, target, names[j], float(current[j])) for j in range(len(names))]
 
@@ -100,9 +112,15 @@ def run(config: CalibrateConfig) -> list[TagThreshold]:
     names = list(spec.vocab.names)
     chosen = choose_thresholds(y, scores, names, config.mode, config.target, spec.threshold_array())
     new_spec = set_thresholds(config.model, [c.threshold for c in chosen])
-    report = {"mode": config.mode, "target": config.target, "split": config.split, "model_version": new_spec.version,
-              "previous_version": spec.version, "tags": [asdict(c) for c in chosen],
-              "unreached": [c.tag for c in chosen if not c.reached]}
+    report = {
+        "mode": config.mode,
+        "target": config.target,
+        "split": config.split,
+        "model_version": new_spec.version,
+        "previous_version": spec.version,
+        "tags": [asdict(c) for c in chosen],
+        "unreached": [c.tag for c in chosen if not c.reached],
+    }
     with open(os.path.join(config.model, "thresholds.json"), "w") as f:
         json.dump(report, f, indent=2, default=float)
     pq.write_table(pa.Table.from_pylist([asdict(c) for c in chosen]), os.path.join(config.model, "thresholds.parquet"))

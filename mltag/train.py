@@ -25,8 +25,8 @@ import random
 import re
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,18 +34,17 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
-from mltag.staging import StagingBuffers
-from mltag.cluster import init_ray
 from mltag import catalog, storage
 from mltag.augment import augment_batch
+from mltag.cluster import init_ray
 from mltag.config import config_dict, config_hash, save_config
 from mltag.identifiers import validate_identifier
 from mltag.images import decode_batch, pixels_from_arrow
 from mltag.losses import LOSSES, MultiLabelLoss
 from mltag.metrics import chance_mean_average_precision, mean_average_precision
-from mltag.resampling import (TagIndex, repeat_counts, repeat_factors_from_tags, tag_counts,
-                               tag_repeat_factors_from_counts)
 from mltag.model import POOLINGS, Tagger, TaggerSpec, backbone_normalisation, load_spec, normalise, save_tagger
+from mltag.resampling import TagIndex, repeat_counts, repeat_factors_from_tags, tag_counts, tag_repeat_factors_from_counts
+from mltag.staging import StagingBuffers
 from mltag.vocabulary import Vocabulary
 
 STATE_FILE = "state.pt"  # tensors only: model, optimiser, scheduler, EMA, torch RNG states
@@ -57,9 +56,23 @@ RESUME_MODES = ("auto", "never", "force")
 # run and its outputs live, how big its cluster is (a resumed run may get other machines),
 # failure handling, and epochs (a finished run may be asked for more). The manifest and the
 # vocabulary are compared by content, not by path.
-RESUME_NEUTRAL_FIELDS = ("manifest", "vocabulary", "out", "name", "storage_path", "max_failures", "num_to_keep", "epochs",
-                         "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "cache_decoded", "resume",
-                         "export_finished")
+RESUME_NEUTRAL_FIELDS = (
+    "manifest",
+    "vocabulary",
+    "out",
+    "name",
+    "storage_path",
+    "max_failures",
+    "num_to_keep",
+    "epochs",
+    "num_workers",
+    "use_gpu",
+    "cpus_per_worker",
+    "torch_threads",
+    "cache_decoded",
+    "resume",
+    "export_finished",
+)
 MANIFEST_HASH_COLUMNS = ("listing_id", "image_uri", "tags", "split")
 
 
@@ -106,7 +119,9 @@ class TrainConfig:
     max_failures: int = 0  # worker-group restarts Ray Train may make before giving up
     num_to_keep: int = 2  # checkpoints kept (best by validation mAP)
     seed: int = 0  # model init and shuffling
-    resume: str = "auto"  # an existing run of this name: auto (resume if its inputs match, else refuse) | never (refuse) | force (resume anyway)
+    resume: str = (
+        "auto"  # an existing run of this name: auto (resume if its inputs match, else refuse) | never (refuse) | force (resume anyway)
+    )
     export_finished: bool = False  # re-export a run that already finished over <out>/model
 
     def validate(self) -> None:
@@ -177,8 +192,14 @@ def label_counts(table: pa.Table, vocab: Vocabulary) -> tuple[np.ndarray, int]:
     return tag_counts(table.column("tags"), TagIndex(vocab))
 
 
-def labelled_table(table: pa.Table, vocab: Vocabulary, repeat_threshold: float = 0.0, repeat_sqrt: bool = True, *,
-                   counts: tuple[np.ndarray, int] | None = None) -> pa.Table:
+def labelled_table(
+    table: pa.Table,
+    vocab: Vocabulary,
+    repeat_threshold: float = 0.0,
+    repeat_sqrt: bool = True,
+    *,
+    counts: tuple[np.ndarray, int] | None = None,
+) -> pa.Table:
     """listing_id, image_uri, the ``tags`` (list<string>; labels are encoded per batch, see
     ``batch_arrays``) and each image's ``repeat_factor`` (1 when resampling is off). Checks every
     tag against the vocabulary. ``counts``: this table's ``label_counts``, when already known."""
@@ -189,12 +210,14 @@ def labelled_table(table: pa.Table, vocab: Vocabulary, repeat_threshold: float =
         factors = repeat_factors_from_tags(tags, index, tag_repeat_factors_from_counts(positives, n, repeat_threshold, repeat_sqrt))
     else:
         factors = np.ones(table.num_rows)
-    return pa.table({
-        "listing_id": table.column("listing_id"),
-        "image_uri": table.column("image_uri"),
-        "tags": tags,
-        "repeat_factor": pa.array(factors, pa.float64()),
-    })
+    return pa.table(
+        {
+            "listing_id": table.column("listing_id"),
+            "image_uri": table.column("image_uri"),
+            "tags": tags,
+            "repeat_factor": pa.array(factors, pa.float64()),
+        }
+    )
 
 
 def drop_failed(batch: pa.Table) -> pa.Table:
@@ -247,8 +270,10 @@ def capture_rng() -> tuple[dict, dict]:
         tensors["cuda"] = torch.cuda.get_rng_state_all()
     version, keys, gauss = random.getstate()
     name, np_keys, pos, has_gauss, cached = np.random.get_state()
-    return tensors, {"python": [version, list(keys), gauss],
-                     "numpy": [name, np.asarray(np_keys).tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, {
+        "python": [version, list(keys), gauss],
+        "numpy": [name, np.asarray(np_keys).tolist(), int(pos), int(has_gauss), float(cached)],
+    }
 
 
 def restore_rng(tensors: dict, meta: dict) -> None:
@@ -284,7 +309,8 @@ def load_training_state(directory: str) -> tuple[dict, dict]:
         raise UnsafeCheckpointError(
             f"refusing to load checkpoint {path}: it holds {'a reference to ' + found.group(1) if found else 'objects'} "
             "rather than only tensors and plain containers, and could run code when unpickled. mltag checkpoints "
-            "never do: this file was written by something else or tampered with.") from None
+            "never do: this file was written by something else or tampered with."
+        ) from None
     meta_path = os.path.join(directory, STATE_META_FILE)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -345,8 +371,9 @@ def train_loop_per_worker(config: dict) -> None:
     tagger = Tagger(config["backbone"], config["num_tags"], config["pooling"], config["pretrained"])
     tagger = tagger.to(device=device, memory_format=torch.channels_last)
     pos_weight = torch.tensor(config["pos_weight"], device=device) if config["pos_weight"] else None
-    loss_fn = MultiLabelLoss(config["loss"], config["gamma_pos"], config["gamma_neg"], config["clip"], config["focal_gamma"],
-                             pos_weight=pos_weight)
+    loss_fn = MultiLabelLoss(
+        config["loss"], config["gamma_pos"], config["gamma_neg"], config["clip"], config["focal_gamma"], pos_weight=pos_weight
+    )
     optimizer = build_optimizer(tagger, config)
     steps_per_epoch = max(1, math.ceil(config["n_train_effective"] / (config["batch_size"] * world)))
     total_steps = steps_per_epoch * config["epochs"]
@@ -387,8 +414,13 @@ def train_loop_per_worker(config: dict) -> None:
         # The loss is summed on the device and read once an epoch: reading it every step would
         # wait for the device every step.
         started, seen, loss_sum, steps = time.time(), 0, torch.zeros((), device=device), 0
-        batches = train_shard.iter_batches(batch_size=bs, batch_format="pyarrow", local_shuffle_buffer_size=4 * bs,
-                                           local_shuffle_seed=config["seed"] + epoch, prefetch_batches=2)
+        batches = train_shard.iter_batches(
+            batch_size=bs,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=4 * bs,
+            local_shuffle_seed=config["seed"] + epoch,
+            prefetch_batches=2,
+        )
         if config["resample"]:
             batches = resampled_batches(batches, bs, config["seed"] + rank, epoch)
         for batch in batches:
@@ -408,24 +440,40 @@ def train_loop_per_worker(config: dict) -> None:
             seen, steps, loss_sum = seen + len(labels), steps + 1, loss_sum + loss.detach()
         train_time = time.time() - started
 
-        metrics = {"epoch": epoch + 1, "phase": 1 if head_only else 2, "train_loss": float(loss_sum) / max(1, steps),
-                   "samples_per_s": seen * world / max(train_time, 1e-9), "lr": scheduler.get_last_lr()[-1], "restarts": restarts}
+        metrics = {
+            "epoch": epoch + 1,
+            "phase": 1 if head_only else 2,
+            "train_loss": float(loss_sum) / max(1, steps),
+            "samples_per_s": seen * world / max(train_time, 1e-9),
+            "lr": scheduler.get_last_lr()[-1],
+            "restarts": restarts,
+        }
         if rank == 0:
             metrics.update(evaluate(ema.module if ema is not None else tagger, val_shard, config, device, tag_index))
             history.append(metrics)
-            print(f"epoch {epoch + 1}/{config['epochs']} (phase {metrics['phase']}): loss {metrics['train_loss']:.4f}  "
-                  f"val mAP {metrics['val_map']:.4f} (micro {metrics['val_map_micro']:.4f}, chance {metrics['val_chance_map']:.4f})  "
-                  f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+            print(
+                f"epoch {epoch + 1}/{config['epochs']} (phase {metrics['phase']}): loss {metrics['train_loss']:.4f}  "
+                f"val mAP {metrics['val_map']:.4f} (micro {metrics['val_map_micro']:.4f}, chance {metrics['val_chance_map']:.4f})  "
+                f"{metrics['samples_per_s']:.1f} samples/s",
+                flush=True,
+            )
         else:
             metrics.update({"val_map": float("nan")})
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 rng_tensors, rng_meta = capture_rng()
-                save_training_state(tmp, {"model": tagger.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                                          "rng": rng_tensors},
-                                    {"epoch": epoch, "step": step, "history": history, "restarts": restarts, "rng": rng_meta})
+                save_training_state(
+                    tmp,
+                    {
+                        "model": tagger.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "ema": ema.state_dict() if ema is not None else None,
+                        "rng": rng_tensors,
+                    },
+                    {"epoch": epoch, "step": step, "history": history, "restarts": restarts, "rng": rng_meta},
+                )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -462,8 +510,9 @@ def _use_gpu(setting: str) -> bool:
     return setting == "true"
 
 
-def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None, *, manifest: pa.Table | None = None,
-                  vocab: Vocabulary | None = None):
+def build_trainer(
+    config: TrainConfig, extra_loop_config: dict | None = None, *, manifest: pa.Table | None = None, vocab: Vocabulary | None = None
+):
     """The configured TorchTrainer plus what exporting its result needs (vocabulary, normalisation).
     ``manifest`` and ``vocab``, when given, are the already-read inputs (read here otherwise)."""
     import ray
@@ -494,16 +543,48 @@ def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None, *,
     if config.augment or config.hflip:
         # After the cache: every epoch sees fresh crops, flips and colours.
         train_ds = train_ds.map_batches(
-            augment_batch, batch_format="pyarrow", batch_size=config.batch_size,
-            fn_kwargs={"size": config.img_size, "hflip": config.hflip, "crop_scale": config.crop_scale if config.augment else 1.0,
-                       "jitter": config.jitter if config.augment else 0.0})
+            augment_batch,
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            fn_kwargs={
+                "size": config.img_size,
+                "hflip": config.hflip,
+                "crop_scale": config.crop_scale if config.augment else 1.0,
+                "jitter": config.jitter if config.augment else 0.0,
+            },
+        )
 
     mean, std = backbone_normalisation(config.backbone)
     loop_config = {
-        **{k: getattr(config, k) for k in ("backbone", "pretrained", "pooling", "img_size", "loss", "gamma_pos", "gamma_neg",
-                                          "clip", "focal_gamma", "epochs", "head_epochs", "backbone_lr_scale", "batch_size",
-                                          "optimizer", "lr", "weight_decay", "warmup_epochs", "ema_decay", "seed")},
-        "num_tags": len(vocab), "vocabulary": vocab.to_dict(), "threads": config.torch_threads or config.cpus_per_worker, "mean": mean, "std": std,
+        **{
+            k: getattr(config, k)
+            for k in (
+                "backbone",
+                "pretrained",
+                "pooling",
+                "img_size",
+                "loss",
+                "gamma_pos",
+                "gamma_neg",
+                "clip",
+                "focal_gamma",
+                "epochs",
+                "head_epochs",
+                "backbone_lr_scale",
+                "batch_size",
+                "optimizer",
+                "lr",
+                "weight_decay",
+                "warmup_epochs",
+                "ema_decay",
+                "seed",
+            )
+        },
+        "num_tags": len(vocab),
+        "vocabulary": vocab.to_dict(),
+        "threads": config.torch_threads or config.cpus_per_worker,
+        "mean": mean,
+        "std": std,
         "pos_weight": positive_weights_from_counts(*train_counts, config.pos_weight, vocab),
         "resample": config.repeat_threshold > 0,
         # Resampling makes an epoch longer: the scheduler must know how long.
@@ -515,7 +596,8 @@ def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None, *,
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers, use_gpu=use_gpu,
+            num_workers=config.num_workers,
+            use_gpu=use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
@@ -525,7 +607,8 @@ def build_trainer(config: TrainConfig, extra_loop_config: dict | None = None, *,
             storage_filesystem=storage.arrow_filesystem_for(storage_path)[0] if storage.is_remote(storage_path) else None,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.num_to_keep, checkpoint_score_attribute="val_map", checkpoint_score_order="max"),
+                num_to_keep=config.num_to_keep, checkpoint_score_attribute="val_map", checkpoint_score_order="max"
+            ),
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Each worker trains on its own slice of 'train' but rank 0 validates on all of 'val'.
@@ -570,8 +653,12 @@ def run_inputs(config: TrainConfig, manifest: pa.Table, vocab: Vocabulary) -> di
     """The hashes a run is recorded with: manifest content, vocabulary, and the config fields
     that change what it computes (RESUME_NEUTRAL_FIELDS left out), kept too, to name changes."""
     settings = {k: v for k, v in config_dict(config).items() if k not in RESUME_NEUTRAL_FIELDS}
-    return {"manifest_sha256": manifest_digest(manifest), "vocabulary_sha256": _sha256_json(vocab.to_dict()),
-            "config_sha256": _sha256_json(settings), "config": settings}
+    return {
+        "manifest_sha256": manifest_digest(manifest),
+        "vocabulary_sha256": _sha256_json(vocab.to_dict()),
+        "config_sha256": _sha256_json(settings),
+        "config": settings,
+    }
 
 
 def describe_changes(recorded: dict, current: dict) -> list[str]:
@@ -600,15 +687,21 @@ def resume_decision(record: dict | None, run_exists: bool, inputs: dict, resume:
     if resume == "force":
         return "resume"
     if resume == "never":
-        raise RunInputsChanged(f"a training run already exists at {where} and --resume is never: choose another --name "
-                               "or --storage-path, or remove that directory to start over")
+        raise RunInputsChanged(
+            f"a training run already exists at {where} and --resume is never: choose another --name "
+            "or --storage-path, or remove that directory to start over"
+        )
     if record is None:
-        raise RunInputsChanged(f"the training run at {where} has checkpoints but no record of its inputs ({RUN_RECORD}); "
-                               "pass --resume force to continue it anyway, or choose another --name")
+        raise RunInputsChanged(
+            f"the training run at {where} has checkpoints but no record of its inputs ({RUN_RECORD}); "
+            "pass --resume force to continue it anyway, or choose another --name"
+        )
     changes = describe_changes(record.get("inputs", {}), inputs)
     if changes:
-        raise RunInputsChanged(f"the training run at {where} was started with other inputs: {'; '.join(changes)} differ. "
-                               "Choose another --name for a new run, or pass --resume force to continue this one anyway")
+        raise RunInputsChanged(
+            f"the training run at {where} was started with other inputs: {'; '.join(changes)} differ. "
+            "Choose another --name for a new run, or pass --resume force to continue this one anyway"
+        )
     return "resume"
 
 
@@ -650,21 +743,32 @@ def run(config: TrainConfig) -> TaggerSpec:
     done = decision == "resume" and finished.get("epochs", 0) >= config.epochs
     if done and not config.export_finished and storage.exists(storage.join(model_dir, "tagger.json")):
         spec = load_spec(model_dir)
-        print(f"run {config.name!r} already finished ({finished['epochs']} epochs): NOT re-exporting over {model_dir}, "
-              f"model {spec.version} stays. Pass --export-finished true to export its best checkpoint again, "
-              f"or --epochs > {finished['epochs']} to train further.", flush=True)
+        print(
+            f"run {config.name!r} already finished ({finished['epochs']} epochs): NOT re-exporting over {model_dir}, "
+            f"model {spec.version} stays. Pass --export-finished true to export its best checkpoint again, "
+            f"or --epochs > {finished['epochs']} to train further.",
+            flush=True,
+        )
         return spec
     if decision == "resume":
         forced = record is None or bool(describe_changes(record.get("inputs", {}), inputs))
-        print(f"run {config.name!r}: " + (f"already finished; exporting its best checkpoint to {model_dir}" if done else
-              f"resuming from {run_dir}") + (" (--resume force: its inputs differ from its record)" if forced else
-              " (manifest, vocabulary and config match its record)"), flush=True)
+        print(
+            f"run {config.name!r}: "
+            + (f"already finished; exporting its best checkpoint to {model_dir}" if done else f"resuming from {run_dir}")
+            + (" (--resume force: its inputs differ from its record)" if forced else " (manifest, vocabulary and config match its record)"),
+            flush=True,
+        )
     if not storage.is_remote(out):
         save_config(config, os.path.join(out, "config.yaml"))
     if record is None or record.get("inputs") != inputs:  # a new run, or one continued with --resume force
         previous = ([record["inputs"]] + record.get("previous_inputs", [])) if record and record.get("inputs") else []
-        record = {"name": config.name, "inputs": inputs, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "previous_inputs": previous, "finished": finished or None}
+        record = {
+            "name": config.name,
+            "inputs": inputs,
+            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "previous_inputs": previous,
+            "finished": finished or None,
+        }
         storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
 
     if done:  # nothing left to train: export from the stored checkpoints, no workers needed
@@ -700,14 +804,27 @@ def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: 
     else:
         model.load_state_dict(state["model"])
     spec = TaggerSpec(
-        backbone=config.backbone, vocabulary=vocab.to_dict(), pooling=config.pooling, img_size=config.img_size,
-        mean=tuple(mean), std=tuple(std), thresholds=[config.threshold] * len(vocab),
-        extra={"best_epoch": best_meta["epoch"] + 1, "val_map": best_metrics.get("val_map"),
-               "val_map_micro": best_metrics.get("val_map_micro"), "val_chance_map": best_metrics.get("val_chance_map"),
-               "history": latest["history"], "restarts": latest.get("restarts", 0), "config_hash": config_hash(config),
-               "train_config": dict(vars(config))},
+        backbone=config.backbone,
+        vocabulary=vocab.to_dict(),
+        pooling=config.pooling,
+        img_size=config.img_size,
+        mean=tuple(mean),
+        std=tuple(std),
+        thresholds=[config.threshold] * len(vocab),
+        extra={
+            "best_epoch": best_meta["epoch"] + 1,
+            "val_map": best_metrics.get("val_map"),
+            "val_map_micro": best_metrics.get("val_map_micro"),
+            "val_chance_map": best_metrics.get("val_chance_map"),
+            "history": latest["history"],
+            "restarts": latest.get("restarts", 0),
+            "config_hash": config_hash(config),
+            "train_config": dict(vars(config)),
+        },
     )
     spec = save_tagger(model, spec, storage.join(out, "model"))
-    print(f"model {spec.version} (best epoch {spec.extra['best_epoch']}, val mAP {spec.extra['val_map']:.4f}, "
-          f"chance {spec.extra['val_chance_map']:.4f}) -> {storage.join(out, 'model')}")
+    print(
+        f"model {spec.version} (best epoch {spec.extra['best_epoch']}, val mAP {spec.extra['val_map']:.4f}, "
+        f"chance {spec.extra['val_chance_map']:.4f}) -> {storage.join(out, 'model')}"
+    )
     return spec

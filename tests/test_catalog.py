@@ -26,19 +26,23 @@ def test_csv_manifest_types_relative_paths_and_tags(tmp_path):
 
 def test_parquet_manifest_with_list_tags(tmp_path):
     path = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"listing_id": [1, 2], "image_uri": ["a.jpg", "s3://b/c.jpg"],
-                             "tags": pa.array([["x"], []], pa.list_(pa.string()))}), path)
+    pq.write_table(
+        pa.table({"listing_id": [1, 2], "image_uri": ["a.jpg", "s3://b/c.jpg"], "tags": pa.array([["x"], []], pa.list_(pa.string()))}), path
+    )
     table = read_manifest(str(path))
     assert table.column("listing_id").to_pylist() == ["1", "2"]
     assert table.column("image_uri").to_pylist() == [str(tmp_path / "a.jpg"), "s3://b/c.jpg"]
 
 
-@pytest.mark.parametrize("text,match", [
-    ("listing_id,tags\n1,a\n", "image_uri"),
-    ("listing_id,image_uri\n", "no rows"),
-    ("listing_id,image_uri\n,a.jpg\n", "empty 'listing_id'"),
-    ("listing_id,image_uri,split\n1,a.jpg,training\n", "unknown split"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("listing_id,tags\n1,a\n", "image_uri"),
+        ("listing_id,image_uri\n", "no rows"),
+        ("listing_id,image_uri\n,a.jpg\n", "empty 'listing_id'"),
+        ("listing_id,image_uri,split\n1,a.jpg,training\n", "unknown split"),
+    ],
+)
 def test_bad_manifests_fail_before_work(tmp_path, text, match):
     with pytest.raises(ManifestError, match=match):
         read_manifest(_csv(tmp_path, text))
@@ -67,13 +71,16 @@ def test_vocabulary_closure_synonyms_and_encoding(tmp_path):
     assert Vocabulary.from_dict(vocab.to_dict()) == vocab
 
 
-@pytest.mark.parametrize("data,match", [
-    ({"tags": ["a", "a"]}, "twice"),
-    ({"tags": [{"name": "a", "parent": "b"}]}, "not a tag"),
-    ({"tags": [{"name": "a", "parent": "b"}, {"name": "b", "parent": "a"}]}, "cycle"),
-    ({"tags": [{"name": "a", "colour": "red"}]}, "unknown field"),
-    ({"labels": ["a"]}, "'tags' list"),
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"tags": ["a", "a"]}, "twice"),
+        ({"tags": [{"name": "a", "parent": "b"}]}, "not a tag"),
+        ({"tags": [{"name": "a", "parent": "b"}, {"name": "b", "parent": "a"}]}, "cycle"),
+        ({"tags": [{"name": "a", "colour": "red"}]}, "unknown field"),
+        ({"labels": ["a"]}, "'tags' list"),
+    ],
+)
 def test_bad_vocabularies(data, match):
     with pytest.raises(VocabularyError, match=match):
         Vocabulary.from_dict(data)

@@ -12,9 +12,11 @@ from mltag.cli import STAGES, _resolve, build_parser
 
 
 def test_top_level_help_lists_every_stage_without_importing_heavy_libraries():
-    code = ("import sys\nfrom mltag.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'timm', 'ray', 'faiss', 'deltalake', 'pyarrow') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
+    code = (
+        "import sys\nfrom mltag.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'timm', 'ray', 'faiss', 'deltalake', 'pyarrow') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
     for name in STAGES:

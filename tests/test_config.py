@@ -44,10 +44,15 @@ def test_saved_config_loads_back(tmp_path):
     assert parse_config(TrainConfig, ["--config", str(tmp_path / "config.yaml")]) == config
 
 
-@pytest.mark.parametrize("name, module, cls", [
-    ("demo.yaml", "mltag.demo", "DemoConfig"), ("tag_production.yaml", "mltag.tag", "TagConfig"),
-    ("train_production.yaml", "mltag.train", "TrainConfig"), ("nightly_production.yaml", "mltag.reindex", "ReindexConfig"),
-])
+@pytest.mark.parametrize(
+    "name, module, cls",
+    [
+        ("demo.yaml", "mltag.demo", "DemoConfig"),
+        ("tag_production.yaml", "mltag.tag", "TagConfig"),
+        ("train_production.yaml", "mltag.train", "TrainConfig"),
+        ("nightly_production.yaml", "mltag.reindex", "ReindexConfig"),
+    ],
+)
 def test_every_shipped_config_loads_into_its_stage(name, module, cls):
     import importlib
     from pathlib import Path

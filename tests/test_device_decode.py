@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mltag.device_decode import decode_on_device
-from mltag.images import decode_image, fetch_batch, probe_image, ImageLoadError
+from mltag.images import ImageLoadError, decode_image, fetch_batch, probe_image
 
 
 def _encode(array, fmt, **kw):

@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from mltag import tag_table
-
 from mltag.catalog import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,18 +36,34 @@ def pipeline(tmp_path_factory):
     manifest = work / "catalog" / "manifest.parquet"
 
     config = work / "train.yaml"
-    config.write_text(f"manifest: {manifest}\nout: {work / 'train'}\nbackbone: test_efficientnet\nimg_size: 64\n"
-                      "epochs: 2\nbatch_size: 8\nhflip: false\n")
+    config.write_text(
+        f"manifest: {manifest}\nout: {work / 'train'}\nbackbone: test_efficientnet\nimg_size: 64\nepochs: 2\nbatch_size: 8\nhflip: false\n"
+    )
     out["train_log"] = run_entrypoint("jobs/train.py", "--config", str(config), "--lr", "0.003")
 
     # The catalog to tag: the sample plus a corrupt file and a missing one.
     (work / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
     table = read_manifest(str(manifest))  # absolute image URIs: the new manifest lives elsewhere
-    bad = pa.table({"listing_id": ["BAD1", "BAD2"], "image_uri": [str(work / "corrupt.jpg"), str(work / "missing.jpg")],
-                    "tags": pa.array([[], []], pa.list_(pa.string())), "split": ["test", "test"]})
+    bad = pa.table(
+        {
+            "listing_id": ["BAD1", "BAD2"],
+            "image_uri": [str(work / "corrupt.jpg"), str(work / "missing.jpg")],
+            "tags": pa.array([[], []], pa.list_(pa.string())),
+            "split": ["test", "test"],
+        }
+    )
     pq.write_table(pa.concat_tables([table, bad]), work / "to_tag.parquet")
-    out["tag_log"] = run_entrypoint("jobs/tag_catalog.py", "--manifest", str(work / "to_tag.parquet"),
-                                    "--model", str(work / "train" / "model"), "--out", str(work / "tag_table"), "--batch-size", "16")
+    out["tag_log"] = run_entrypoint(
+        "jobs/tag_catalog.py",
+        "--manifest",
+        str(work / "to_tag.parquet"),
+        "--model",
+        str(work / "train" / "model"),
+        "--out",
+        str(work / "tag_table"),
+        "--batch-size",
+        "16",
+    )
     out["index_log"] = run_entrypoint("jobs/build_index.py", "--tag-table", str(work / "tag_table"), "--out", str(work / "index"))
     return out
 
@@ -64,7 +79,6 @@ def test_training_prints_validation_map_per_epoch_and_saves_a_model(pipeline):
 
 def test_tag_table_has_one_row_per_input_and_error_rows(pipeline):
     import duckdb
-
     from deltalake import DeltaTable
 
     work = pipeline["work"]
@@ -101,18 +115,27 @@ def test_eval_of_the_stored_table_matches_eval_of_the_model(pipeline):
 def test_search_by_listing_and_by_image_finds_the_listing_itself_first(pipeline):
     work = pipeline["work"]
     by_id = run_entrypoint("-m", "mltag.cli", "search", "--index", str(work / "index"), "--listing-id", "L000005", "--k", "3")
-    first = [l for l in by_id.splitlines() if l.strip().startswith("1 ")][0]
+    first = [line for line in by_id.splitlines() if line.strip().startswith("1 ")][0]
     assert "L000005" in first and "1.0000" in first
     image = work / "catalog" / "images" / "000011.jpg"
     by_image = run_entrypoint("-m", "mltag.cli", "search", "--index", str(work / "index"), "--image", str(image), "--k", "3")
-    first = [l for l in by_image.splitlines() if l.strip().startswith("1 ")][0]
+    first = [line for line in by_image.splitlines() if line.strip().startswith("1 ")][0]
     assert "L000011" in first
 
 
 def test_rerun_replaces_the_table_without_duplicates(pipeline):
     work = pipeline["work"]
-    run_entrypoint("jobs/tag_catalog.py", "--manifest", str(work / "to_tag.parquet"), "--model", str(work / "train" / "model"),
-                   "--out", str(work / "tag_table"), "--run-id", "second")
+    run_entrypoint(
+        "jobs/tag_catalog.py",
+        "--manifest",
+        str(work / "to_tag.parquet"),
+        "--model",
+        str(work / "train" / "model"),
+        "--out",
+        str(work / "tag_table"),
+        "--run-id",
+        "second",
+    )
     meta = tag_table.run_metadata(str(work / "tag_table"))
     assert meta["run_id"] == "second" and meta["table_version"] == 1
     rows = tag_table.read_rows(str(work / "tag_table"))
@@ -122,8 +145,9 @@ def test_rerun_replaces_the_table_without_duplicates(pipeline):
 
 
 def test_cli_reports_config_errors_clearly():
-    proc = subprocess.run([sys.executable, "-m", "mltag.cli", "train", "--manifest", "m.csv", "--loss", "asl2"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mltag.cli", "train", "--manifest", "m.csv", "--loss", "asl2"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "bce, focal, asl" in proc.stderr
 
 
@@ -134,8 +158,17 @@ def test_eval_metrics_match_sklearn_on_the_pipelines_scores(pipeline):
     from mltag.embed import tag_images
 
     work = pipeline["work"]
-    log = run_entrypoint("-m", "mltag.cli", "eval", "--manifest", str(work / "catalog" / "manifest.parquet"),
-                         "--model", str(work / "train" / "model"), "--out", str(work / "eval"))
+    log = run_entrypoint(
+        "-m",
+        "mltag.cli",
+        "eval",
+        "--manifest",
+        str(work / "catalog" / "manifest.parquet"),
+        "--model",
+        str(work / "train" / "model"),
+        "--out",
+        str(work / "eval"),
+    )
     assert "mAP" in log and "L1 accuracy" in log and "L2 accuracy" in log
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     scored = pq.read_table(work / "eval" / "scores.parquet")
@@ -165,8 +198,9 @@ def test_calibrate_saves_thresholds_as_a_new_model_version(pipeline, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(work / "train" / "model", model)
     before = json.loads((model / "tagger.json").read_text())
-    log = run_entrypoint("-m", "mltag.cli", "calibrate", "--manifest", str(work / "catalog" / "manifest.parquet"),
-                         "--model", str(model), "--target", "0.8")
+    log = run_entrypoint(
+        "-m", "mltag.cli", "calibrate", "--manifest", str(work / "catalog" / "manifest.parquet"), "--model", str(model), "--target", "0.8"
+    )
     after = json.loads((model / "tagger.json").read_text())
     report = json.loads((model / "thresholds.json").read_text())
     assert after["version"] != before["version"] and report["model_version"] == after["version"]
@@ -181,17 +215,33 @@ def test_report_renders_its_figures_in_a_headless_browser(pipeline):
     work = pipeline["work"]
     if not (work / "eval" / "metrics.json").exists():
         pytest.skip("needs the eval test's output")
-    run_entrypoint("-m", "mltag.cli", "report", "--model", str(work / "train" / "model"), "--eval", str(work / "eval"),
-                   "--out", str(work / "report"))
+    run_entrypoint(
+        "-m", "mltag.cli", "report", "--model", str(work / "train" / "model"), "--eval", str(work / "eval"), "--out", str(work / "report")
+    )
     for name in ("training_curves.png", "pr_curves.png", "per_tag_ap.png", "confusion_l1.png"):
         assert (work / "report" / name).stat().st_size > 5000
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no headless browser installed (make test installs chromium where apt-get can)")
-    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                           f"--user-data-dir={work / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom",
-                           (work / "report" / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={work / 'chromium-profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            (work / "report" / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     dom = proc.stdout
     assert 'data-figures="4"' in dom, proc.stderr[-2000:]
     assert 'data-figures-rendered="4"' in dom  # every PNG decoded by the browser

@@ -34,12 +34,15 @@ def test_valid_jpeg_decodes_to_square_rgb(tmp_path):
     assert error is None and pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
 
 
-@pytest.mark.parametrize("writer,match", [
-    (lambda p, b: p.write_bytes(b[: len(b) // 2]), "corrupt"),
-    (lambda p, b: p.write_bytes(b""), "empty file"),
-    (lambda p, b: p.write_bytes(b"just some text, not an image"), "not an image"),
-    (lambda p, b: p.write_bytes(b[:20] + bytes(200) + b[220:]), "corrupt|not an image"),
-])
+@pytest.mark.parametrize(
+    "writer,match",
+    [
+        (lambda p, b: p.write_bytes(b[: len(b) // 2]), "corrupt"),
+        (lambda p, b: p.write_bytes(b""), "empty file"),
+        (lambda p, b: p.write_bytes(b"just some text, not an image"), "not an image"),
+        (lambda p, b: p.write_bytes(b[:20] + bytes(200) + b[220:]), "corrupt|not an image"),
+    ],
+)
 def test_broken_files_become_errors(tmp_path, jpeg_bytes, writer, match):
     path = tmp_path / "bad.jpg"
     writer(path, jpeg_bytes)
@@ -71,14 +74,17 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
     assert pixels is None and "too many pixels" in error
 
 
-@pytest.mark.parametrize("name,make", [
-    ("cmyk.jpg", lambda p: _photo("CMYK").save(p, "JPEG")),
-    ("grey.png", lambda p: _photo("L").save(p, "PNG")),
-    ("palette.png", lambda p: _photo("P").save(p, "PNG")),
-    ("alpha.png", lambda p: Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(p, "PNG")),
-    ("sixteen.png", lambda p: Image.fromarray(np.full((30, 30), 65535, np.uint16)).save(p, "PNG")),
-    ("animated.gif", lambda p: _photo("P").save(p, "GIF", save_all=True, append_images=[_photo("P")] * 2)),
-])
+@pytest.mark.parametrize(
+    "name,make",
+    [
+        ("cmyk.jpg", lambda p: _photo("CMYK").save(p, "JPEG")),
+        ("grey.png", lambda p: _photo("L").save(p, "PNG")),
+        ("palette.png", lambda p: _photo("P").save(p, "PNG")),
+        ("alpha.png", lambda p: Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(p, "PNG")),
+        ("sixteen.png", lambda p: Image.fromarray(np.full((30, 30), 65535, np.uint16)).save(p, "PNG")),
+        ("animated.gif", lambda p: _photo("P").save(p, "GIF", save_all=True, append_images=[_photo("P")] * 2)),
+    ],
+)
 def test_unusual_but_valid_images_decode(tmp_path, name, make):
     path = tmp_path / name
     make(path)
@@ -100,8 +106,14 @@ def test_pixels_arrow_round_trip_with_offsets():
 
 def test_decode_batch_keeps_every_row_and_column(tmp_path):
     good = _save(tmp_path, "good.jpg", _photo(), "JPEG")
-    batch = pa.table({"listing_id": ["a", "b", "c"], "image_uri": [good, str(tmp_path / "gone.jpg"), good],
-                      "price": [1, 2, 3], "error": [None, None, "upstream failure"]})
+    batch = pa.table(
+        {
+            "listing_id": ["a", "b", "c"],
+            "image_uri": [good, str(tmp_path / "gone.jpg"), good],
+            "price": [1, 2, 3],
+            "error": [None, None, "upstream failure"],
+        }
+    )
     out = decode_batch(batch, 8)
     assert out.num_rows == 3 and out.column("price").to_pylist() == [1, 2, 3]
     errors = out.column("error").to_pylist()
@@ -109,14 +121,17 @@ def test_decode_batch_keeps_every_row_and_column(tmp_path):
     assert pixels_from_arrow(out.column("pixels"), 8)[0].any()
 
 
-@pytest.mark.parametrize("name,fmt,kwargs", [
-    ("camera.mpo", "MPO", {"save_all": True}),  # phone JPEGs with a second picture: Pillow calls them MPO
-    ("photo.webp", "WEBP", {}),
-    ("scan.tiff", "TIFF", {}),
-    ("old.bmp", "BMP", {}),
-    ("still.gif", "GIF", {}),
-    ("photo.avif", "AVIF", {}),
-])
+@pytest.mark.parametrize(
+    "name,fmt,kwargs",
+    [
+        ("camera.mpo", "MPO", {"save_all": True}),  # phone JPEGs with a second picture: Pillow calls them MPO
+        ("photo.webp", "WEBP", {}),
+        ("scan.tiff", "TIFF", {}),
+        ("old.bmp", "BMP", {}),
+        ("still.gif", "GIF", {}),
+        ("photo.avif", "AVIF", {}),
+    ],
+)
 def test_every_format_of_the_default_policy_decodes(tmp_path, name, fmt, kwargs):
     from PIL import features
 

@@ -3,8 +3,8 @@ import pyarrow as pa
 import pytest
 
 from mltag import tag_table
-from mltag.index import EmbeddingIndex, IndexConfig, build_index, l2_normalise
 from mltag.delta_table import TableNotFoundError, write_table
+from mltag.index import EmbeddingIndex, IndexConfig, build_index, l2_normalise
 
 
 def write_committed_table(directory, embeddings, errors, files=2):
@@ -14,8 +14,11 @@ def write_committed_table(directory, embeddings, errors, files=2):
     ok = np.array([i for i in range(n) if errors[i] is None])
     tags = [[f"t{i % 3}"] for i in ok]
     table = tag_table.assemble(batch, ok, np.zeros((len(ok), 3), np.float32), embeddings[ok], tags, "v1", errors)
-    write_table(str(directory), table, {"run_id": "r1", "model_version": "v1", "embedding_dim": dim, "rows": n,
-                                        "errors": sum(e is not None for e in errors)})
+    write_table(
+        str(directory),
+        table,
+        {"run_id": "r1", "model_version": "v1", "embedding_dim": dim, "rows": n, "errors": sum(e is not None for e in errors)},
+    )
     return table
 
 
@@ -86,11 +89,23 @@ def merge_into(directory, upserts: pa.Table, deleted_ids: list[str], model_versi
 
     dt = delta_table.open_table(str(directory))
     schema = upserts.schema.append(pa.field("_action", pa.string()))
-    gone = pa.table({f.name: (pa.array(deleted_ids, pa.string()) if f.name == "listing_id" else
-                              pa.array([f"/img/{i[1:]}.jpg" for i in deleted_ids], pa.string()) if f.name == "image_uri" else
-                              pa.nulls(len(deleted_ids), f.type)) for f in upserts.schema}, schema=upserts.schema)
-    batches = [*upserts.append_column("_action", pa.array(["upsert"] * upserts.num_rows)).to_batches(),
-               *gone.append_column("_action", pa.array(["delete"] * gone.num_rows)).to_batches()]
+    gone = pa.table(
+        {
+            f.name: (
+                pa.array(deleted_ids, pa.string())
+                if f.name == "listing_id"
+                else pa.array([f"/img/{i[1:]}.jpg" for i in deleted_ids], pa.string())
+                if f.name == "image_uri"
+                else pa.nulls(len(deleted_ids), f.type)
+            )
+            for f in upserts.schema
+        },
+        schema=upserts.schema,
+    )
+    batches = [
+        *upserts.append_column("_action", pa.array(["upsert"] * upserts.num_rows)).to_batches(),
+        *gone.append_column("_action", pa.array(["delete"] * gone.num_rows)).to_batches(),
+    ]
     delta_table.merge_rows(dt, batches, schema, {"model_version": model_version, "embedding_dim": 8, "run_id": "night"})
 
 
@@ -134,8 +149,9 @@ def test_update_refuses_a_table_tagged_by_another_model(tmp_path):
     write_committed_table(tmp_path / "t", rng.normal(size=(10, 8)).astype(np.float32), [None] * 10)
     build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx")))
     batch = pa.table({"listing_id": ["L1"], "image_uri": ["/img/1.jpg"]})
-    row = tag_table.assemble(batch, np.arange(1), np.zeros((1, 3), np.float32), rng.normal(size=(1, 8)).astype(np.float32),
-                             [[]], "v2", [None])
+    row = tag_table.assemble(
+        batch, np.arange(1), np.zeros((1, 3), np.float32), rng.normal(size=(1, 8)).astype(np.float32), [[]], "v2", [None]
+    )
     merge_into(tmp_path / "t", row, [], model_version="v2")
     with pytest.raises(ValueError, match="rebuild it with `mltag index`"):
         update_index(IndexUpdateConfig(index=str(tmp_path / "idx")))
@@ -162,8 +178,9 @@ def test_a_crash_at_any_step_leaves_the_previous_index_searchable_and_a_rerun_co
     assert build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx")))["count"] == 20
 
     batch = pa.table({"listing_id": [f"N{i}" for i in range(3)], "image_uri": [f"/img/N{i}.jpg" for i in range(3)]})
-    new = tag_table.assemble(batch, np.arange(3), np.zeros((3, 3), np.float32), rng.normal(size=(3, 8)).astype(np.float32),
-                             [[]] * 3, "v1", [None] * 3)
+    new = tag_table.assemble(
+        batch, np.arange(3), np.zeros((3, 3), np.float32), rng.normal(size=(3, 8)).astype(np.float32), [[]] * 3, "v1", [None] * 3
+    )
     merge_into(tmp_path / "t", new, ["L0"])
     with pytest.raises(RuntimeError, match="injected failure"):
         update_index(IndexUpdateConfig(index=str(tmp_path / "idx")), fail_after=step)
@@ -173,8 +190,9 @@ def test_a_crash_at_any_step_leaves_the_previous_index_searchable_and_a_rerun_co
     meta = update_index(IndexUpdateConfig(index=str(tmp_path / "idx")))
     rows = tag_table.read_rows(str(tmp_path / "t"))
     assert meta["count"] == rows.num_rows == 22 and meta["table_version"] == 1
-    assert sorted(EmbeddingIndex.load(str(tmp_path / "idx")).ids.column("listing_id").to_pylist()) == \
-        sorted(rows.column("listing_id").to_pylist())
+    assert sorted(EmbeddingIndex.load(str(tmp_path / "idx")).ids.column("listing_id").to_pylist()) == sorted(
+        rows.column("listing_id").to_pylist()
+    )
 
 
 def test_batch_search_by_ids(clustered):

@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from scipy import stats
+from test_index import write_committed_table
 
 import mltag.index as index_module
 from mltag import anomalies, duplicates
 from mltag.duplicates import duplicate_groups
 from mltag.index import EmbeddingIndex, IndexConfig, build_index, l2_normalise, train_sample_size, uniform_sample_positions
-from test_index import write_committed_table
 
 
 # ---- the training sample ---------------------------------------------------------------------------
@@ -119,9 +119,14 @@ def big_map():
     vectors = l2_normalise(rng.normal(size=(n, dim)))
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     index.add_with_ids(vectors, faiss_ids)
-    ids = pa.table({"faiss_id": pa.array(faiss_ids, pa.int64()), "listing_id": listing,
-                    "image_uri": [f"/img/{f}.jpg" for f in faiss_ids],
-                    "tags": pa.array([[f"t{f % 5}"] for f in faiss_ids], pa.list_(pa.string()))})
+    ids = pa.table(
+        {
+            "faiss_id": pa.array(faiss_ids, pa.int64()),
+            "listing_id": listing,
+            "image_uri": [f"/img/{f}.jpg" for f in faiss_ids],
+            "tags": pa.array([[f"t{f % 5}"] for f in faiss_ids], pa.list_(pa.string())),
+        }
+    )
     # The plain-dict reference the index used to keep.
     row_of = {int(f): i for i, f in enumerate(faiss_ids)}
     first_of: dict[str, int] = {}
@@ -183,8 +188,14 @@ def test_search_drops_faiss_placeholders_and_ranks_what_is_left():
     ivf.train(x)
     ivf.add_with_ids(x, np.arange(40, dtype=np.int64) * 2)
     ivf.nprobe = 1
-    ids = pa.table({"faiss_id": pa.array(np.arange(40) * 2, pa.int64()), "listing_id": [f"L{i}" for i in range(40)],
-                    "image_uri": [f"/{i}" for i in range(40)], "tags": pa.array([[]] * 40, pa.list_(pa.string()))})
+    ids = pa.table(
+        {
+            "faiss_id": pa.array(np.arange(40) * 2, pa.int64()),
+            "listing_id": [f"L{i}" for i in range(40)],
+            "image_uri": [f"/{i}" for i in range(40)],
+            "tags": pa.array([[]] * 40, pa.list_(pa.string())),
+        }
+    )
     index = EmbeddingIndex(ivf, ids, {})
     _, found = ivf.search(x, 20)
     assert (found < 0).any()
@@ -218,10 +229,18 @@ def planted(tmp_path_factory):
 
 def test_duplicates_finds_exactly_the_planted_groups(planted):
     tmp_path, x, expected = planted
-    table = duplicates.run(duplicates.DuplicatesConfig(index=str(tmp_path / "idx"), out=str(tmp_path / "d.parquet"),
-                                                       threshold=0.95, k=20, batch=700))
-    assert table.schema == pa.schema([("group_id", pa.int64()), ("listing_id", pa.string()), ("image_uri", pa.string()),
-                                      ("group_size", pa.int64()), ("max_similarity", pa.float64())])
+    table = duplicates.run(
+        duplicates.DuplicatesConfig(index=str(tmp_path / "idx"), out=str(tmp_path / "d.parquet"), threshold=0.95, k=20, batch=700)
+    )
+    assert table.schema == pa.schema(
+        [
+            ("group_id", pa.int64()),
+            ("listing_id", pa.string()),
+            ("image_uri", pa.string()),
+            ("group_size", pa.int64()),
+            ("max_similarity", pa.float64()),
+        ]
+    )
     rows = table.to_pylist()
     got: dict[int, list[int]] = {}
     for row in rows:
@@ -240,8 +259,11 @@ def test_duplicates_finds_exactly_the_planted_groups(planted):
 def test_anomaly_scores_match_a_brute_force_reference(planted, score):
     tmp_path, x, _ = planted
     k = 10
-    table = anomalies.run(anomalies.AnomalyConfig(index=str(tmp_path / "idx"), out=str(tmp_path / f"a-{score}.parquet"),
-                                                  k=k, score=score, contamination=0.02, batch=512))
+    table = anomalies.run(
+        anomalies.AnomalyConfig(
+            index=str(tmp_path / "idx"), out=str(tmp_path / f"a-{score}.parquet"), k=k, score=score, contamination=0.02, batch=512
+        )
+    )
     assert table.schema.field("neighbours").type == pa.list_(pa.string())
     assert table.schema.field("neighbour_similarities").type == pa.list_(pa.float32())
     assert table.column("rank").to_pylist() == list(range(1, 3001))

@@ -1,21 +1,24 @@
 import numpy as np
 import pytest
+from test_index import write_committed_table
 
 from mltag.index import EmbeddingIndex, IndexConfig, build_index, exact_neighbours, l2_normalise, recall_at_k
 from mltag.index_selection import choose_index, parse_bytes
-from test_index import write_committed_table
 
 GiB = 2**30
 
 
-@pytest.mark.parametrize("n,dim,budget,expected", [
-    (10_000, 2048, 4 * GiB, "Flat"),
-    (150_000, 1280, 4 * GiB, "Flat"),
-    (1_000_000, 256, 4 * GiB, "IVF4096,Flat"),
-    (1_000_000, 2048, 4 * GiB, "OPQ256_1024,IVF4096,PQ256x8"),
-    (1_000_000, 2048, 64 * 2**20, "OPQ48_192,IVF4096,PQ48x8"),
-    (100_000_000, 2048, 16 * GiB, "OPQ128_512,IVF32768_HNSW32,PQ128x8"),
-])
+@pytest.mark.parametrize(
+    "n,dim,budget,expected",
+    [
+        (10_000, 2048, 4 * GiB, "Flat"),
+        (150_000, 1280, 4 * GiB, "Flat"),
+        (1_000_000, 256, 4 * GiB, "IVF4096,Flat"),
+        (1_000_000, 2048, 4 * GiB, "OPQ256_1024,IVF4096,PQ256x8"),
+        (1_000_000, 2048, 64 * 2**20, "OPQ48_192,IVF4096,PQ48x8"),
+        (100_000_000, 2048, 16 * GiB, "OPQ128_512,IVF32768_HNSW32,PQ128x8"),
+    ],
+)
 def test_auto_selection(n, dim, budget, expected):
     choice = choose_index(n, dim, budget)
     assert choice.factory == expected
@@ -43,8 +46,9 @@ def clustered(tmp_path):
 
 def test_nprobe_is_tuned_to_the_target_recall(clustered):
     tmp_path, vectors = clustered
-    meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "ivf"), factory="IVF64,Flat",
-                                   target_recall=0.95, batch_rows=1000))
+    meta = build_index(
+        IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "ivf"), factory="IVF64,Flat", target_recall=0.95, batch_rows=1000)
+    )
     assert meta["factory"] == "IVF64,Flat" and 1 <= meta["nprobe"] <= 64
     assert meta["tuned_recall_at_10"] >= 0.95
     index = EmbeddingIndex.load(str(tmp_path / "ivf"))  # nprobe applied on load
@@ -60,8 +64,7 @@ def test_nprobe_is_tuned_to_the_target_recall(clustered):
 
 def test_auto_picks_product_quantisation_under_a_small_budget(clustered):
     tmp_path, vectors = clustered
-    meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "pq"), max_index_memory="200KB",
-                                   target_recall=0.5))
+    meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "pq"), max_index_memory="200KB", target_recall=0.5))
     assert "PQ" in meta["factory"] and meta["count"] == 4000
     index = EmbeddingIndex.load(str(tmp_path / "pq"))
     hits = sum(index.search_listing(f"L{i}", k=5).column("listing_id").to_pylist().count(f"L{i}") for i in range(50))
@@ -73,7 +76,7 @@ def test_exact_neighbours_streaming_matches_one_shot():
     data = l2_normalise(rng.normal(size=(500, 16)))
     queries = data[:20]
     one_shot = np.argsort(-(queries @ data.T), axis=1)[:, :7]
-    streamed = exact_neighbours(queries, [(np.arange(i, min(i + 64, 500)), data[i:i + 64]) for i in range(0, 500, 64)], 7)
+    streamed = exact_neighbours(queries, [(np.arange(i, min(i + 64, 500)), data[i : i + 64]) for i in range(0, 500, 64)], 7)
     np.testing.assert_array_equal(streamed, one_shot)
 
 
@@ -106,8 +109,11 @@ def test_refine_stage_reranks_exactly_and_refuses_removal_clearly(clustered):
     from mltag.index import REFINE_K_FACTOR, IndexUpdateConfig, update_index
 
     tmp_path, vectors = clustered
-    meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "rf"), factory="IVF64,PQ4,RFlat",
-                                   target_recall=0.95, batch_rows=1000))
+    meta = build_index(
+        IndexConfig(
+            tag_table=str(tmp_path / "tags"), out=str(tmp_path / "rf"), factory="IVF64,PQ4,RFlat", target_recall=0.95, batch_rows=1000
+        )
+    )
     assert meta["tuned_recall_at_10"] >= 0.95 and meta["factory"] == "IDMap2,IVF64,PQ4,RFlat"
     index = EmbeddingIndex.load(str(tmp_path / "rf"))
     refine = faiss.downcast_index(faiss.downcast_index(index.index).index)

@@ -19,8 +19,9 @@ import pytest
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-RUNTIME_ENV = json.dumps({"working_dir": str(ROOT),
-                          "excludes": [".venv", ".git", "demo_out", "runs", ".pytest_cache", "*.egg-info", "benchmarks/results"]})
+RUNTIME_ENV = json.dumps(
+    {"working_dir": str(ROOT), "excludes": [".venv", ".git", "demo_out", "runs", ".pytest_cache", "*.egg-info", "benchmarks/results"]}
+)
 
 
 def _free_port() -> int:
@@ -45,13 +46,31 @@ def ray_head(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ray_head")
     port, dashboard = _free_port(), _free_port()
     proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", f"--ray-client-server-port={_free_port()}",
-         # Every port of its own: another Ray on this machine (a test session's, a user's) must not collide.
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-         f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"],
-        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=_env())
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            f"--ray-client-server-port={_free_port()}",
+            # Every port of its own: another Ray on this machine (a test session's, a user's) must not collide.
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--node-manager-port={_free_port()}",
+            f"--object-manager-port={_free_port()}",
+        ],
+        stdout=open(tmp_path / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=_env(),
+    )
     env = _env(RAY_ADDRESS=f"http://127.0.0.1:{dashboard}", RAY_AUTH_MODE="token")
     try:
         deadline, listing = time.time() + 180, None
@@ -61,8 +80,9 @@ def ray_head(tmp_path_factory):
                 break
             time.sleep(2)
         if listing is None or listing.returncode != 0:
-            pytest.fail(f"the Ray head did not answer: {listing and listing.stderr[-2000:]}\n"
-                        + (tmp_path / "head.log").read_text()[-3000:])
+            pytest.fail(
+                f"the Ray head did not answer: {listing and listing.stderr[-2000:]}\n" + (tmp_path / "head.log").read_text()[-3000:]
+            )
         yield env
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -82,8 +102,14 @@ def ray_job_submit(env: dict, *entrypoint: str) -> subprocess.CompletedProcess:
     retried while a fresh head has no job agent yet."""
     deadline = time.time() + 180
     while True:
-        proc = subprocess.run([RAY, "job", "submit", "--runtime-env-json", RUNTIME_ENV, "--", *entrypoint],
-                              env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        proc = subprocess.run(
+            [RAY, "job", "submit", "--runtime-env-json", RUNTIME_ENV, "--", *entrypoint],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=ROOT,
+        )
         if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
             return proc
         time.sleep(3)
@@ -91,8 +117,21 @@ def ray_job_submit(env: dict, *entrypoint: str) -> subprocess.CompletedProcess:
 
 def test_tagging_job_submitted_to_a_real_head(ray_head, tiny_catalog, tiny_model_dir, tmp_path):
     out = tmp_path / "tag_table"
-    proc = ray_job_submit(ray_head, "python", "jobs/tag_catalog.py", "--manifest", tiny_catalog["manifest"],
-                          "--model", tiny_model_dir, "--out", str(out), "--snapshot", "2026-11-23", "--batch-size", "16")
+    proc = ray_job_submit(
+        ray_head,
+        "python",
+        "jobs/tag_catalog.py",
+        "--manifest",
+        tiny_catalog["manifest"],
+        "--model",
+        tiny_model_dir,
+        "--out",
+        str(out),
+        "--snapshot",
+        "2026-11-23",
+        "--batch-size",
+        "16",
+    )
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-5000:]
     assert "succeeded" in logs.lower() and "tag table: 48 rows" in logs

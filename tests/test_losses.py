@@ -31,7 +31,7 @@ def test_focal_matches_hand_computation():
             if y[i, j] == 1:
                 total += -((1 - p) ** gamma) * math.log(p)
             else:
-                total += -(p ** gamma) * math.log(1 - p)
+                total += -(p**gamma) * math.log(1 - p)
     assert float(focal_loss(logits, y, gamma)) == pytest.approx(total / 2, rel=1e-5)
 
 

@@ -3,7 +3,11 @@ import pytest
 from sklearn import metrics as skm
 
 from mltag.metrics import (
-    average_precision, chance_mean_average_precision, hamming_loss, mean_average_precision, precision_recall_curve,
+    average_precision,
+    chance_mean_average_precision,
+    hamming_loss,
+    mean_average_precision,
+    precision_recall_curve,
     top_k_accuracy,
 )
 
@@ -32,9 +36,9 @@ def test_pr_curve_matches_sklearn(seed):
     p, r, t = precision_recall_curve(y[:, 0], s[:, 0])
     sp, sr, st = skm.precision_recall_curve(y[:, 0], s[:, 0])
     # sklearn lists thresholds ascending and appends the (1, 0) end point.
-    np.testing.assert_allclose(p[::-1], sp[:-1][-len(p):])
-    np.testing.assert_allclose(r[::-1], sr[:-1][-len(r):])
-    np.testing.assert_allclose(t[::-1], st[-len(t):])
+    np.testing.assert_allclose(p[::-1], sp[:-1][-len(p) :])
+    np.testing.assert_allclose(r[::-1], sr[:-1][-len(r) :])
+    np.testing.assert_allclose(t[::-1], st[-len(t) :])
 
 
 def test_tags_without_positives_are_excluded_from_macro():
@@ -101,18 +105,31 @@ def test_level_accuracy_collapses_a_small_taxonomy_by_hand():
     from mltag.vocabulary import Vocabulary
 
     # plant > tree > {forest}, plant > flower; animal > dog
-    vocab = Vocabulary.from_dict({"tags": ["plant", "animal", {"name": "tree", "parent": "plant"},
-                                           {"name": "flower", "parent": "plant"}, {"name": "forest", "parent": "tree"},
-                                           {"name": "dog", "parent": "animal"}]})
+    vocab = Vocabulary.from_dict(
+        {
+            "tags": [
+                "plant",
+                "animal",
+                {"name": "tree", "parent": "plant"},
+                {"name": "flower", "parent": "plant"},
+                {"name": "forest", "parent": "tree"},
+                {"name": "dog", "parent": "animal"},
+            ]
+        }
+    )
     classes, mapping = vocab.level_map(1)
     assert classes == ["plant", "animal"]
     assert vocab.level_map(2)[0] == ["tree", "flower", "dog"] and vocab.level_map(3)[0] == ["forest"]
     y = vocab.encode([["forest"], ["dog"], ["flower"], ["dog"]]).astype(bool)
     #            plant animal tree flower forest dog
-    scores = np.array([[0.1, 0.2, 0.1, 0.1, 0.9, 0.3],   # forest wins -> plant: correct
-                       [0.1, 0.1, 0.8, 0.1, 0.1, 0.5],   # tree wins -> plant: wrong (dog)
-                       [0.2, 0.1, 0.1, 0.7, 0.1, 0.1],   # flower -> plant: correct
-                       [0.1, 0.1, 0.1, 0.1, 0.1, 0.6]])  # dog -> animal: correct
+    scores = np.array(
+        [
+            [0.1, 0.2, 0.1, 0.1, 0.9, 0.3],  # forest wins -> plant: correct
+            [0.1, 0.1, 0.8, 0.1, 0.1, 0.5],  # tree wins -> plant: wrong (dog)
+            [0.2, 0.1, 0.1, 0.7, 0.1, 0.1],  # flower -> plant: correct
+            [0.1, 0.1, 0.1, 0.1, 0.1, 0.6],
+        ]
+    )  # dog -> animal: correct
     l1 = level_accuracy(y, scores, mapping)
     assert l1["micro"] == pytest.approx(3 / 4)
     assert l1["macro"] == pytest.approx((2 / 2 + 1 / 2) / 2)

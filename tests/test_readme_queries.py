@@ -18,9 +18,30 @@ ROOT = Path(__file__).resolve().parents[1]
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo_out"
     proc = subprocess.run(
-        [sys.executable, "jobs/demo.py", "--out", str(out), "--n-images", "40", "--img-size", "64",
-         "--backbone", "test_efficientnet", "--pretrained", "none", "--epochs", "1", "--batch-size", "16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        [
+            sys.executable,
+            "jobs/demo.py",
+            "--out",
+            str(out),
+            "--n-images",
+            "40",
+            "--img-size",
+            "64",
+            "--backbone",
+            "test_efficientnet",
+            "--pretrained",
+            "none",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "validation mAP" in proc.stdout and "duckdb" in proc.stdout and "Delta" in proc.stdout
     return out
@@ -28,7 +49,7 @@ def demo_out(tmp_path_factory):
 
 def readme_snippets() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Querying the outputs"):text.index("## Running on a cluster")]
+    section = text[text.index("### Querying the outputs") : text.index("## Running on a cluster")]
     return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
@@ -56,6 +77,12 @@ def test_readme_snippets_run_in_order_on_the_demo_outputs(demo_out, capsys, monk
 
 
 def test_demo_wrote_every_output(demo_out):
-    for path in ("catalog/manifest.parquet", "train/model/tagger.json", "tag_table/_delta_log", "index/CURRENT",
-                 "anomalies.parquet", "duplicates.parquet"):
+    for path in (
+        "catalog/manifest.parquet",
+        "train/model/tagger.json",
+        "tag_table/_delta_log",
+        "index/CURRENT",
+        "anomalies.parquet",
+        "duplicates.parquet",
+    ):
         assert (demo_out / path).exists(), path

@@ -28,22 +28,37 @@ def _keyed(table: pa.Table) -> dict:
     return {(r["listing_id"], r["image_uri"]): r for r in table.to_pylist()}
 
 
-@pytest.mark.parametrize("previous, today, model, expected", [
-    # unchanged, fingerprint changed, new
-    ([("a", "1", "x", "v", None), ("b", "2", "y", "v", None)], [("a", "1", "x"), ("b", "2", "Y"), ("d", "4", "w")], "v",
-     ["unchanged", "changed", "new"]),
-    # a new model re-tags everything
-    ([("a", "1", "x", "v", None)], [("a", "1", "x")], "v2", ["changed"]),
-    # same bytes: a transient failure is retried, a permanent one is not
-    ([("a", "1", "x", "v", "timeout"), ("b", "2", "y", "v", "not_an_image"), ("c", "3", "z", "v", "permission_denied")],
-     [("a", "1", "x"), ("b", "2", "y"), ("c", "3", "z")], "v", ["retry", "unchanged", "retry"]),
-    # an unreadable image (no fingerprint) is always tagged again
-    ([("a", "1", "", "v", "missing")], [("a", "1", "")], "v", ["changed"]),
-])
+@pytest.mark.parametrize(
+    "previous, today, model, expected",
+    [
+        # unchanged, fingerprint changed, new
+        (
+            [("a", "1", "x", "v", None), ("b", "2", "y", "v", None)],
+            [("a", "1", "x"), ("b", "2", "Y"), ("d", "4", "w")],
+            "v",
+            ["unchanged", "changed", "new"],
+        ),
+        # a new model re-tags everything
+        ([("a", "1", "x", "v", None)], [("a", "1", "x")], "v2", ["changed"]),
+        # same bytes: a transient failure is retried, a permanent one is not
+        (
+            [("a", "1", "x", "v", "timeout"), ("b", "2", "y", "v", "not_an_image"), ("c", "3", "z", "v", "permission_denied")],
+            [("a", "1", "x"), ("b", "2", "y"), ("c", "3", "z")],
+            "v",
+            ["retry", "unchanged", "retry"],
+        ),
+        # an unreadable image (no fingerprint) is always tagged again
+        ([("a", "1", "", "v", "missing")], [("a", "1", "")], "v", ["changed"]),
+    ],
+)
 def test_plan_classifies_each_row(previous, today, model, expected):
-    prev = pa.table({name: [row[i] for row in previous] for i, name in
-                     enumerate(["listing_id", "image_uri", "fingerprint", "model_version", "error_reason"])},
-                    schema=pa.schema([(n, pa.string()) for n in ["listing_id", "image_uri", "fingerprint", "model_version", "error_reason"]]))
+    prev = pa.table(
+        {
+            name: [row[i] for row in previous]
+            for i, name in enumerate(["listing_id", "image_uri", "fingerprint", "model_version", "error_reason"])
+        },
+        schema=pa.schema([(n, pa.string()) for n in ["listing_id", "image_uri", "fingerprint", "model_version", "error_reason"]]),
+    )
     now = pa.table({name: [row[i] for row in today] for i, name in enumerate(["listing_id", "image_uri", "fingerprint"])})
     outcome, deleted = plan(now, prev, model)
     assert outcome.to_pylist() == expected
@@ -105,12 +120,14 @@ def test_three_nights(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
     def night(rows: pa.Table, snapshot: str, **extra) -> dict:
         path = tmp_path / f"{snapshot}.parquet"
         pq.write_table(rows, path)
-        return run(ReindexConfig(manifest=str(path), model=tiny_model_dir, table=table_uri, snapshot=snapshot, shard_rows=16,
-                                 **http_ok, **extra))
+        return run(
+            ReindexConfig(manifest=str(path), model=tiny_model_dir, table=table_uri, snapshot=snapshot, shard_rows=16, **http_ok, **extra)
+        )
 
     # Night 1: the catalog plus one listing whose image server is failing (503: transient).
-    night1 = pa.concat_tables([day1, pa.table({"listing_id": ["FLAKY"], "image_uri": [flaky.url],
-                                               "tags": pa.array([[]], pa.list_(pa.string()))})])
+    night1 = pa.concat_tables(
+        [day1, pa.table({"listing_id": ["FLAKY"], "image_uri": [flaky.url], "tags": pa.array([[]], pa.list_(pa.string()))})]
+    )
     first = night(night1, "2026-11-20")
     assert first["new"] == 49 and first["errors"] == 1 and first["error_reasons"] == {"fetch_failed": 1}
     after_night1 = tag_table.read_rows(table_uri)
@@ -128,8 +145,12 @@ def test_three_nights(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
         new_uris.append(str(path))
     flaky.heal()
     kept = [i for i in range(48) if i not in (2, 3)]
-    night2 = pa.table({"listing_id": [ids[i] for i in kept] + ["N0", "N1", "N2", "FLAKY", ids[5]],
-                       "image_uri": [uris[i] for i in kept] + new_uris + [flaky.url, uris[5]]})
+    night2 = pa.table(
+        {
+            "listing_id": [ids[i] for i in kept] + ["N0", "N1", "N2", "FLAKY", ids[5]],
+            "image_uri": [uris[i] for i in kept] + new_uris + [flaky.url, uris[5]],
+        }
+    )
     second = night(night2, "2026-11-21", index=index_dir)
     assert (second["new"], second["changed"], second["retry"], second["unchanged"], second["deleted"]) == (3, 2, 1, 44, 2)
     assert second["duplicates_dropped"] == 1 and second["errors"] == 0 and second["rows"] == 50
@@ -178,8 +199,9 @@ def test_a_new_model_retags_everything_in_one_overwrite(ray_local, tiny_catalog,
     torch.manual_seed(1)
     vocab = Vocabulary.load(tiny_catalog["vocabulary"])
     other = str(tmp_path / "model-v2")
-    spec = save_tagger(Tagger("test_efficientnet", len(vocab)), TaggerSpec(backbone="test_efficientnet", vocabulary=vocab.to_dict(),
-                                                                          img_size=64), other)
+    spec = save_tagger(
+        Tagger("test_efficientnet", len(vocab)), TaggerSpec(backbone="test_efficientnet", vocabulary=vocab.to_dict(), img_size=64), other
+    )
     summary = run(ReindexConfig(manifest=str(manifest), model=other, table=table_uri, snapshot="2026-11-21", index=index_dir))
     assert summary["mode"] == "overwrite" and summary["new"] == 12
     rows = tag_table.read_rows(table_uri)

@@ -31,19 +31,25 @@ def s3_server():
     import urllib.request
 
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 60
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
             break
-        except OSError:
+        except OSError as exc:
             if time.time() > deadline or server.poll() is not None:
-                raise RuntimeError("moto's S3 server did not start")
+                raise RuntimeError("moto's S3 server did not start") from exc
             time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     from mltag import storage
@@ -71,8 +77,14 @@ def s3_catalog(s3_server, tiny_catalog):
     for uri in table.column("image_uri").to_pylist():
         with open(os.path.join(tiny_catalog["out"], uri), "rb") as f:
             s3.put_object(Bucket="catalog", Key=f"listings/{uri}", Body=f.read())
-    extra = pa.table({"listing_id": ["GONE", "NOBUCKET"], "image_uri": ["images/not-uploaded.jpg", "s3://no-such-bucket/x.jpg"],
-                      "tags": pa.array([[], []], pa.list_(pa.string())), "split": ["test", "test"]})
+    extra = pa.table(
+        {
+            "listing_id": ["GONE", "NOBUCKET"],
+            "image_uri": ["images/not-uploaded.jpg", "s3://no-such-bucket/x.jpg"],
+            "tags": pa.array([[], []], pa.list_(pa.string())),
+            "split": ["test", "test"],
+        }
+    )
     buf = io.BytesIO()
     pq.write_table(pa.concat_tables([table, extra]), buf)
     s3.put_object(Bucket="catalog", Key="listings/manifest.parquet", Body=buf.getvalue())
@@ -106,9 +118,26 @@ def test_tag_job_reads_and_writes_s3_and_a_failed_rerun_changes_nothing(s3_serve
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "jobs/tag_catalog.py", "--manifest", s3_catalog, "--model", tiny_model_dir,
-         "--out", "s3://catalog/tag_table", "--batch-size", "4", "--max-error-rate", "0.5"],
-        cwd=root, env={**os.environ, **s3_server}, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "jobs/tag_catalog.py",
+            "--manifest",
+            s3_catalog,
+            "--model",
+            tiny_model_dir,
+            "--out",
+            "s3://catalog/tag_table",
+            "--batch-size",
+            "4",
+            "--max-error-rate",
+            "0.5",
+        ],
+        cwd=root,
+        env={**os.environ, **s3_server},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     meta = tag_table.run_metadata("s3://catalog/tag_table")
     assert meta["rows"] == meta["manifest_rows"] == 12 and meta["errors"] == 2 and meta["table_version"] == 0
@@ -127,9 +156,28 @@ def test_tag_job_reads_and_writes_s3_and_a_failed_rerun_changes_nothing(s3_serve
     weights = broken / "weights.pt"
     weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))
     failed = subprocess.run(
-        [sys.executable, "jobs/tag_catalog.py", "--manifest", s3_catalog, "--model", str(broken), "--run-id", "rerun-2",
-         "--out", "s3://catalog/tag_table", "--batch-size", "4", "--max-error-rate", "0.5"],
-        cwd=root, env={**os.environ, **s3_server}, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "jobs/tag_catalog.py",
+            "--manifest",
+            s3_catalog,
+            "--model",
+            str(broken),
+            "--run-id",
+            "rerun-2",
+            "--out",
+            "s3://catalog/tag_table",
+            "--batch-size",
+            "4",
+            "--max-error-rate",
+            "0.5",
+        ],
+        cwd=root,
+        env={**os.environ, **s3_server},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert failed.returncode != 0
     assert delta_table.latest_version("s3://catalog/tag_table") == 0
     assert tag_table.read_rows("s3://catalog/tag_table").equals(table)
@@ -160,10 +208,34 @@ def test_training_checkpoints_to_s3_storage(s3_server, tiny_catalog, tmp_path):
     fs.mkdir("train-storage")
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "jobs/train.py", "--manifest", tiny_catalog["manifest"], "--out", str(tmp_path / "run"),
-         "--backbone", "test_efficientnet", "--img-size", "64", "--epochs", "2", "--batch-size", "16",
-         "--storage-path", "s3://train-storage/runs", "--name", "on-s3", "--cache-decoded", "true"],
-        cwd=root, env={**os.environ, **s3_server}, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "jobs/train.py",
+            "--manifest",
+            tiny_catalog["manifest"],
+            "--out",
+            str(tmp_path / "run"),
+            "--backbone",
+            "test_efficientnet",
+            "--img-size",
+            "64",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--storage-path",
+            "s3://train-storage/runs",
+            "--name",
+            "on-s3",
+            "--cache-decoded",
+            "true",
+        ],
+        cwd=root,
+        env={**os.environ, **s3_server},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     checkpoints = [p for p in fs.ls("train-storage/runs/on-s3") if "checkpoint_" in p and not p.endswith(".json")]
     assert len(checkpoints) == 2

@@ -44,12 +44,22 @@ def test_twenty_thousand_rows_through_every_streaming_stage(ray_local, big_catal
 
     from mltag import anomalies, duplicates
     from mltag.index import EmbeddingIndex, IndexConfig, IndexUpdateConfig, build_index, update_index
-    from mltag.reindex import ReindexConfig, run as reindex
-    from mltag.tag import TagConfig, run as tag
+    from mltag.reindex import ReindexConfig
+    from mltag.reindex import run as reindex
+    from mltag.tag import TagConfig
+    from mltag.tag import run as tag
 
     table_uri, index_dir = str(tmp_path / "t"), str(tmp_path / "index")
-    meta = tag(TagConfig(manifest=str(big_catalog / "manifest.csv"), model=tiny_model_dir, out=table_uri, shard_rows=5_000,
-                         batch_size=256, decode_batch_size=256))
+    meta = tag(
+        TagConfig(
+            manifest=str(big_catalog / "manifest.csv"),
+            model=tiny_model_dir,
+            out=table_uri,
+            shard_rows=5_000,
+            batch_size=256,
+            decode_batch_size=256,
+        )
+    )
     rows = tag_table.read_rows(table_uri, columns=["listing_id", "image_uri", "error"])
     expected = [(f"{i:06d}", str(big_catalog / "rows" / f"{i:06d}.jpg")) for i in range(ROWS)]
     assert meta["rows"] == rows.num_rows == ROWS and meta["shards"] == 4 and rows.column("error").null_count == ROWS
@@ -59,8 +69,10 @@ def test_twenty_thousand_rows_through_every_streaming_stage(ray_local, big_catal
     assert built["count"] == ROWS
 
     # A night: 200 rows gone, 100 photos replaced, 150 new listings.
-    manifest = pa.csv.read_csv(big_catalog / "manifest.csv", convert_options=pa.csv.ConvertOptions(column_types={
-        "listing_id": pa.string(), "image_uri": pa.string()}))
+    manifest = pa.csv.read_csv(
+        big_catalog / "manifest.csv",
+        convert_options=pa.csv.ConvertOptions(column_types={"listing_id": pa.string(), "image_uri": pa.string()}),
+    )
     kept = manifest.slice(200)
     for i in range(200, 300):
         path = big_catalog / "rows" / f"{i:06d}.jpg"
@@ -69,8 +81,16 @@ def test_twenty_thousand_rows_through_every_streaming_stage(ray_local, big_catal
         path.write_bytes(data + b"\0\0")  # new bytes (past the end marker), the same picture
     new = pa.table({"listing_id": [f"NEW{i}" for i in range(150)], "image_uri": [f"rows/{i:06d}.jpg" for i in range(150)]})
     pq.write_table(pa.concat_tables([kept, new]), big_catalog / "night.parquet")
-    night = reindex(ReindexConfig(manifest=str(big_catalog / "night.parquet"), model=tiny_model_dir, table=table_uri,
-                                  snapshot="2026-11-24", shard_rows=5_000, batch_size=256))
+    night = reindex(
+        ReindexConfig(
+            manifest=str(big_catalog / "night.parquet"),
+            model=tiny_model_dir,
+            table=table_uri,
+            snapshot="2026-11-24",
+            shard_rows=5_000,
+            batch_size=256,
+        )
+    )
     assert (night["new"], night["changed"], night["deleted"]) == (150, 100, 200)
     after = tag_table.read_rows(table_uri, columns=["listing_id", "image_uri"])
     assert after.num_rows == ROWS - 200 + 150 == len(set(_keys(after)))
@@ -83,7 +103,6 @@ def test_twenty_thousand_rows_through_every_streaming_stage(ray_local, big_catal
     outliers = anomalies.run(anomalies.AnomalyConfig(index=index_dir, out=str(tmp_path / "anomalies.parquet"), k=5))
     assert outliers.num_rows == after.num_rows and len(set(outliers.column("listing_id").to_pylist())) == after.num_rows
     assert pc.sum(outliers.column("is_outlier")).as_py() == -(-after.num_rows // 100)  # the top 1%, rounded up
-    groups = duplicates.run(duplicates.DuplicatesConfig(index=index_dir, out=str(tmp_path / "duplicates.parquet"), k=5,
-                                                         threshold=0.999))
+    groups = duplicates.run(duplicates.DuplicatesConfig(index=index_dir, out=str(tmp_path / "duplicates.parquet"), k=5, threshold=0.999))
     # The same 48 photos under ~400 ids each: every listing is in a near-duplicate group.
     assert groups.num_rows > 0.9 * after.num_rows

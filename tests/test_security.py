@@ -28,8 +28,9 @@ from mltag.images import HEIF_PLUGIN, decode_batch, fetch_batch, pixels_from_arr
 from mltag.uri_policy import FetchPolicy, redact_uri
 
 SECRETS = ("deadbeefsignature", "AKIAEXAMPLEKEY", "hunter2")
-PRESIGNED_QUERY = ("?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLEKEY%2F20260101%2Fus-west-2"
-                   "&X-Amz-Signature=deadbeefsignature")
+PRESIGNED_QUERY = (
+    "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLEKEY%2F20260101%2Fus-west-2&X-Amz-Signature=deadbeefsignature"
+)
 WEB = FetchPolicy(allowed_schemes=("file", "s3", "http", "https"))
 WEB_PRIVATE = FetchPolicy(allowed_schemes=("file", "http"), allow_private_networks=True, fetch_timeout_s=1)
 
@@ -120,20 +121,33 @@ def silent_server():
 
 
 # ---- which URIs may be fetched --------------------------------------------------------------------
-@pytest.mark.parametrize("uri,policy,expected", [
-    ("http://169.254.169.254/latest/meta-data/iam/security-credentials/", None,
-     "refused uri: scheme 'http' is not in allowed_schemes [file, s3]"),
-    ("https://example.com/photo.jpg", None, "refused uri: scheme 'https' is not in allowed_schemes [file, s3]"),
-    ("http://169.254.169.254/latest/meta-data/", WEB, "refused uri: host '169.254.169.254' resolves to non-public address 169.254.169.254"),
-    ("http://[::ffff:169.254.169.254]/latest/meta-data/", WEB, "refused uri: host '::ffff:169.254.169.254' resolves to non-public"),
-    ("http://localhost:8265/api/jobs/", WEB, "refused uri: host 'localhost' resolves to non-public address"),
-    ("http://10.0.0.7/a.jpg", WEB, "refused uri: host '10.0.0.7' resolves to non-public address"),
-    ("gs://bucket/a.jpg", None, "refused uri: scheme 'gs' is not in allowed_schemes [file, s3]"),
-    ("simplecache::s3://bucket/a.jpg", None, "refused uri: scheme 'simplecache::s3' is not in allowed_schemes"),
-    ("s3://other-bucket/a.jpg", FetchPolicy(allowed_roots=("s3://catalog/images/",)),
-     "refused uri: s3://other-bucket/a.jpg is outside allowed_roots [s3://catalog/images/]"),
-    ("s3://catalog/images/../secrets/a.jpg", FetchPolicy(allowed_roots=("s3://catalog/images/",)), "refused uri:"),
-])
+@pytest.mark.parametrize(
+    "uri,policy,expected",
+    [
+        (
+            "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+            None,
+            "refused uri: scheme 'http' is not in allowed_schemes [file, s3]",
+        ),
+        ("https://example.com/photo.jpg", None, "refused uri: scheme 'https' is not in allowed_schemes [file, s3]"),
+        (
+            "http://169.254.169.254/latest/meta-data/",
+            WEB,
+            "refused uri: host '169.254.169.254' resolves to non-public address 169.254.169.254",
+        ),
+        ("http://[::ffff:169.254.169.254]/latest/meta-data/", WEB, "refused uri: host '::ffff:169.254.169.254' resolves to non-public"),
+        ("http://localhost:8265/api/jobs/", WEB, "refused uri: host 'localhost' resolves to non-public address"),
+        ("http://10.0.0.7/a.jpg", WEB, "refused uri: host '10.0.0.7' resolves to non-public address"),
+        ("gs://bucket/a.jpg", None, "refused uri: scheme 'gs' is not in allowed_schemes [file, s3]"),
+        ("simplecache::s3://bucket/a.jpg", None, "refused uri: scheme 'simplecache::s3' is not in allowed_schemes"),
+        (
+            "s3://other-bucket/a.jpg",
+            FetchPolicy(allowed_roots=("s3://catalog/images/",)),
+            "refused uri: s3://other-bucket/a.jpg is outside allowed_roots [s3://catalog/images/]",
+        ),
+        ("s3://catalog/images/../secrets/a.jpg", FetchPolicy(allowed_roots=("s3://catalog/images/",)), "refused uri:"),
+    ],
+)
 def test_refused_uris_are_error_rows_naming_the_rule(uri, policy, expected):
     (row,) = _rows([uri], policy)
     assert row["error"].startswith(expected), row["error"]
@@ -145,8 +159,7 @@ def test_local_files_outside_allowed_roots_are_refused_symlinks_included(tmp_pat
     good = _jpeg(root / "ok.jpg")
     (root / "escape.jpg").symlink_to("/etc/passwd")
     policy = FetchPolicy(allowed_roots=(str(root),))
-    rows = _rows([good, "file:///etc/passwd", "/etc/passwd", str(root / ".." / ".." / "etc" / "passwd"), str(root / "escape.jpg")],
-                 policy)
+    rows = _rows([good, "file:///etc/passwd", "/etc/passwd", str(root / ".." / ".." / "etc" / "passwd"), str(root / "escape.jpg")], policy)
     assert rows[0]["error"] is None
     for row in rows[1:]:
         assert row["error"].startswith("refused uri:") and f"outside allowed_roots [{root}]" in row["error"], row
@@ -168,7 +181,9 @@ def test_a_redirect_to_the_metadata_endpoint_is_refused(web_server):
     # The first hop is allowed by its roots; the redirect leaves them.
     policy = FetchPolicy(allowed_schemes=("http",), allow_private_networks=True, allowed_roots=(web_server + "/",))
     (row,) = _rows([f"{web_server}/to-metadata"], policy)
-    assert row["error"].startswith("refused uri: http://169.254.169.254/latest/meta-data/iam/security-credentials/ is outside allowed_roots")
+    assert row["error"].startswith(
+        "refused uri: http://169.254.169.254/latest/meta-data/iam/security-credentials/ is outside allowed_roots"
+    )
 
 
 def test_presigned_and_credentialed_uris_never_leak_into_errors(web_server):
@@ -186,14 +201,17 @@ def test_presigned_and_credentialed_uris_never_leak_into_errors(web_server):
     assert not any(secret in e for e in errors for secret in SECRETS)
 
 
-@pytest.mark.parametrize("uri,shown", [
-    ("https://bucket.s3.amazonaws.com/a.jpg" + PRESIGNED_QUERY, "https://bucket.s3.amazonaws.com/a.jpg"),
-    ("https://user:pw@cdn.example.com:8443/p/a.jpg?token=abc#frag", "https://cdn.example.com:8443/p/a.jpg"),
-    ("s3://bucket/key.jpg?versionId=3", "s3://bucket/key.jpg"),
-    ("HTTPS://host?sig=1", "HTTPS://host"),
-    ("/data/images/a.jpg", "/data/images/a.jpg"),
-    ("relative/a.jpg", "relative/a.jpg"),
-])
+@pytest.mark.parametrize(
+    "uri,shown",
+    [
+        ("https://bucket.s3.amazonaws.com/a.jpg" + PRESIGNED_QUERY, "https://bucket.s3.amazonaws.com/a.jpg"),
+        ("https://user:pw@cdn.example.com:8443/p/a.jpg?token=abc#frag", "https://cdn.example.com:8443/p/a.jpg"),
+        ("s3://bucket/key.jpg?versionId=3", "s3://bucket/key.jpg"),
+        ("HTTPS://host?sig=1", "HTTPS://host"),
+        ("/data/images/a.jpg", "/data/images/a.jpg"),
+        ("relative/a.jpg", "relative/a.jpg"),
+    ],
+)
 def test_redact_uri(uri, shown):
     assert redact_uri(uri) == shown
 
@@ -268,8 +286,10 @@ def test_fetch_policy_is_validated_and_travels_as_a_value():
 
 
 # ---- identifiers that become paths ----------------------------------------------------------------
-@pytest.mark.parametrize("value", ["..", "../models", "runs/../../etc", "/etc", "a/b", "a\\b", "", ".hidden", "-flag",
-                                   "a..b", "x" * 129, "run\n", "naïve", None, 7])
+@pytest.mark.parametrize(
+    "value",
+    ["..", "../models", "runs/../../etc", "/etc", "a/b", "a\\b", "", ".hidden", "-flag", "a..b", "x" * 129, "run\n", "naïve", None, 7],
+)
 def test_identifiers_that_could_leave_their_directory_are_refused(value):
     with pytest.raises(ValueError) as info:
         validate_identifier("run id", value)
@@ -330,8 +350,11 @@ def test_checkpoint_state_round_trips_with_rng_states(tmp_path):
     optimizer.step()
     rng_tensors, rng_meta = capture_rng()
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    save_training_state(str(tmp_path), {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_tensors},
-                        {"epoch": 3, "step": 30, "history": [{"val_map": np.float32(0.5)}], "rng": rng_meta})
+    save_training_state(
+        str(tmp_path),
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_tensors},
+        {"epoch": 3, "step": 30, "history": [{"val_map": np.float32(0.5)}], "rng": rng_meta},
+    )
     random.seed(99), np.random.seed(99), torch.manual_seed(99)  # what a reseeding restart would do
     tensors, meta = load_training_state(str(tmp_path))
     restore_rng(tensors["rng"], meta["rng"])
@@ -347,18 +370,27 @@ def _inputs(**overrides):
     return {**base, **overrides}
 
 
-@pytest.mark.parametrize("record,exists,current,resume,outcome", [
-    (None, False, _inputs(), "auto", "start"),
-    (None, False, _inputs(), "never", "start"),
-    ({"inputs": _inputs()}, True, _inputs(), "auto", "resume"),
-    ({"inputs": _inputs()}, True, _inputs(manifest_sha256="m2"), "auto", "the manifest's content"),
-    ({"inputs": _inputs()}, True, _inputs(vocabulary_sha256="v2"), "auto", "the vocabulary"),
-    ({"inputs": _inputs()}, True, _inputs(config_sha256="c2", config={"lr": 0.002, "loss": "asl"}), "auto", "config lr (0.001 -> 0.002)"),
-    ({"inputs": _inputs()}, True, _inputs(manifest_sha256="m2"), "force", "resume"),
-    ({"inputs": _inputs()}, True, _inputs(), "never", "--resume is never"),
-    (None, True, _inputs(), "auto", "no record of its inputs"),
-    (None, True, _inputs(), "force", "resume"),
-])
+@pytest.mark.parametrize(
+    "record,exists,current,resume,outcome",
+    [
+        (None, False, _inputs(), "auto", "start"),
+        (None, False, _inputs(), "never", "start"),
+        ({"inputs": _inputs()}, True, _inputs(), "auto", "resume"),
+        ({"inputs": _inputs()}, True, _inputs(manifest_sha256="m2"), "auto", "the manifest's content"),
+        ({"inputs": _inputs()}, True, _inputs(vocabulary_sha256="v2"), "auto", "the vocabulary"),
+        (
+            {"inputs": _inputs()},
+            True,
+            _inputs(config_sha256="c2", config={"lr": 0.002, "loss": "asl"}),
+            "auto",
+            "config lr (0.001 -> 0.002)",
+        ),
+        ({"inputs": _inputs()}, True, _inputs(manifest_sha256="m2"), "force", "resume"),
+        ({"inputs": _inputs()}, True, _inputs(), "never", "--resume is never"),
+        (None, True, _inputs(), "auto", "no record of its inputs"),
+        (None, True, _inputs(), "force", "resume"),
+    ],
+)
 def test_resume_decision(record, exists, current, resume, outcome):
     from mltag.train import RunInputsChanged, resume_decision
 
@@ -391,9 +423,19 @@ def finished_run(ray_local, tiny_catalog, tmp_path_factory):
     work = tmp_path_factory.mktemp("guarded")
     manifest = read_manifest(tiny_catalog["manifest"], require_tags=True)  # absolute image URIs
     pq.write_table(manifest, work / "manifest.parquet")
-    common = dict(manifest=str(work / "manifest.parquet"), vocabulary=tiny_catalog["vocabulary"], out=str(work / "out"),
-                  backbone="test_efficientnet", img_size=64, batch_size=16, augment=False, hflip=False, cache_decoded=True,
-                  epochs=1, name="guarded")
+    common = dict(
+        manifest=str(work / "manifest.parquet"),
+        vocabulary=tiny_catalog["vocabulary"],
+        out=str(work / "out"),
+        backbone="test_efficientnet",
+        img_size=64,
+        batch_size=16,
+        augment=False,
+        hflip=False,
+        cache_decoded=True,
+        epochs=1,
+        name="guarded",
+    )
     spec = run(TrainConfig(**common))
     return {"work": work, "common": common, "spec": spec, "manifest": manifest}
 
@@ -457,8 +499,11 @@ def saved_model(tmp_path):
 
     torch.manual_seed(0)
     out = tmp_path / "model"
-    spec = save_tagger(Tagger("test_efficientnet", 3), TaggerSpec(backbone="test_efficientnet", vocabulary={"tags": ["a", "b", "c"]},
-                                                                   img_size=32), str(out))
+    spec = save_tagger(
+        Tagger("test_efficientnet", 3),
+        TaggerSpec(backbone="test_efficientnet", vocabulary={"tags": ["a", "b", "c"]}, img_size=32),
+        str(out),
+    )
     return out, spec
 
 
@@ -508,9 +553,17 @@ def _ivf_index_dir(directory: Path, n: int = 40, dim: int = 16, nlist: int = 16)
     index.nprobe = 1
     directory.mkdir()
     faiss.write_index(index, str(directory / "index.faiss"))
-    pq.write_table(pa.table({"faiss_id": pa.array(range(n), pa.int64()), "listing_id": [f"L{i:03d}" for i in range(n)],
-                             "image_uri": [f"/img/{i}.jpg" for i in range(n)],
-                             "tags": pa.array([[] for _ in range(n)], pa.list_(pa.string()))}), directory / "ids.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "faiss_id": pa.array(range(n), pa.int64()),
+                "listing_id": [f"L{i:03d}" for i in range(n)],
+                "image_uri": [f"/img/{i}.jpg" for i in range(n)],
+                "tags": pa.array([[] for _ in range(n)], pa.list_(pa.string())),
+            }
+        ),
+        directory / "ids.parquet",
+    )
     (directory / "index.json").write_text(json.dumps({"nprobe": 1, "dim": dim, "count": n, "factory": f"IVF{nlist},Flat"}))
     return x
 
@@ -549,8 +602,13 @@ def test_an_index_smaller_than_k_reports_the_short_rows(tmp_path, capsys):
 
 
 # ---- the report page --------------------------------------------------------------------------------
-HOSTILE_TAGS = ["<script>document.body.dataset.pwned='1'</script>", "<img src=x onerror=\"document.body.dataset.pwned2='1'\">",
-                "price $^{$ tag", "a&amp;b", "plain"]
+HOSTILE_TAGS = [
+    "<script>document.body.dataset.pwned='1'</script>",
+    "<img src=x onerror=\"document.body.dataset.pwned2='1'\">",
+    "price $^{$ tag",
+    "a&amp;b",
+    "plain",
+]
 
 
 @pytest.mark.slow
@@ -564,11 +622,14 @@ def test_hostile_tag_names_are_escaped_in_the_rendered_report(tmp_path):
     if browser is None:
         pytest.skip("no headless browser installed (make test installs chromium where apt-get can)")
     vocab = Vocabulary.from_dict({"tags": HOSTILE_TAGS})
-    spec = save_tagger(Tagger("test_efficientnet", len(vocab)), TaggerSpec(backbone="test_efficientnet", vocabulary=vocab.to_dict(),
-                                                                           img_size=32), str(tmp_path / "model"))
+    spec = save_tagger(
+        Tagger("test_efficientnet", len(vocab)),
+        TaggerSpec(backbone="test_efficientnet", vocabulary=vocab.to_dict(), img_size=32),
+        str(tmp_path / "model"),
+    )
     rng = np.random.default_rng(0)
     y = (rng.random((60, len(vocab))) < 0.4).astype(np.uint8)
-    y[:len(vocab), :] = np.eye(len(vocab), dtype=np.uint8)  # every tag has a positive
+    y[: len(vocab), :] = np.eye(len(vocab), dtype=np.uint8)  # every tag has a positive
     scores = np.clip(y * 0.5 + rng.random(y.shape) * 0.6, 0, 1).astype(np.float32)
     metrics, per_tag = compute_metrics(y, scores, spec)
     metrics["model_version"] = spec.version
@@ -576,20 +637,43 @@ def test_hostile_tag_names_are_escaped_in_the_rendered_report(tmp_path):
     (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
     pq.write_table(per_tag, tmp_path / "eval" / "per_tag.parquet")
     n = len(vocab)
-    pq.write_table(pa.table({"listing_id": [f"L{i}" for i in range(len(y))],
-                             "labels": pa.FixedSizeListArray.from_arrays(pa.array(y.ravel()), n),
-                             "scores": pa.FixedSizeListArray.from_arrays(pa.array(scores.ravel(), pa.float32()), n)}),
-                   tmp_path / "eval" / "scores.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "listing_id": [f"L{i}" for i in range(len(y))],
+                "labels": pa.FixedSizeListArray.from_arrays(pa.array(y.ravel()), n),
+                "scores": pa.FixedSizeListArray.from_arrays(pa.array(scores.ravel(), pa.float32()), n),
+            }
+        ),
+        tmp_path / "eval" / "scores.parquet",
+    )
     page = report.run(report.ReportConfig(model=str(tmp_path / "model"), eval=str(tmp_path / "eval"), out=str(tmp_path / "report")))
 
     html = Path(page).read_text()
     assert "<script>document" not in html and "<img src=x" not in html
-    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom",
-                           Path(page).as_uri()], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            Path(page).as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     dom = proc.stdout
-    assert 'data-figures="4"' in dom and 'data-figures-rendered="4"' in dom, proc.stderr[-2000:]  # the page's own script ran, no extra <img>
+    assert 'data-figures="4"' in dom and 'data-figures-rendered="4"' in dom, proc.stderr[
+        -2000:
+    ]  # the page's own script ran, no extra <img>
     assert "data-pwned" not in dom and "data-pwned2" not in dom  # neither hostile script ran
     # Each name is shown as text in the per-tag table.
     assert "<td>&lt;script&gt;document.body.dataset.pwned='1'&lt;/script&gt;</td>" in dom
@@ -597,10 +681,16 @@ def test_hostile_tag_names_are_escaped_in_the_rendered_report(tmp_path):
     assert "<td>a&amp;amp;b</td>" in dom and "<td>price $^{$ tag</td>" in dom
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("run_id", "x/../../../victim", "run_id"), ("run_id", "..", "run_id"), ("snapshot", "2026/11/23", "snapshot"),
-    ("allowed_schemes", "file,s3,ht tp", "allowed_schemes"), ("fetch_timeout_s", "0", "fetch_timeout_s"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("run_id", "x/../../../victim", "run_id"),
+        ("run_id", "..", "run_id"),
+        ("snapshot", "2026/11/23", "snapshot"),
+        ("allowed_schemes", "file,s3,ht tp", "allowed_schemes"),
+        ("fetch_timeout_s", "0", "fetch_timeout_s"),
+    ],
+)
 def test_tag_configs_refuse_path_escapes_and_bad_policies_before_any_work(field, value, match):
     from mltag.config import config_from_dict
     from mltag.tag import TagConfig

@@ -55,8 +55,11 @@ def zoo(tmp_path_factory):
     for name, make in makers.items():
         paths[name] = d / f"{name}.{'jpg' if name == 'cmyk' else 'gif' if name == 'animated' else 'png'}"
         make(paths[name])
-    uris = {**{k: str(v) for k, v in paths.items()}, "missing": str(d / "missing.jpg"),
-            "permission_denied": "/proc/sys/vm/drop_caches" if os.geteuid() == 0 else str(d / "locked.jpg")}
+    uris = {
+        **{k: str(v) for k, v in paths.items()},
+        "missing": str(d / "missing.jpg"),
+        "permission_denied": "/proc/sys/vm/drop_caches" if os.geteuid() == 0 else str(d / "locked.jpg"),
+    }
     if os.geteuid() != 0:
         (d / "locked.jpg").write_bytes(good)
         os.chmod(d / "locked.jpg", 0)
@@ -65,15 +68,33 @@ def zoo(tmp_path_factory):
     return manifest
 
 
-EXPECTED_ERRORS = {"truncated": "corrupt", "zero_bytes": "empty", "not_an_image": "not an image", "corrupt": "",
-                   "bomb": "too many pixels", "missing": "missing", "permission_denied": "permission denied"}
+EXPECTED_ERRORS = {
+    "truncated": "corrupt",
+    "zero_bytes": "empty",
+    "not_an_image": "not an image",
+    "corrupt": "",
+    "bomb": "too many pixels",
+    "missing": "missing",
+    "permission_denied": "permission denied",
+}
 VALID = {"good", "cmyk", "sixteen_bit", "palette", "alpha", "animated"}
 
 
 @pytest.mark.parametrize("decode_on", ["cpu", "actor"])
 def test_every_bad_input_is_an_error_row_and_nothing_is_lost(ray_local, zoo, tiny_model_dir, tmp_path, decode_on):
-    success = run(TagConfig(manifest=str(zoo), model=tiny_model_dir, out=str(tmp_path / "tags"), snapshot="2026-11-23",
-                            batch_size=4, decode_batch_size=3, decode_on=decode_on, max_pixels=50_000_000, max_error_rate=1.0))
+    success = run(
+        TagConfig(
+            manifest=str(zoo),
+            model=tiny_model_dir,
+            out=str(tmp_path / "tags"),
+            snapshot="2026-11-23",
+            batch_size=4,
+            decode_batch_size=3,
+            decode_on=decode_on,
+            max_pixels=50_000_000,
+            max_error_rate=1.0,
+        )
+    )
     table = tag_table.read_rows(str(tmp_path / "tags"))
     rows = {r["listing_id"]: r for r in table.to_pylist()}
     assert success["rows"] == success["manifest_rows"] == len(rows) == table.num_rows == 13
@@ -103,15 +124,19 @@ def test_killed_inference_actor_loses_and_duplicates_nothing(ray_local, tiny_cat
 
     base = read_manifest(tiny_catalog["manifest"])
     # 480 rows: the same images under many listing ids, enough batches for a kill mid-run.
-    table = pa.concat_tables([base.set_column(0, "listing_id", pa.array([f"{i}-{k}" for i in base.column("listing_id").to_pylist()]))
-                              for k in range(10)])
+    table = pa.concat_tables(
+        [base.set_column(0, "listing_id", pa.array([f"{i}-{k}" for i in base.column("listing_id").to_pylist()])) for k in range(10)]
+    )
     manifest = tmp_path / "big.parquet"
     pq.write_table(table, manifest)
     outcome: dict = {}
 
     def tag():
-        outcome["success"] = run(TagConfig(manifest=str(manifest), model=tiny_model_dir, out=str(tmp_path / "t"),
-                                           batch_size=4, decode_batch_size=4, num_actors=1))
+        outcome["success"] = run(
+            TagConfig(
+                manifest=str(manifest), model=tiny_model_dir, out=str(tmp_path / "t"), batch_size=4, decode_batch_size=4, num_actors=1
+            )
+        )
 
     thread = threading.Thread(target=tag, daemon=True)
     thread.start()

@@ -13,8 +13,15 @@ def test_decide_tags_applies_thresholds_and_closes_upward():
 
 
 def test_assemble_keeps_every_row_and_carries_columns():
-    batch = pa.table({"listing_id": ["a", "b", "c"], "image_uri": ["u1", "u2", "u3"], "price": [1.0, 2.0, 3.0],
-                      "tags": pa.array([["x"], [], ["y"]], pa.list_(pa.string())), "pixels": pa.array([b"", b"", b""])})
+    batch = pa.table(
+        {
+            "listing_id": ["a", "b", "c"],
+            "image_uri": ["u1", "u2", "u3"],
+            "price": [1.0, 2.0, 3.0],
+            "tags": pa.array([["x"], [], ["y"]], pa.list_(pa.string())),
+            "pixels": pa.array([b"", b"", b""]),
+        }
+    )
     ok = np.array([0, 2])
     scores = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
     emb = np.arange(8, dtype=np.float32).reshape(2, 4)
@@ -34,8 +41,9 @@ def test_max_tags_keeps_the_best_scored_then_closes_upward():
     scores = np.array([[0.9, 0.8, 0.7, 0.1]], np.float32)
     tags = tag_table.decide_tags(scores, np.full(4, 0.5, np.float32), names, {"c": ["parent"]}, max_tags=2)
     assert tags == [["a", "b"]]
-    tags = tag_table.decide_tags(np.array([[0.2, 0.8, 0.9, 0.1]], np.float32), np.full(4, 0.5, np.float32), names,
-                                 {"c": ["parent"]}, max_tags=1)
+    tags = tag_table.decide_tags(
+        np.array([[0.2, 0.8, 0.9, 0.1]], np.float32), np.full(4, 0.5, np.float32), names, {"c": ["parent"]}, max_tags=1
+    )
     assert tags == [["c", "parent"]]  # ancestors are added after the cut
 
 
@@ -55,6 +63,7 @@ def test_the_table_round_trips_through_delta_and_keeps_its_embeddings(tmp_path):
     write_table(str(tmp_path / "t"), out, {"model_version": "v", "embedding_dim": 3})
     back = tag_table.read_rows(str(tmp_path / "t"))
     assert back.column("listing_id").to_pylist() == ["a", "b"] and back.column("tags").to_pylist() == [[], ["x"]]
-    np.testing.assert_array_equal(tag_table.embedding_matrix(back.filter(pa.compute.is_valid(back.column("embedding")))
-                                                             .column("embedding")), emb)
+    np.testing.assert_array_equal(
+        tag_table.embedding_matrix(back.filter(pa.compute.is_valid(back.column("embedding"))).column("embedding")), emb
+    )
     assert tag_table.run_metadata(str(tmp_path / "t"))["model_version"] == "v"

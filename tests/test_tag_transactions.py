@@ -32,15 +32,15 @@ def _keys(table: pa.Table) -> list[tuple[str, str]]:
 def _many(tiny_catalog, tmp_path, copies: int, name: str = "many.parquet") -> tuple[str, pa.Table]:
     """The sample images under ``copies`` x 48 distinct listing ids."""
     base = read_manifest(tiny_catalog["manifest"])
-    table = pa.concat_tables([base.set_column(0, "listing_id", pa.array([f"{i}-{k}" for i in base.column("listing_id").to_pylist()]))
-                              for k in range(copies)])
+    table = pa.concat_tables(
+        [base.set_column(0, "listing_id", pa.array([f"{i}-{k}" for i in base.column("listing_id").to_pylist()])) for k in range(copies)]
+    )
     path = tmp_path / name
     pq.write_table(table, path)
     return str(path), table
 
 
-def test_a_run_is_one_commit_a_rerun_is_a_no_op_and_a_new_run_replaces_the_table_whole(ray_local, tiny_catalog, tiny_model_dir,
-                                                                                         tmp_path):
+def test_a_run_is_one_commit_a_rerun_is_a_no_op_and_a_new_run_replaces_the_table_whole(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
     out = str(tmp_path / "t")
     first = run(TagConfig(manifest=tiny_catalog["manifest"], model=tiny_model_dir, out=out, snapshot="2026-11-22", shard_rows=10))
     assert first["table_version"] == 0 and first["rows"] == 48 and first["shards"] == 5
@@ -55,7 +55,9 @@ def test_a_run_is_one_commit_a_rerun_is_a_no_op_and_a_new_run_replaces_the_table
     assert not (tmp_path / "t" / RUNS_DIR).exists()  # working directories cleaned after commit
     history = delta_table.history_entries(delta_table.open_table(out))
     assert [(h["version"], h["mltag"]["snapshot"], h["mltag"]["rows"]) for h in history] == [(1, "2026-11-23", 20), (0, "2026-11-22", 48)]
-    assert history[0]["mltag"]["config_hash"] and history[0]["mltag"]["model_version"] and history[0]["userMetadata"].startswith("mltag tag")
+    assert (
+        history[0]["mltag"]["config_hash"] and history[0]["mltag"]["model_version"] and history[0]["userMetadata"].startswith("mltag tag")
+    )
 
 
 def test_repeated_manifest_rows_are_kept_once_and_counted(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
@@ -68,8 +70,9 @@ def test_repeated_manifest_rows_are_kept_once_and_counted(ray_local, tiny_catalo
     assert _keys(rows) == _keys(base)
 
 
-def test_error_gate_refuses_a_run_of_denied_images_and_leaves_the_table_as_it_was(ray_local, tiny_catalog, tiny_model_dir, tmp_path,
-                                                                                   capsys):
+def test_error_gate_refuses_a_run_of_denied_images_and_leaves_the_table_as_it_was(
+    ray_local, tiny_catalog, tiny_model_dir, tmp_path, capsys
+):
     out = str(tmp_path / "t")
     run(TagConfig(manifest=tiny_catalog["manifest"], model=tiny_model_dir, out=out))
     before = tag_table.read_rows(out)
@@ -81,8 +84,9 @@ def test_error_gate_refuses_a_run_of_denied_images_and_leaves_the_table_as_it_wa
     assert code == 1
     assert "6 of 6 rows (100.0%) failed" in err and "permission_denied" in err and "/proc/sys/vm/drop_caches" in err
     assert tag_table.read_rows(out).equals(before) and delta_table.latest_version(out) == 0
-    assert not list((tmp_path / "t").glob("part-tag-*-s*")) or len(list((tmp_path / "t").glob("part-*"))) == \
-        len(delta_table.open_table(out).file_uris())  # the refused run's files were removed
+    assert not list((tmp_path / "t").glob("part-tag-*-s*")) or len(list((tmp_path / "t").glob("part-*"))) == len(
+        delta_table.open_table(out).file_uris()
+    )  # the refused run's files were removed
 
 
 def _command(manifest: str, model: str, out: str, *extra: str) -> list[str]:
@@ -110,8 +114,10 @@ def test_a_driver_killed_at_60_percent_resumes_only_the_unfinished_shards(tiny_c
 
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming run tag-" in result.stdout and f"{finished_before} of 20 shards already done, tagging {20 - finished_before}" \
-        in result.stdout
+    assert (
+        "resuming run tag-" in result.stdout
+        and f"{finished_before} of 20 shards already done, tagging {20 - finished_before}" in result.stdout
+    )
     rows = tag_table.read_rows(out)
     assert rows.num_rows == table.num_rows == 960 and _keys(rows) == _keys(table)  # one row per manifest row
     meta = tag_table.run_metadata(out)
@@ -124,13 +130,21 @@ def concurrent_runs(tiny_catalog, tiny_model_dir, tmp_path, out: str, env: dict)
     a_manifest, a = _many(tiny_catalog, tmp_path, 1, "a.parquet")
     b_manifest, b = _many(tiny_catalog, tmp_path, 2, "b.parquet")
     env = {**os.environ, "RAY_ADDRESS": "local", **env}
-    procs = [subprocess.Popen(_command(m, tiny_model_dir, out, "--run-id", f"run-{n}", "--shard-rows", "16"), cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for n, m in (("a", a_manifest), ("b", b_manifest))]
+    procs = [
+        subprocess.Popen(
+            _command(m, tiny_model_dir, out, "--run-id", f"run-{n}", "--shard-rows", "16"),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n, m in (("a", a_manifest), ("b", b_manifest))
+    ]
     outcomes = [p.communicate(timeout=600) for p in procs]
     codes = [p.returncode for p in procs]
     # Each job either committed (on top of the other, whole) or stopped with a clear conflict error.
-    for code, (stdout, stderr) in zip(codes, outcomes):
+    for code, (_stdout, stderr) in zip(codes, outcomes):
         assert code == 0 or "another writer" in stderr, stderr[-3000:]
     assert 0 in codes
     return a, b
@@ -161,11 +175,17 @@ def test_a_writer_that_lost_the_race_commits_on_top_whole(tmp_path):
     delta_table.write_table(out, pa.table({"listing_id": ["b"], "image_uri": ["u"]}), {"run_id": "fast"})  # ... another commits 1
     pq.write_table(pa.table({"listing_id": ["c", "d"], "image_uri": ["u", "u"]}), tmp_path / "t" / "part-slow.parquet")
     with pytest.raises(Exception, match="(?i)concurrent"):
-        slow.create_write_transaction([delta_table.add_action("part-slow.parquet", os.path.getsize(tmp_path / "t" / "part-slow.parquet"),
-                                                              2)], "overwrite", pa.schema([("listing_id", pa.string()),
-                                                                                           ("image_uri", pa.string())]))
-    version = delta_table.commit_overwrite(out, [delta_table.add_action("part-slow.parquet", os.path.getsize(
-        tmp_path / "t" / "part-slow.parquet"), 2)], pa.schema([("listing_id", pa.string()), ("image_uri", pa.string())]), {"run_id": "slow"})
+        slow.create_write_transaction(
+            [delta_table.add_action("part-slow.parquet", os.path.getsize(tmp_path / "t" / "part-slow.parquet"), 2)],
+            "overwrite",
+            pa.schema([("listing_id", pa.string()), ("image_uri", pa.string())]),
+        )
+    version = delta_table.commit_overwrite(
+        out,
+        [delta_table.add_action("part-slow.parquet", os.path.getsize(tmp_path / "t" / "part-slow.parquet"), 2)],
+        pa.schema([("listing_id", pa.string()), ("image_uri", pa.string())]),
+        {"run_id": "slow"},
+    )
     assert version == 2 and sorted(tag_table.read_rows(out).column("listing_id").to_pylist()) == ["c", "d"]
 
 
@@ -189,11 +209,25 @@ def test_retry_errors_retags_only_the_error_rows(ray_local, tiny_catalog, tiny_m
 
 def test_history_lists_each_version_with_what_its_run_recorded(tmp_path, capsys):
     out = str(tmp_path / "t")
-    delta_table.write_table(out, pa.table({"listing_id": ["a"], "image_uri": ["u"]}),
-                            {"operation": "tag", "run_id": "r1", "snapshot": "2026-11-20", "rows": 1, "errors": 0, "model_version": "m1"})
-    delta_table.write_table(out, pa.table({"listing_id": ["a", "b"], "image_uri": ["u", "v"]}),
-                            {"operation": "reindex", "run_id": "r2", "snapshot": "2026-11-21", "rows": 2, "errors": 1, "new": 1,
-                             "deleted": 0, "model_version": "m1"})
+    delta_table.write_table(
+        out,
+        pa.table({"listing_id": ["a"], "image_uri": ["u"]}),
+        {"operation": "tag", "run_id": "r1", "snapshot": "2026-11-20", "rows": 1, "errors": 0, "model_version": "m1"},
+    )
+    delta_table.write_table(
+        out,
+        pa.table({"listing_id": ["a", "b"], "image_uri": ["u", "v"]}),
+        {
+            "operation": "reindex",
+            "run_id": "r2",
+            "snapshot": "2026-11-21",
+            "rows": 2,
+            "errors": 1,
+            "new": 1,
+            "deleted": 0,
+            "model_version": "m1",
+        },
+    )
     assert cli_main(["history", "--table", out]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert "version" in printed[0] and len(printed) == 3

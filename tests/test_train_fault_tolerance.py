@@ -17,16 +17,25 @@ def _alive_worker_pids() -> list[int]:
     import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(address=ray.get_runtime_context().gcs_address,
-                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
     return [a.pid for a in actors if a.pid]
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_catalog, tmp_path):
     from mltag.train import TrainConfig, build_trainer, export_best
 
-    config = TrainConfig(manifest=tiny_catalog["manifest"], out=str(tmp_path), backbone="test_efficientnet", img_size=64,
-                         epochs=6, batch_size=8, max_failures=2, name="killed")
+    config = TrainConfig(
+        manifest=tiny_catalog["manifest"],
+        out=str(tmp_path),
+        backbone="test_efficientnet",
+        img_size=64,
+        epochs=6,
+        batch_size=8,
+        max_failures=2,
+        name="killed",
+    )
     trainer, vocab, mean, std = build_trainer(config)
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
@@ -56,8 +65,17 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_catalog, tmp_path
 def test_rerunning_the_same_name_resumes_instead_of_starting_over(ray_local, tiny_catalog, tmp_path):
     from mltag.train import TrainConfig, run
 
-    common = dict(manifest=tiny_catalog["manifest"], out=str(tmp_path), backbone="test_efficientnet", img_size=64,
-                  batch_size=16, augment=False, hflip=False, cache_decoded=True, name="resumable")
+    common = dict(
+        manifest=tiny_catalog["manifest"],
+        out=str(tmp_path),
+        backbone="test_efficientnet",
+        img_size=64,
+        batch_size=16,
+        augment=False,
+        hflip=False,
+        cache_decoded=True,
+        name="resumable",
+    )
     first = run(TrainConfig(epochs=2, **common))
     assert [h["epoch"] for h in first.extra["history"]] == [1, 2]
     second = run(TrainConfig(epochs=3, **common))  # the same run, asked for one more epoch

@@ -7,8 +7,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mltag.resampling import (TagIndex, repeat_factors, repeat_factors_from_tags, tag_counts, tag_repeat_factors,
-                              tag_repeat_factors_from_counts)
+from mltag.resampling import (
+    TagIndex,
+    repeat_factors,
+    repeat_factors_from_tags,
+    tag_counts,
+    tag_repeat_factors,
+    tag_repeat_factors_from_counts,
+)
 from mltag.train import batch_arrays, label_counts, labelled_table, positive_weights, positive_weights_from_counts
 from mltag.vocabulary import Vocabulary, VocabularyError
 
@@ -55,8 +61,7 @@ def _tag_lists(rng: np.random.Generator, vocab: Vocabulary, n_rows: int) -> list
 
 def _chunked(rows: list, n_chunks: int) -> pa.ChunkedArray:
     cuts = np.linspace(0, len(rows), n_chunks + 1).astype(int)
-    return pa.chunked_array([pa.array(rows[a:b], pa.list_(pa.string())) for a, b in zip(cuts[:-1], cuts[1:])],
-                            pa.list_(pa.string()))
+    return pa.chunked_array([pa.array(rows[a:b], pa.list_(pa.string())) for a, b in zip(cuts[:-1], cuts[1:])], pa.list_(pa.string()))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -79,16 +84,23 @@ def test_streamed_statistics_equal_the_dense_computation(seed, rows_per_slice):
         for sqrt in (True, False):
             per_tag = tag_repeat_factors_from_counts(positives, n, threshold, sqrt)
             np.testing.assert_array_equal(per_tag, tag_repeat_factors(dense, threshold, sqrt))
-            np.testing.assert_array_equal(repeat_factors_from_tags(tags, index, per_tag, rows_per_slice),
-                                          repeat_factors(dense, threshold, sqrt))
+            np.testing.assert_array_equal(
+                repeat_factors_from_tags(tags, index, per_tag, rows_per_slice), repeat_factors(dense, threshold, sqrt)
+            )
 
 
 def test_labelled_table_carries_tags_not_a_label_matrix():
     rng = np.random.default_rng(7)
     vocab = _vocabulary(rng, 12)
     rows = _tag_lists(rng, vocab, 200)
-    table = pa.table({"listing_id": [f"L{i}" for i in range(len(rows))], "image_uri": [f"/x/{i}.jpg" for i in range(len(rows))],
-                      "tags": pa.array(rows, pa.list_(pa.string())), "split": ["train"] * len(rows)})
+    table = pa.table(
+        {
+            "listing_id": [f"L{i}" for i in range(len(rows))],
+            "image_uri": [f"/x/{i}.jpg" for i in range(len(rows))],
+            "tags": pa.array(rows, pa.list_(pa.string())),
+            "split": ["train"] * len(rows),
+        }
+    )
     out = labelled_table(table, vocab, repeat_threshold=0.2, repeat_sqrt=True)
     assert out.column_names == ["listing_id", "image_uri", "tags", "repeat_factor"]
     assert out.column("tags").to_pylist() == rows
@@ -131,9 +143,19 @@ def test_training_with_resampling_and_balanced_weights_encodes_labels_per_batch(
     from mltag import catalog
     from mltag.train import TrainConfig, build_trainer, export_best
 
-    config = TrainConfig(manifest=tiny_catalog["manifest"], out=str(tmp_path), backbone="test_efficientnet", img_size=64,
-                         epochs=1, batch_size=8, augment=False, hflip=False, repeat_threshold=0.5, pos_weight="balanced",
-                         name="streamed-labels")
+    config = TrainConfig(
+        manifest=tiny_catalog["manifest"],
+        out=str(tmp_path),
+        backbone="test_efficientnet",
+        img_size=64,
+        epochs=1,
+        batch_size=8,
+        augment=False,
+        hflip=False,
+        repeat_threshold=0.5,
+        pos_weight="balanced",
+        name="streamed-labels",
+    )
     trainer, vocab, mean, std = build_trainer(config)
     train = catalog.select_split(catalog.read_manifest(config.manifest, require_tags=True), "train")
     dense = vocab.encode(train.column("tags").to_pylist())

@@ -14,8 +14,9 @@ LITE0_STAGES = [(1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1)]
 
 
 def _bn(x, sd, prefix, eps=1e-5):
-    return F.batch_norm(x, sd[prefix + ".running_mean"], sd[prefix + ".running_var"], sd[prefix + ".weight"],
-                        sd[prefix + ".bias"], training=False, eps=eps)
+    return F.batch_norm(
+        x, sd[prefix + ".running_mean"], sd[prefix + ".running_var"], sd[prefix + ".weight"], sd[prefix + ".bias"], training=False, eps=eps
+    )
 
 
 def reference_lite0_forward(sd, x):
