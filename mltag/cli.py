@@ -11,6 +11,7 @@ and calls the same ``run(config)`` that the ``jobs/`` entrypoints call.
     mltag history --table runs/tag_table
     mltag index  --tag-table runs/tag_table --out runs/index   [--as-of 2026-11-20]
     mltag search --index runs/index --listing-id L000042
+    mltag serve  --model runs/train/model --index runs/index [--chain chain.yaml]
     mltag demo   --out demo_out
 """
 
@@ -100,6 +101,11 @@ STAGES: dict[str, Stage] = {
         "mltag.duplicates:run",
         "Group near-duplicate listings by embedding similarity.",
         on_worker=True,
+    ),
+    "serve": Stage(
+        "mltag.serve:ServeConfig",
+        "mltag.serve:run",
+        "Serve tagging and similar-listing search over HTTP with Ray Serve, with model chaining and a review page.",
     ),
     "demo": Stage(
         "mltag.demo:DemoConfig", "mltag.demo:run", "Run sample -> train -> tag -> index -> search end to end on a local Ray instance."

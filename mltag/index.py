@@ -498,6 +498,16 @@ class EmbeddingIndex:
         except (RuntimeError, AttributeError):
             return np.stack([self.index.reconstruct(int(i)) for i in faiss_ids])
 
+    def image_uri_of(self, listing_id: str) -> str | None:
+        """The URI of the listing's (first) image; None for a listing not in the index."""
+        row = self._row_of_listing(listing_id)
+        return None if row < 0 else self.ids.column("image_uri")[row].as_py()
+
+    def tags_of(self, listing_id: str) -> list[str] | None:
+        """The listing's (first image's) tags as the index recorded them; None when not in the index."""
+        row = self._row_of_listing(listing_id)
+        return None if row < 0 else (self.ids.column("tags")[row].as_py() or [])
+
     def vector_of(self, listing_id: str) -> np.ndarray:
         """The listing's (first image's) normalised embedding, read back from the index."""
         row = self._row_of_listing(listing_id)
