@@ -239,6 +239,20 @@ def select_split(table: pa.Table, split: str) -> pa.Table:
     return table.filter(pc.equal(table.column("split"), split))
 
 
+def train_val_split(table: pa.Table, val_fold: int = -1) -> tuple[pa.Table, pa.Table]:
+    """The (train, val) rows a training run uses. ``val_fold`` -1: the ``split`` column's 'train'
+    and 'val'. ``val_fold`` k >= 0: the rows of fold k (the ``fold`` column ``mltag split``
+    writes) are val, every other fold is train; rows in no fold (-1, the test split) are in neither."""
+    if val_fold < 0:
+        return select_split(table, "train"), select_split(table, "val")
+    if "fold" not in table.column_names:
+        raise ManifestError("--val-fold needs a 'fold' column in the manifest: run `mltag split` first")
+    folds = pc.fill_null(table.column("fold").cast(pa.int64()), -1)
+    if not pc.any(pc.equal(folds, val_fold)).as_py():
+        raise ManifestError(f"no row is in fold {val_fold}; the manifest's folds are {sorted(set(pc.unique(folds).to_pylist()) - {-1})}")
+    return table.filter(pc.and_(pc.greater_equal(folds, 0), pc.not_equal(folds, val_fold))), table.filter(pc.equal(folds, val_fold))
+
+
 def chunk_table(table: pa.Table, rows_per_chunk: int) -> list[pa.Table]:
     """Splits a table into row slices, the unit of parallel work for Ray Data."""
     rows_per_chunk = max(1, rows_per_chunk)

@@ -73,7 +73,7 @@ RESUME_NEUTRAL_FIELDS = (
     "resume",
     "export_finished",
 )
-MANIFEST_HASH_COLUMNS = ("listing_id", "image_uri", "tags", "split")
+MANIFEST_HASH_COLUMNS = ("listing_id", "image_uri", "tags", "split", "fold")  # fold: --val-fold trains on it
 
 
 @dataclass
@@ -123,6 +123,7 @@ class TrainConfig:
         "auto"  # an existing run of this name: auto (resume if its inputs match, else refuse) | never (refuse) | force (resume anyway)
     )
     export_finished: bool = False  # re-export a run that already finished over <out>/model
+    val_fold: int = -1  # k >= 0: validate on fold k of the manifest's fold column (mltag split), train on the others; -1: the split column
 
     def validate(self) -> None:
         if not self.manifest:
@@ -522,8 +523,7 @@ def build_trainer(
 
     vocab = vocab if vocab is not None else Vocabulary.load(config.vocabulary_uri())
     manifest = manifest if manifest is not None else catalog.read_manifest(config.manifest, require_tags=True)
-    train_table = catalog.select_split(manifest, "train")
-    val_table = catalog.select_split(manifest, "val")
+    train_table, val_table = catalog.train_val_split(manifest, config.val_fold)
     if train_table.num_rows == 0 or val_table.num_rows == 0:
         raise catalog.ManifestError(f"manifest {config.manifest} needs rows in both the 'train' and the 'val' split")
     # Streamed, O(tags) statistics: no images x tags matrix on the driver (labels are encoded per batch).
