@@ -107,6 +107,15 @@ STAGES: dict[str, Stage] = {
         "mltag.serve:run",
         "Serve tagging and similar-listing search over HTTP with Ray Serve, with model chaining and a review page.",
     ),
+    "split": Stage(
+        "mltag.folds:SplitConfig", "mltag.folds:run", "Assign every listing a stratified cross-validation fold (a `fold` column)."
+    ),
+    "oof": Stage("mltag.oof:OofConfig", "mltag.oof:run", "Out-of-fold scores: one training run per fold, each scoring its held-out fold."),
+    "curate": Stage(
+        "mltag.curate:CurateConfig",
+        "mltag.curate:run",
+        "Curate a labelled catalog: pseudo-labels, tag pruning and merging, a label-issue review queue.",
+    ),
     "demo": Stage(
         "mltag.demo:DemoConfig", "mltag.demo:run", "Run sample -> train -> tag -> index -> search end to end on a local Ray instance."
     ),

@@ -63,13 +63,21 @@ def predict(manifest_uri: str, model_dir: str, split: str = "val", batch_size: i
 
     Returns (y_true 0/1 closed upward, scores, listing_ids) for the rows that could be decoded.
     """
-    from mltag.tag import TagConfig, build_pipeline
-
     table = catalog.read_manifest(manifest_uri, require_tags=True)
     if split:
         table = catalog.select_split(table, split)
     if table.num_rows == 0:
         raise catalog.ManifestError(f"manifest {manifest_uri} has no rows in split {split!r}")
+    labels, scores, ids, _ = predict_rows(table, model_dir, batch_size, num_actors, manifest_uri)
+    return labels, scores, ids
+
+
+def predict_rows(table: pa.Table, model_dir: str, batch_size: int = 64, num_actors: int = 0, manifest_uri: str = ""):
+    """Runs the tagging pipeline (Ray Data) over the labelled rows of ``table`` (a manifest read
+    by ``catalog.read_manifest``). Returns (y_true 0/1 closed upward, scores, listing_ids,
+    image_uris) for the rows that could be decoded, in pipeline order."""
+    from mltag.tag import TagConfig, build_pipeline
+
     spec = load_spec(model_dir)
     vocab = spec.vocab
     bad = vocab.unknown(t for tags in table.column("tags").to_pylist() for t in (tags or []))
@@ -77,17 +85,18 @@ def predict(manifest_uri: str, model_dir: str, split: str = "val", batch_size: i
         raise catalog.ManifestError(f"manifest tags not in the model's vocabulary: {sorted(bad)[:10]}")
     init_ray()
     config = TagConfig(manifest=manifest_uri, model=model_dir, batch_size=batch_size, num_actors=num_actors)
-    ids, labels, scores = [], [], []
+    ids, uris, labels, scores = [], [], [], []
     for batch in build_pipeline(config, table).iter_batches(batch_format="pyarrow", batch_size=None):
         ok = batch.filter(pc.is_null(batch.column("error")))
         if ok.num_rows == 0:
             continue
         ids += ok.column("listing_id").to_pylist()
+        uris += ok.column("image_uri").to_pylist()
         labels.append(vocab.encode(ok.column("true_tags").to_pylist()))
         scores.append(np.asarray(ok.column("scores").combine_chunks().flatten(), np.float32).reshape(ok.num_rows, -1))
     if not scores:
         raise ValueError("no image of the split could be decoded")
-    return np.concatenate(labels), np.concatenate(scores), ids
+    return np.concatenate(labels), np.concatenate(scores), ids, uris
 
 
 def stored_scores(manifest_uri: str, table_uri: str, as_of: str, spec, split: str = "val"):
