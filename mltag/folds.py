@@ -4,8 +4,9 @@ Folds are made of listings, never of images: every image of a listing lands in t
 listing, so no listing is ever on both sides of a train/val cut. They are stratified for
 multi-label data with iterative stratification (Sechidis, Tsoumakas and Vlahavas, ECML PKDD 2011;
 the ``iterative-stratification`` package's implementation): the rarest tag is dealt
-out first, one listing at a time to the fold that still wants it most, so a tag with at least K
-listings reaches every fold where the greedy order allows it.
+out first, one listing at a time to the fold that still wants it most, so a tag on at least K
+listings reaches every fold where the greedy order allows it (``fold_report`` lists any that
+does not; a tag on fewer listings than folds cannot reach them all).
 
 What is guaranteed:
   - **Deterministic**: the same listings, tags, K and seed give the same folds, whatever the
@@ -175,16 +176,23 @@ def assign_folds(
     return by_listing[inverse]
 
 
-def fold_report(folds: np.ndarray, tag_lists: Sequence[Sequence[str] | None], k: int) -> dict:
-    """Images per fold and the tags missing from a fold although they have >= k images."""
+def fold_report(folds: np.ndarray, tag_lists: Sequence[Sequence[str] | None], k: int, listing_ids: Sequence[str] | None = None) -> dict:
+    """Images per fold, and the tags missing from a fold although at least k listings carry them
+    (a tag on fewer listings than folds cannot reach them all: listings are never cut). Without
+    ``listing_ids`` every row counts as its own listing."""
     folds = np.asarray(folds)
-    tags = sorted({t for ts in tag_lists for t in (ts or [])})
-    per_fold = {t: np.zeros(k, dtype=np.int64) for t in tags}
-    for fold, ts in zip(folds, tag_lists):
+    listing_ids = listing_ids if listing_ids is not None else [str(i) for i in range(len(folds))]
+    seen: dict[str, list[set]] = {}
+    for lid, fold, ts in zip(listing_ids, folds, tag_lists):
         if fold >= 0:
             for t in set(ts or []):
-                per_fold[t][fold] += 1
-    missing = {t: [int(f) for f in np.flatnonzero(c == 0)] for t, c in per_fold.items() if c.sum() >= k and (c == 0).any()}
+                seen.setdefault(t, [set() for _ in range(k)])[fold].add(lid)
+    missing = {}
+    for t, per_fold in sorted(seen.items()):
+        listings = sum(len(s) for s in per_fold)
+        empty = [f for f, s in enumerate(per_fold) if not s]
+        if listings >= k and empty:
+            missing[t] = empty
     return {"images_per_fold": np.bincount(folds[folds >= 0], minlength=k).tolist(), "tags_missing_from_a_fold": missing}
 
 
@@ -227,7 +235,7 @@ def run(config: SplitConfig) -> dict:
     else:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         pq.write_table(table, out)
-    report = fold_report(folds, tags, config.folds)
+    report = fold_report(folds, tags, config.folds, ids)
     kept = sum(1 for lid in set(ids) if lid in previous)
     print(
         f"{len(set(ids))} listings, {table.num_rows} images into {config.folds} folds "
@@ -235,5 +243,5 @@ def run(config: SplitConfig) -> dict:
         f"{int((folds < 0).sum())} test rows in no fold) -> {out}"
     )
     if report["tags_missing_from_a_fold"]:
-        print(f"tags with >= {config.folds} images missing from some fold: {report['tags_missing_from_a_fold']}")
+        print(f"tags on >= {config.folds} listings missing from some fold: {report['tags_missing_from_a_fold']}")
     return {"out": out, **report, "listings_kept": kept}
