@@ -17,7 +17,13 @@ threshold passed) with a score >= ``min_score``; then its tags nest under the tr
     {"tag": "scene_flower", "score": 0.93,
      "specialists": {"digits": {"model_version": "1c0e...", "tags": [{"tag": "digit_3", "score": 0.81}]}}}
 
-Everything here is pure (no Ray, no torch): the Serve application and the batch path share it.
+Specialists see the photo as the general model saw it (decoded once, at the general model's
+input size), resized to their own input size when it differs (``resize_pixels``): the same pixels
+in ``mltag serve`` and in ``mltag tag --chain``, so both give a specialist the same scores. The
+batch path records them in the tag table's ``specialists`` column (``SPECIALISTS_TYPE``): per row,
+one entry per specialist that ran, with its trigger tag, model version, chosen tags and scores.
+
+The decisions here are pure (no Ray, no torch): the Serve application and the batch actor share them.
 
 Example:
     >>> chain = Chain([Specialist("digits", "/m/digits", ("scene_flower",))])
@@ -30,9 +36,11 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
 import yaml
 
 from mltag import storage
@@ -135,6 +143,20 @@ def load_chain(path: str) -> Chain:
     return Chain(specialists)
 
 
+def chain_signature(path: str) -> str:
+    """Changes when the chain file or any specialist model does (the file's bytes and each
+    specialist's model version): part of a batch run's identity, so a run resumes only with the
+    same chain."""
+    import hashlib
+    import json
+
+    from mltag.model import load_spec
+
+    chain = load_chain(path)
+    versions = [[s.name, load_spec(s.model).version] for s in chain.specialists]
+    return hashlib.sha256(storage.read_bytes(path) + json.dumps(versions).encode()).hexdigest()[:16]
+
+
 def tag_entries(names: Sequence[str], scores: Sequence[float], chosen: Sequence[str]) -> list[dict]:
     """The chosen tags as ``{"tag", "score"}`` entries, best score first (ties in vocabulary order)."""
     at = {n: i for i, n in enumerate(names)}
@@ -150,3 +172,107 @@ def nest(entries: list[dict], fired: Mapping[str, str], results: Mapping[str, di
         if name in results and tag in by_tag:
             by_tag[tag].setdefault("specialists", {})[name] = results[name]
     return entries
+
+
+# ---- the batch path: a tag-table column --------------------------------------------------------------
+SPECIALISTS_TYPE = pa.list_(
+    pa.struct(
+        [
+            ("name", pa.string()),
+            ("trigger", pa.string()),
+            ("model_version", pa.string()),
+            ("tags", pa.list_(pa.string())),
+            ("scores", pa.list_(pa.float32())),
+        ]
+    )
+)
+
+
+def resize_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
+    """(N, S, S, 3) uint8 images at another square size (Pillow bilinear, as ``decode_image``
+    resizes); the same array when the size already matches."""
+    from PIL import Image
+
+    if pixels.shape[1] == size:
+        return pixels
+    out = np.empty((len(pixels), size, size, 3), np.uint8)
+    for i, image in enumerate(pixels):
+        out[i] = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+    return out
+
+
+def specialists_column(
+    chain: Chain,
+    ok_rows: np.ndarray,
+    n_rows: int,
+    general_tags: Sequence[Sequence[str]],
+    general_scores: np.ndarray,
+    names: Sequence[str],
+    pixels: np.ndarray,
+    run_specialist: Callable[[str, np.ndarray], list[dict]],
+) -> pa.Array:
+    """The ``specialists`` column of a batch: ``ok_rows`` (indices into the batch's ``n_rows``) have
+    general-model tags and scores (and ``pixels``, uint8 at the general model's size); for each
+    specialist, the rows it fires on are tagged in one call of ``run_specialist(name, pixels)``
+    (which returns per image ``scores``, ``tags``, ``model_version`` and resizes as it needs).
+    Error rows get null, rows that triggered nothing an empty list."""
+    fired_rows: dict[str, list[tuple[int, str]]] = {}
+    for k, tags in enumerate(general_tags):
+        scores = dict(zip(names, (float(v) for v in general_scores[k])))
+        for name, trigger in chain.triggered(tags, scores).items():
+            fired_rows.setdefault(name, []).append((k, trigger))
+    entries: list[list[dict]] = [[] for _ in range(len(ok_rows))]
+    for specialist in chain.specialists:  # chain order: each row's entries in the same order
+        rows = fired_rows.get(specialist.name)
+        if not rows:
+            continue
+        results = run_specialist(specialist.name, pixels[[k for k, _ in rows]])
+        for (k, trigger), result in zip(rows, results):
+            entries[k].append(
+                {
+                    "name": specialist.name,
+                    "trigger": trigger,
+                    "model_version": result["model_version"],
+                    "tags": list(result["tags"]),
+                    "scores": [float(v) for v in result["scores"]],
+                }
+            )
+    column: list = [None] * n_rows
+    for k, i in enumerate(ok_rows):
+        column[int(i)] = entries[k]
+    return pa.array(column, SPECIALISTS_TYPE)
+
+
+def tag_pixels(tagger, images: np.ndarray | list[np.ndarray]) -> list[dict]:
+    """Tags decoded images (uint8, size x size x 3) with a ``mltag.tag.TaggerActor``, the batch
+    path's own inference and tag choice; one dict a row: scores, embedding, tags, model_version."""
+    from mltag import tag_table
+    from mltag.images import pixels_to_arrow
+
+    n = len(images)
+    empty = pa.array([""] * n, pa.string())
+    batch = pa.table(
+        {"listing_id": empty, "image_uri": empty, "pixels": pixels_to_arrow(np.stack(images)), "error": pa.nulls(n, pa.string())}
+    )
+    rows = tagger(batch)
+    scores = tag_table.embedding_matrix(rows.column("scores"))
+    embeddings = tag_table.embedding_matrix(rows.column("embedding"))
+    tags = rows.column("tags").to_pylist()
+    version = rows.column("model_version")[0].as_py()
+    return [{"scores": scores[i], "embedding": embeddings[i], "tags": tags[i], "model_version": version, "batch_size": n} for i in range(n)]
+
+
+class SpecialistTaggers:
+    """The chain's specialist models inside one process (the batch tagging actor), each loaded the
+    first time it fires. ``make_tagger(model_dir)`` builds a ``TaggerActor``-like callable."""
+
+    def __init__(self, chain: Chain, make_tagger: Callable[[str], object]):
+        self.chain, self.make_tagger = chain, make_tagger
+        self.taggers: dict[str, object] = {}
+        self.sizes: dict[str, int] = {}
+
+    def run(self, name: str, pixels: np.ndarray) -> list[dict]:
+        if name not in self.taggers:
+            tagger = self.make_tagger(self.chain.specialist(name).model)
+            self.taggers[name], self.sizes[name] = tagger, tagger.spec.img_size
+        return tag_pixels(self.taggers[name], resize_pixels(pixels, self.sizes[name]))

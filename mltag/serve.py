@@ -17,7 +17,8 @@ Three deployments, one application (``build_app``, also the ``import_path`` of s
                ``tag_table.chosen_tags``), so a photo gets the scores ``mltag tag`` gives it.
                Autoscales between min and max replicas; takes a GPU share when the cluster has GPUs.
   Specialists  the chain's specialist taggers (``mltag.chain``), loaded on first use with
-               ``@serve.multiplexed`` and batched per model; called only when a trigger fires.
+               ``@serve.multiplexed`` and batched per model; called only when a trigger fires,
+               on the general model's pixels resized to their size, as ``mltag tag --chain`` does.
 
 Endpoints: ``POST /tag``, ``POST /similar``, ``GET /healthz``, ``GET /thumb/{listing_id}``,
 ``GET /`` (review page), ``GET /anomalies``, ``GET /duplicates`` and their ``/api/...`` JSON.
@@ -42,7 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mltag.chain import Chain, load_chain, nest, tag_entries
+from mltag.chain import Chain, load_chain, nest, resize_pixels, tag_entries, tag_pixels
 from mltag.config import config_dict, config_from_dict
 from mltag.images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, fetch_bytes
 from mltag.row_errors import error_reason
@@ -156,27 +157,6 @@ def image_error(exc: Exception) -> ApiError:
 
 
 # ---- the model replicas --------------------------------------------------------------------------
-def run_tagger(tagger, images: list[np.ndarray]) -> list[dict]:
-    """Tags decoded images (uint8, size x size x 3) with a ``mltag.tag.TaggerActor``: the batch
-    path's own inference and tag choice. Returns one dict a row (scores, embedding, tags, model_version)."""
-    import pyarrow as pa
-
-    from mltag import tag_table
-    from mltag.images import pixels_to_arrow
-
-    n = len(images)
-    empty = pa.array([""] * n, pa.string())
-    batch = pa.table(
-        {"listing_id": empty, "image_uri": empty, "pixels": pixels_to_arrow(np.stack(images)), "error": pa.nulls(n, pa.string())}
-    )
-    rows = tagger(batch)
-    scores = tag_table.embedding_matrix(rows.column("scores"))
-    embeddings = tag_table.embedding_matrix(rows.column("embedding"))
-    tags = rows.column("tags").to_pylist()
-    version = rows.column("model_version")[0].as_py()
-    return [{"scores": scores[i], "embedding": embeddings[i], "tags": tags[i], "model_version": version, "batch_size": n} for i in range(n)]
-
-
 @serve.deployment(name="TaggerModel")
 class TaggerModel:
     """The general tagger; requests are batched (``max_batch_size`` 1: one forward pass a request)."""
@@ -196,7 +176,7 @@ class TaggerModel:
     async def tag(self, images: list[np.ndarray]) -> list[dict]:
         self.batches, self.images = self.batches + 1, self.images + len(images)
         # In a thread: the replica's event loop keeps collecting the next batch meanwhile.
-        return await asyncio.to_thread(run_tagger, self.tagger, images)
+        return await asyncio.to_thread(tag_pixels, self.tagger, images)
 
 
 @serve.deployment(name="Specialists")
@@ -226,7 +206,8 @@ class Specialists:
         name = serve.get_multiplexed_model_id()  # batches never mix models
         tagger = await self.model(name)
         self.runs[name] += len(images)
-        return await asyncio.to_thread(run_tagger, tagger, images)
+        # The general model's pixels, resized to this model's input size: what `mltag tag --chain` feeds it.
+        return await asyncio.to_thread(lambda: tag_pixels(tagger, resize_pixels(np.stack(images), tagger.spec.img_size)))
 
 
 # ---- the HTTP ingress ----------------------------------------------------------------------------
@@ -445,20 +426,17 @@ class Gateway:
             ) from None
 
     async def _tag(self, data: bytes) -> dict:
-        """Decode once per model input size, tag with the general model, then the specialists
-        its tags trigger; returns the /tag response body (without latency)."""
-        pixels = {self.spec.img_size: await self._decode(data, self.spec.img_size)}
-        general = await self._call(self.tagger.tag.remote(pixels[self.spec.img_size]), "the tagger")
+        """Decode once, tag with the general model, then the specialists its tags trigger (on the
+        same pixels); returns the /tag response body (without latency)."""
+        pixels = await self._decode(data, self.spec.img_size)
+        general = await self._call(self.tagger.tag.remote(pixels), "the tagger")
         scores = {n: float(s) for n, s in zip(self.names, general["scores"])}
         entries = tag_entries(self.names, general["scores"], general["tags"])
         fired = self.chain.triggered(general["tags"], scores)
         results, versions = {}, {"general": general["model_version"]}
         calls = {}
         for name in fired:
-            size = self.specialist_specs[name].img_size
-            if size not in pixels:
-                pixels[size] = await self._decode(data, size)
-            calls[name] = self.specialists.options(multiplexed_model_id=name).tag.remote(pixels[size])
+            calls[name] = self.specialists.options(multiplexed_model_id=name).tag.remote(pixels)
         for name, call in calls.items():
             out = await self._call(call, f"specialist {name!r}")
             names = list(self.specialist_specs[name].vocab.names)

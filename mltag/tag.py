@@ -79,10 +79,17 @@ class TagConfig:
     allow_private_networks: bool = False  # http(s) only: also loopback, link-local (cloud metadata) and private addresses
     allowed_roots: str = ""  # comma-separated local dirs / URI prefixes images must lie under; empty: anywhere
     fetch_timeout_s: float = 30.0  # per image fetch attempt; past it the row is a transient "timeout:" error
+    chain: str = ""  # chain YAML (mltag.chain): specialist models the model's tags trigger, recorded in a specialists column
 
     def validate(self) -> None:
         if not self.model:
             raise ValueError("model is required (--model DIR, a trained tagger directory)")
+        if self.chain:
+            from mltag.chain import load_chain
+
+            load_chain(self.chain)  # a bad chain file stops here
+            if self.retry_errors:
+                raise ValueError("chain cannot be combined with retry_errors yet (the MERGE does not add the specialists column)")
         if not self.manifest and not self.retry_errors:
             raise ValueError("manifest is required (--manifest PATH)")
         if self.use_gpu not in ("auto", "true", "false"):
@@ -130,8 +137,16 @@ class TagConfig:
             "allow_private_networks",
             "allowed_roots",
             "fingerprint",
+            "chain",
         )
-        return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+        if self.chain:  # the chain file's content and its models' versions, not only its path
+            from mltag.chain import chain_signature
+
+            fields["chain"] = chain_signature(self.chain)
+        else:  # no chain: the fields (so the derived run ids) as they were before chains existed
+            fields.pop("chain")
+        return fields
 
 
 class TaggerActor:
@@ -150,6 +165,7 @@ class TaggerActor:
         embedding_dtype: str = "float32",
         compile: bool = False,
         policy: FetchPolicy | None = None,
+        chain: str = "",
     ):
         torch.set_num_threads(max(1, threads))
         self.device = pick_device("true" if use_gpu else "false")
@@ -162,6 +178,13 @@ class TaggerActor:
         self.thresholds = np.full(len(self.names), threshold, np.float32) if threshold >= 0 else self.spec.threshold_array()
         self.max_tags, self.embedding_dtype, self.policy = max_tags, embedding_dtype, policy
         self.staging = StagingBuffers(self.device)
+        self.chain = None
+        if chain:  # specialists run on the rows whose tags trigger them (mltag.chain)
+            from mltag.chain import SpecialistTaggers, load_chain
+
+            self.chain = SpecialistTaggers(
+                load_chain(chain), lambda d: TaggerActor(d, use_gpu, threads, -1.0, 0, embedding_dtype, compile, policy)
+            )
 
     def _pixels(self, batch: pa.Table, ok: np.ndarray, errors: list) -> tuple[torch.Tensor, np.ndarray]:
         if "pixels" in batch.column_names:
@@ -192,7 +215,15 @@ class TaggerActor:
             scores = torch.sigmoid(logits.float()).cpu().numpy()
             embeddings = emb.float().cpu().numpy()
         chosen = tag_table.chosen_tags(scores, self.thresholds, self.names, self.ancestors, self.max_tags)
-        return tag_table.assemble(batch, ok, scores, embeddings, chosen, self.spec.version, errors, self.embedding_dtype, self.names)
+        rows = tag_table.assemble(batch, ok, scores, embeddings, chosen, self.spec.version, errors, self.embedding_dtype, self.names)
+        if self.chain is not None:
+            from mltag.chain import specialists_column
+
+            tags = [[self.names[j] for j in np.flatnonzero(row)] for row in chosen]
+            host = pixels.cpu().numpy() if ok.size else np.zeros((0, self.spec.img_size, self.spec.img_size, 3), np.uint8)
+            column = specialists_column(self.chain.chain, ok, batch.num_rows, tags, scores, self.names, host, self.chain.run)
+            rows = rows.append_column("specialists", column)
+        return rows
 
 
 def _resources(config: TagConfig) -> tuple[int, bool]:
@@ -269,6 +300,7 @@ def build_pipeline(config: TagConfig, source):
             "embedding_dtype": config.embedding_dtype,
             "compile": config.compile,
             "policy": policy,
+            "chain": storage.absolute(config.chain) if config.chain else "",
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=config.batch_size,

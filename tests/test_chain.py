@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from mltag.chain import Chain, ChainError, Specialist, load_chain, nest, tag_entries
+from mltag.chain import Chain, ChainError, Specialist, load_chain, nest, resize_pixels, specialists_column, tag_entries
 
 
 def test_chain_file_resolves_models_next_to_it_and_checks_the_vocabulary(tmp_path):
@@ -67,3 +68,29 @@ def test_specialist_results_nest_under_their_trigger_tag_best_tags_first():
     result = {"model_version": "abc", "tags": [{"tag": "gold", "score": 0.8}]}
     nested = nest(entries, {"watches": "watch"}, {"watches": result})
     assert nested[0]["specialists"] == {"watches": result} and "specialists" not in nested[1]
+
+
+def test_specialists_column_runs_each_specialist_once_on_its_triggered_rows_only():
+    chain = Chain([Specialist("watches", "m1", ("watch",)), Specialist("shoes", "m2", ("shoe",))])
+    names = ["watch", "shoe"]
+    pixels = np.stack([np.full((8, 8, 3), i, np.uint8) for i in range(3)])
+    calls = []
+
+    def run_specialist(name, images):
+        calls.append((name, [int(im[0, 0, 0]) for im in images]))
+        return [{"model_version": f"v-{name}", "tags": ["a"], "scores": np.array([0.5, 0.25], np.float32)} for _ in images]
+
+    # Batch of 4 rows: row 1 failed to decode; rows 0, 2, 3 have pixels 0, 1, 2.
+    tags = [["watch"], [], ["watch", "shoe"]]
+    scores = np.array([[0.9, 0.1], [0.2, 0.1], [0.8, 0.7]], np.float32)
+    column = specialists_column(chain, np.array([0, 2, 3]), 4, tags, scores, names, pixels, run_specialist).to_pylist()
+    assert calls == [("watches", [0, 2]), ("shoes", [2])]
+    assert column[1] is None and column[2] == []
+    assert [e["name"] for e in column[3]] == ["watches", "shoes"] and column[0][0]["trigger"] == "watch"
+    assert column[3][1] == {"name": "shoes", "trigger": "shoe", "model_version": "v-shoes", "tags": ["a"], "scores": [0.5, 0.25]}
+
+
+def test_resize_pixels_keeps_matching_sizes_and_resizes_others():
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
+    assert resize_pixels(pixels, 16) is pixels
+    assert resize_pixels(pixels, 8).shape == (2, 8, 8, 3) and resize_pixels(pixels, 8).dtype == np.uint8

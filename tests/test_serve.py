@@ -91,7 +91,7 @@ def served(ray_local, tiny_catalog, tmp_path_factory):
     thresholds[trigger] = float(scores[high, trigger] + scores[low, trigger]) / 2
     set_thresholds(str(general), thresholds)
     untriggered = next(i for i in range(len(names)) if i != trigger)
-    _save_model(work / "spec_colour", ["red", "green", "blue"], 48, seed=2)  # its own input size: decoded again at 48 px
+    _save_model(work / "spec_colour", ["red", "green", "blue"], 48, seed=2)  # its own input size: the pixels are resized to 48 px
     _save_model(work / "spec_never", ["x", "y"], 64, seed=3)
     chain = {
         "specialists": [
@@ -102,7 +102,7 @@ def served(ray_local, tiny_catalog, tmp_path_factory):
     (work / "chain.yaml").write_text(yaml.safe_dump(chain))
 
     # The batch side, as a user runs it: tag, index, anomalies, duplicates.
-    tag_run(TagConfig(manifest=str(work / "manifest.parquet"), model=str(general), out=str(work / "table")))
+    tag_run(TagConfig(manifest=str(work / "manifest.parquet"), model=str(general), out=str(work / "table"), chain=str(work / "chain.yaml")))
     build_index(IndexConfig(tag_table=str(work / "table"), out=str(work / "index")))
     anomalies.run(anomalies.AnomalyConfig(index=str(work / "index"), out=str(work / "anomalies.parquet"), k=5, contamination=0.06))
     duplicates.run(duplicates.DuplicatesConfig(index=str(work / "index"), out=str(work / "duplicates.parquet"), threshold=0.9))
@@ -198,7 +198,8 @@ def test_scores_equal_batch_tagging_within_1e5_also_when_requests_are_batched(se
         row = rows[listing_id]
         served_scores = np.array([answer["scores"][n] for n in served["names"]], np.float32)
         np.testing.assert_allclose(served_scores, np.array(row["scores"], np.float32), atol=1e-5, rtol=0)
-        np.testing.assert_allclose(np.array(answer["embedding"]), np.array(row["embedding"]), atol=1e-5, rtol=0)
+        # Embeddings are unbounded (values up to ~4 here): float32 sums in another batch size differ by ~1e-5 relative.
+        np.testing.assert_allclose(np.array(answer["embedding"]), np.array(row["embedding"]), atol=1e-5, rtol=1e-5)
         assert sorted(t["tag"] for t in answer["tags"]) == sorted(row["tags"]) and answer["model_version"] == row["model_version"]
 
 
@@ -234,8 +235,7 @@ def test_thumbnails_are_served_only_for_listings_in_the_index(served):
 
 # ---- chaining -----------------------------------------------------------------------------------
 def test_a_specialist_runs_only_when_its_trigger_fires_and_nests_under_that_tag(served):
-    from mltag.embed import tag_images
-
+    table = tag_table.read_rows(str(served["work"] / "table")).to_pylist()
     specialists = served["handles"]["Specialists"]
     before = specialists.stats.remote().result()
     high = [_post_image(served["url"], served["high"]).json() for _ in range(2)]
@@ -252,10 +252,13 @@ def test_a_specialist_runs_only_when_its_trigger_fires_and_nests_under_that_tag(
         assert entry["tag"] == served["trigger"] and set(entry["specialists"]) == {"colour"}
         colour = entry["specialists"]["colour"]
         assert colour["model_version"] == answer["model_versions"]["colour"] != answer["model_version"]
-        # The specialist sees the photo decoded at its own size, as `mltag tag --model spec_colour` would.
-        expected, _, _ = tag_images([served["high"]], str(served["work"] / "spec_colour"))
+        # The same specialist scores as `mltag tag --chain` recorded for this photo in the tag table.
+        (row,) = [r for r in table if r["image_uri"] == served["high"]]
+        (recorded,) = row["specialists"]
+        assert (recorded["name"], recorded["trigger"], recorded["model_version"]) == ("colour", entry["tag"], colour["model_version"])
+        assert sorted(t["tag"] for t in colour["tags"]) == sorted(recorded["tags"])
         for t in colour["tags"]:
-            assert t["score"] == pytest.approx(float(expected[0][["red", "green", "blue"].index(t["tag"])]), abs=1e-5)
+            assert t["score"] == pytest.approx(recorded["scores"][["red", "green", "blue"].index(t["tag"])], abs=1e-5)
 
 
 # ---- bad input: a 4xx JSON naming the problem, and the replicas live on --------------------------
@@ -420,3 +423,17 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_file_for_this_application(ser
     built = build_app(args)
     assert built._bound_deployment.name == "Gateway"
     assert {d.name for d in app.deployments} <= {"Gateway", "TaggerModel", "Specialists"}
+
+
+def test_batch_tagging_with_the_chain_records_specialists_only_where_triggered(served):
+    rows = tag_table.read_rows(str(served["work"] / "table")).to_pylist()
+    colour_version = requests.get(served["url"] + "healthz", timeout=10).json()["specialists"]["colour"]
+    fired = [r for r in rows if served["trigger"] in r["tags"]]
+    assert 0 < len(fired) < len(rows)
+    for row in rows:
+        if served["trigger"] in row["tags"]:
+            (entry,) = row["specialists"]
+            assert (entry["name"], entry["trigger"], entry["model_version"]) == ("colour", served["trigger"], colour_version)
+            assert len(entry["scores"]) == 3 and set(entry["tags"]) <= {"red", "green", "blue"}
+        else:
+            assert row["specialists"] == []
