@@ -182,10 +182,15 @@ def oof_for_tiny_catalog(tiny_catalog, tmp_path):
 
 
 def test_curate_writes_every_output_reproducibly_and_keeps_human_labels(tiny_catalog, oof_for_tiny_catalog, tmp_path):
+    from mltag.catalog import read_manifest
+
+    vocab = Vocabulary.load(tiny_catalog["vocabulary"])
+    counts = vocab.encode(read_manifest(tiny_catalog["manifest"]).column("tags").to_pylist()).sum(axis=0)
+    rarest = list(vocab.names)[int(np.argmin(counts))]
     common = dict(
         manifest=tiny_catalog["manifest"],
         oof=oof_for_tiny_catalog,
-        rare_min_count=3,
+        rare_min_count=int(counts.min()) + 1,  # the rarest tag goes
         pseudo_top_k=5,
         pseudo_threshold=0.5,
         issue_min_examples=3,
@@ -199,7 +204,6 @@ def test_curate_writes_every_output_reproducibly_and_keeps_human_labels(tiny_cat
     assert sorted(os.listdir(tmp_path / "a" / "thumbs")) == sorted(os.listdir(tmp_path / "b" / "thumbs"))
 
     curated = pq.read_table(tmp_path / "a" / "manifest.parquet")
-    vocab = Vocabulary.load(tiny_catalog["vocabulary"])
     curated_vocab = Vocabulary.load(str(tmp_path / "a" / "vocabulary.yaml"))
     kept = set(curated_vocab.names)
     assert summary["images"] == summary["images_scored"] == 48
@@ -211,6 +215,7 @@ def test_curate_writes_every_output_reproducibly_and_keeps_human_labels(tiny_cat
             if label["source"] == "pseudo":
                 assert label["model_version"] == "synthetic" and label["score"] >= 0.5
     dropped = set(vocab.names) - kept
+    assert rarest in dropped and not curated_vocab.unknown(t for ts in curated.column("tags").to_pylist() for t in ts)
     assert dropped == set(summary["rare_tags"]["dropped"]) | set(summary["uncorrelated_tags"]["dropped"])
 
     issues = pq.read_table(tmp_path / "a" / "label_issues.parquet")
