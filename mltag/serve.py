@@ -671,7 +671,9 @@ def run(config: ServeConfig) -> str:
     """Starts the application on the current Ray cluster (a local one by default); returns its
     URL. With ``blocking`` it serves until interrupted, then shuts Serve down."""
     from mltag.cluster import init_ray
+    from mltag.model import load_spec
 
+    load_spec(config.model)  # a wrong --model stops here, before Ray starts
     init_ray()
     app = build_app(config)
     serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
