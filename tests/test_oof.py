@@ -1,0 +1,80 @@
+"""`mltag split` -> `mltag oof` -> `mltag curate --oof` through the CLI on a local Ray: every
+image of the fold scored once, by the model that did not train on it. One fold of two runs here
+(a Ray Train start costs ~40 s on 2 cores); how folds combine is tested without Ray."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mltag.cli import main
+
+
+@pytest.mark.slow
+def test_split_oof_curate_from_the_command_line(ray_local, tiny_catalog, tmp_path):
+    folds = tmp_path / "folds.parquet"
+    assert main(["split", "--manifest", tiny_catalog["manifest"], "--folds", "2", "--include-test", "true", "--out", str(folds)]) == 0
+    (tmp_path / "train.yaml").write_text(
+        yaml.safe_dump(
+            {"backbone": "test_efficientnet", "img_size": 64, "batch_size": 16, "augment": False, "hflip": False, "cache_decoded": True}
+        )
+    )
+    args = ["oof", "--manifest", str(folds), "--vocabulary", tiny_catalog["vocabulary"], "--train-config", str(tmp_path / "train.yaml")]
+    assert main([*args, "--epochs", "1", "--only-folds", "1", "--out", str(tmp_path / "oof")]) == 0
+
+    oof = pq.read_table(tmp_path / "oof" / "oof.parquet")
+    manifest = pq.read_table(folds)
+    assert oof.column_names == ["listing_id", "image_uri", "fold", "scores", "model_version"]
+    held_out = [lid for lid, f in zip(manifest.column("listing_id").to_pylist(), manifest.column("fold").to_pylist()) if f == 1]
+    assert oof.column("listing_id").to_pylist() == sorted(held_out)  # each image of fold 1 once, sorted
+    assert set(oof.column("fold").to_pylist()) == {1}
+    meta = json.loads((tmp_path / "oof" / "oof.json").read_text())
+    (fold,) = meta["folds"]
+    assert fold["fold"] == 1 and set(oof.column("model_version").to_pylist()) == {fold["model_version"]}
+    assert fold["train_config"]["val_fold"] == 1 and fold["train_config"]["backbone"] == "test_efficientnet"
+    assert meta["cv_map_macro"]["mean"] == pytest.approx(fold["map_macro"]) and len(oof.column("scores")[0]) == len(meta["tags"])
+
+    out = tmp_path / "curated"
+    assert (
+        main(
+            [
+                "curate",
+                "--manifest",
+                str(folds),
+                "--vocabulary",
+                tiny_catalog["vocabulary"],
+                "--oof",
+                str(tmp_path / "oof" / "oof.parquet"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    summary = json.loads((out / "curation.json").read_text())
+    assert summary["images_scored"] == len(held_out) and summary["inputs"]["model_versions"] == [fold["model_version"]]
+
+
+def test_folds_combine_into_one_sorted_table_and_a_cv_map_with_its_spread(tmp_path):
+    from mltag.oof import OofConfig, cross_validated_map, oof_table, train_config_for_fold
+
+    parts = [
+        {"fold": 1, "ids": ["b", "a"], "uris": ["/b.jpg", "/a.jpg"], "scores": np.array([[0.1, 0.2], [0.3, 0.4]]), "model_version": "m1"},
+        {"fold": 0, "ids": ["c"], "uris": ["/c.jpg"], "scores": np.array([[0.5, 0.6]]), "model_version": "m0"},
+    ]
+    table = oof_table(parts)
+    assert table.column("listing_id").to_pylist() == ["a", "b", "c"]
+    assert table.column("fold").to_pylist() == [1, 1, 0] and table.column("model_version").to_pylist() == ["m1", "m1", "m0"]
+    assert table.column("scores").to_pylist()[0] == pytest.approx([0.3, 0.4])
+    assert cross_validated_map([0.5, 0.7, 0.6]) == pytest.approx({"mean": 0.6, "std": np.std([0.5, 0.7, 0.6]), "min": 0.5, "max": 0.7})
+
+    (tmp_path / "t.yaml").write_text("epochs: 3\nlr: 0.01\n")
+    config = train_config_for_fold(OofConfig(manifest="m.parquet", out=str(tmp_path), train_config=str(tmp_path / "t.yaml"), epochs=2), 3)
+    assert (config.val_fold, config.epochs, config.lr, config.name) == (3, 2, 0.01, "oof-fold-3")
+    (tmp_path / "bad.yaml").write_text("val_fold: 1\n")
+    with pytest.raises(ValueError, match="set per fold"):
+        train_config_for_fold(OofConfig(manifest="m.parquet", train_config=str(tmp_path / "bad.yaml")), 0)
