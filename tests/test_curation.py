@@ -254,3 +254,21 @@ def test_curate_without_scores_skips_the_model_steps(tiny_catalog, tmp_path):
     assert [sorted(t) for t in curated.column("tags").to_pylist()] == [
         sorted(vocab.close(t)) for t in curated.column("original_tags").to_pylist()
     ]
+
+
+def test_job_entrypoints_run(tiny_catalog, tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "jobs/curate.py", "--manifest", tiny_catalog["manifest"], "--out", str(tmp_path), "--thumbnails", "false"]
+    subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+    assert json.loads((tmp_path / "curation.json").read_text())["images"] == 48
+    assert (
+        "--val-fold"
+        not in subprocess.run([sys.executable, "jobs/oof.py", "--help"], cwd=root, check=True, capture_output=True, text=True).stdout
+    )
+    assert (
+        "--only-folds"
+        in subprocess.run([sys.executable, "jobs/oof.py", "--help"], cwd=root, check=True, capture_output=True, text=True).stdout
+    )
