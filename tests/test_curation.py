@@ -265,10 +265,6 @@ def test_job_entrypoints_run(tiny_catalog, tmp_path):
     subprocess.run(cmd, cwd=root, check=True, capture_output=True)
     assert json.loads((tmp_path / "curation.json").read_text())["images"] == 48
     assert (
-        "--val-fold"
-        not in subprocess.run([sys.executable, "jobs/oof.py", "--help"], cwd=root, check=True, capture_output=True, text=True).stdout
-    )
-    assert (
         "--only-folds"
         in subprocess.run([sys.executable, "jobs/oof.py", "--help"], cwd=root, check=True, capture_output=True, text=True).stdout
     )
