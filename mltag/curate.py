@@ -95,6 +95,7 @@ class CurateConfig:
     issue_filter: str = "prune_by_noise_rate"  # cleanlab filter_by
     issue_min_examples: int = 5  # tags with fewer positive images are not judged
     fix_label_issues: bool = False  # apply the queue: flagged labels flipped in the curated tags (kept in original_tags)
+    fix_max: int = 0  # with fix_label_issues: apply only the queue's first N labels (a review budget); 0: every flagged one
     hierarchy_checks: bool = True  # step 6: child-without-parent and parent-never-alone lists
     examples: int = 8  # example images per step in the report
     thumbnails: bool = True  # write thumbnails for the report's examples
@@ -287,14 +288,15 @@ def run(config: CurateConfig) -> dict:
     removed = np.zeros_like(human)
     reviewed = np.zeros_like(human)
     if config.fix_label_issues and len(queue["row"]):
-        given = queue["given"].astype(bool)
-        removed[queue["row"][given], queue["tag"][given]] = True
-        reviewed[queue["row"][~given], queue["tag"][~given]] = True
+        head = slice(0, config.fix_max or None)
+        rows, cols, given = queue["row"][head], queue["tag"][head], queue["given"][head].astype(bool)
+        removed[rows[given], cols[given]] = True
+        reviewed[rows[~given], cols[~given]] = True
     summary["label_issues"] = {
         "enabled": config.label_issues and bool(scored.any()),
         "filter_by": config.issue_filter,
         "flagged": int(issues.num_rows),
-        "flagged_positive": int(sum(queue.get("given", np.zeros(0)))),
+        "flagged_positive": int(np.asarray(queue.get("given", np.zeros(0)), dtype=np.int64).sum()),
         "images_flagged": len(set(queue["row"].tolist())),
         "applied": config.fix_label_issues,
         "labels_removed": int(removed.sum()),

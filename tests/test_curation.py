@@ -268,3 +268,16 @@ def test_job_entrypoints_run(tiny_catalog, tmp_path):
         "--only-folds"
         in subprocess.run([sys.executable, "jobs/oof.py", "--help"], cwd=root, check=True, capture_output=True, text=True).stdout
     )
+
+
+def test_fixing_label_issues_applies_the_head_of_the_queue_only(tiny_catalog, oof_for_tiny_catalog, tmp_path):
+    base = dict(manifest=tiny_catalog["manifest"], oof=oof_for_tiny_catalog, issue_min_examples=3, pseudo_labels=False, thumbnails=False)
+    summary = run(CurateConfig(out=str(tmp_path / "fix"), fix_label_issues=True, fix_max=2, **base))
+    assert summary["label_issues"]["flagged"] > 2
+    assert summary["label_issues"]["labels_removed"] + summary["label_issues"]["labels_added"] == 2
+    issues = pq.read_table(tmp_path / "fix" / "label_issues.parquet").slice(0, 2).to_pylist()
+    curated = {r["listing_id"]: r for r in pq.read_table(tmp_path / "fix" / "manifest.parquet").to_pylist()}
+    for issue in issues:
+        row = curated[issue["listing_id"]]
+        assert (issue["tag"] in row["tags"]) == (issue["given_label"] == 0)  # flipped
+        assert [s["source"] for s in row["labels"] if s["tag"] == issue["tag"]] == ([] if issue["given_label"] else ["review"])
