@@ -401,7 +401,12 @@ def run(config: CurateConfig) -> dict:
             note="Largest phi correlation of each tag with another tag (own ancestors and descendants excluded), before and after the drop.",
             columns=["tag", "max correlation before", "after", "dropped"],
             rows=[
-                [t, f"{before[j]:.4f}", "" if np.isnan(after[j]) else f"{after[j]:.4f}", "yes" if uncorrelated[j] else ""]
+                [
+                    t,
+                    "constant (every image)" if np.isnan(before[j]) else f"{before[j]:.4f}",
+                    "" if np.isnan(after[j]) else f"{after[j]:.4f}",
+                    "yes" if uncorrelated[j] else "",
+                ]
                 for j, t in enumerate(names)
                 if kept[j] or uncorrelated[j]
             ],
