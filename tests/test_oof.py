@@ -78,3 +78,14 @@ def test_folds_combine_into_one_sorted_table_and_a_cv_map_with_its_spread(tmp_pa
     (tmp_path / "bad.yaml").write_text("val_fold: 1\n")
     with pytest.raises(ValueError, match="set per fold"):
         train_config_for_fold(OofConfig(manifest="m.parquet", train_config=str(tmp_path / "bad.yaml")), 0)
+
+
+@pytest.mark.slow
+def test_curate_with_a_model_scores_the_manifest_itself(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
+    from mltag.curate import CurateConfig, run
+
+    summary = run(CurateConfig(manifest=tiny_catalog["manifest"], model=tiny_model_dir, out=str(tmp_path), thumbnails=False))
+    assert summary["images_scored"] == 48 and summary["scores"].startswith("model (in-sample")
+    issues = pq.read_table(tmp_path / "label_issues.parquet")
+    assert issues.num_rows == summary["label_issues"]["flagged"]
+    assert "in-sample" in (tmp_path / "report.html").read_text()
