@@ -137,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(stage if stage in STAGES else None).parse_args(argv)
+    from mltag import log
+
+    log.configure()
     config_cls, run = STAGES[args.stage].load()
     try:
         config = config_from_args(config_cls, args)
