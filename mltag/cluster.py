@@ -27,11 +27,17 @@ def init_ray() -> None:
         ray.init()
         return
     if not address:
-        try:
-            ray.init(address="auto")
-            return
-        except ConnectionError:  # no cluster running here
-            pass
+        from ray._private.services import find_bootstrap_address
+
+        # Only a cluster recorded by `ray start` (what plain ray.init() joins). Not address="auto":
+        # it also joins any Ray process it finds, such as another mltag run's private instance,
+        # which dies under us when that run ends.
+        if find_bootstrap_address(None) is not None:
+            try:
+                ray.init()
+                return
+            except ConnectionError:  # the recorded cluster has gone: start our own
+                pass
     ray.init(address="local", include_dashboard=False)
 
 
