@@ -8,6 +8,7 @@ the cluster places on a node with the memory; the driver waits for the result.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,10 @@ def init_ray() -> None:
                 return
             except ConnectionError:  # the recorded cluster has gone: start our own
                 pass
+    # Ray turns token authentication on for every new local instance and warns that it did, on
+    # every run; the protection stays, the notice (Ray's, not ours) goes. RAY_AUTH_MODE set in
+    # the environment would also quiet it, but Ray reads it once, at import.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", include_dashboard=False)
 
 
