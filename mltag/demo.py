@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from mltag import anomalies, duplicates, index, sample, tag, train
 from mltag.catalog import read_manifest
+from mltag.cluster import cluster_cpus, init_ray
 from mltag.weights import LITE0_PACKAGE
 
 
@@ -56,21 +57,18 @@ def _with_bad_rows(manifest_uri: str, out_dir: str) -> str:
 
 
 def run(config: DemoConfig) -> dict:
-    import ray
-
     started = time.time()
     out = os.path.abspath(config.out)
     # A fresh demo every time: Ray Train would otherwise resume the previous run of the same name.
     shutil.rmtree(out, ignore_errors=True)
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=config.num_cpus or None)  # the demo is single-machine by design
+    init_ray(local_cpus=config.num_cpus)  # the demo is single-machine by design
 
     print("== 1/5 sample catalog")
     catalog = sample.build_sample_catalog(os.path.join(out, "catalog"), config.n_images, size=160, seed=config.seed)
     print(f"   {catalog['n_train']} train + {catalog['n_val']} val images -> {catalog['manifest']}")
 
     print("== 2/5 train")
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    cpus = cluster_cpus()
     spec = train.run(
         train.TrainConfig(
             manifest=catalog["manifest"],

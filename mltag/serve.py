@@ -44,6 +44,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mltag.chain import Chain, load_chain, nest, resize_pixels, tag_entries, tag_pixels
+from mltag.cluster import GPU_SETTINGS, alive_nodes, cluster_cpus, init_ray, wants_gpu
 from mltag.config import config_dict, config_from_dict
 from mltag.images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, fetch_bytes
 from mltag.row_errors import error_reason
@@ -113,7 +114,7 @@ class ServeConfig:
     def validate(self) -> None:
         if not self.model:
             raise ValueError("model is required (--model DIR, a trained tagger directory)")
-        if self.use_gpu not in ("auto", "true", "false"):
+        if self.use_gpu not in GPU_SETTINGS:
             raise ValueError("use_gpu must be auto, true or false")
         if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
             raise ValueError("max_batch_size must be positive and batch_wait_timeout_s not negative")
@@ -598,23 +599,13 @@ class Gateway:
 
 
 # ---- building and running the application -----------------------------------------------------------
-def _use_gpu(config: ServeConfig) -> bool:
-    import ray
-
-    if config.use_gpu == "true":
-        return True
-    return config.use_gpu == "auto" and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-
-
 def _threads(config: ServeConfig, use_gpu: bool) -> int:
-    import ray
-
     if config.torch_threads > 0:
         return config.torch_threads
-    if use_gpu or not ray.is_initialized() or len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+    if use_gpu or alive_nodes() > 1:
         return max(1, round(config.model_cpus))
     # One machine, no GPU: the forward pass is the bound, its replicas share the node's cores.
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // config.max_replicas)
+    return max(1, cluster_cpus() // config.max_replicas)
 
 
 def build_app(args: dict):
@@ -635,7 +626,7 @@ def build_app(args: dict):
     for path in (config.anomalies, config.duplicates):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"no such Parquet file: {path}")
-    use_gpu = _use_gpu(config)
+    use_gpu = wants_gpu(config.use_gpu)
     threads = _threads(config, use_gpu)
     settings = config_dict(config)
     settings.update(
@@ -670,7 +661,6 @@ def build_app(args: dict):
 def run(config: ServeConfig) -> str:
     """Starts the application on the current Ray cluster (a local one by default); returns its
     URL. With ``blocking`` it serves until interrupted, then shuts Serve down."""
-    from mltag.cluster import init_ray
     from mltag.model import load_spec
 
     load_spec(config.model)  # a wrong --model stops here, before Ray starts

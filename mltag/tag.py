@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mltag import catalog, delta_table, storage, tag_table
-from mltag.cluster import init_ray, on_worker
+from mltag.cluster import GPU_SETTINGS, cluster_cpus, cluster_gpus, init_ray, on_worker, wants_gpu
 from mltag.config import config_dict, config_hash
 from mltag.fingerprints import FINGERPRINTS, fingerprint_batch
 from mltag.identifiers import validate_identifier
@@ -92,7 +92,7 @@ class TagConfig:
                 raise ValueError("chain cannot be combined with retry_errors yet (the MERGE does not add the specialists column)")
         if not self.manifest and not self.retry_errors:
             raise ValueError("manifest is required (--manifest PATH)")
-        if self.use_gpu not in ("auto", "true", "false"):
+        if self.use_gpu not in GPU_SETTINGS:
             raise ValueError("use_gpu must be auto, true or false")
         if self.batch_size < 1 or self.decode_batch_size < 1 or self.shard_rows < 1 or self.rows_per_file < 1:
             raise ValueError("batch sizes, shard_rows and rows_per_file must be positive")
@@ -227,29 +227,23 @@ class TaggerActor:
 
 
 def _resources(config: TagConfig) -> tuple[int, bool]:
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = (config.use_gpu == "true") or (config.use_gpu == "auto" and gpus > 0)
+    use_gpu = wants_gpu(config.use_gpu)
     if config.num_actors > 0:
         return config.num_actors, use_gpu
     if use_gpu:
-        return max(1, gpus), True
+        return max(1, cluster_gpus()), True
     # Leave half the CPUs to the decode tasks that feed the actors.
-    return max(1, int(resources.get("CPU", 1)) // (2 * config.cpus_per_actor)), False
+    return max(1, cluster_cpus() // (2 * config.cpus_per_actor)), False
 
 
 def _torch_threads(config: TagConfig, num_actors: int, use_gpu: bool) -> int:
     """On CPU the forward pass is the bottleneck (decoding a listing photo is ~10x cheaper): each
     actor's threads get the whole CPU share of its actor, the decode tasks squeeze in between."""
-    import ray
-
     if config.torch_threads > 0:
         return config.torch_threads
     if use_gpu:
         return config.cpus_per_actor
-    return max(config.cpus_per_actor, int(ray.cluster_resources().get("CPU", 1)) // max(1, num_actors))
+    return max(config.cpus_per_actor, cluster_cpus() // max(1, num_actors))
 
 
 def build_pipeline(config: TagConfig, source):
@@ -354,7 +348,6 @@ def tag_shards(
     if resumed:
         print(f"resuming run {run.run_id}: {resumed} of {plan.n_shards} shards already done, tagging {len(todo)}")
     if todo:
-        init_ray()
         paths = [run.shard_manifest(s) for s in todo]
         # Reading shard manifests and writing Parquet are light I/O stages: a small CPU share each,
         # so on a small node they never wait behind the decode and inference work for a whole CPU
