@@ -140,7 +140,9 @@ def load_scores(config: CurateConfig, manifest: pa.Table, vocab: Vocabulary) -> 
             )
         table = pq.read_table(storage.arrow_filesystem_for(config.oof)[1], filesystem=storage.arrow_filesystem_for(config.oof)[0])
         ids, uris = table.column("listing_id").to_pylist(), table.column("image_uri").to_pylist()
-        values = np.asarray(table.column("scores").combine_chunks().flatten(), np.float32).reshape(table.num_rows, -1)
+        from mltag.tag_table import list_matrix
+
+        values = list_matrix(table.column("scores"))
         row_versions = table.column("model_version").to_pylist()
         source = "oof"
     else:

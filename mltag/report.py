@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from mltag.metrics import precision_recall_curve
 from mltag.model import load_spec
+from mltag.tag_table import list_matrix
 
 FIGURES = ("training_curves.png", "pr_curves.png", "per_tag_ap.png", "confusion_l1.png")
 
@@ -135,8 +136,8 @@ def run(config: ReportConfig) -> str:
     per_tag = pq.read_table(os.path.join(config.eval, "per_tag.parquet"))
     scores_table = pq.read_table(os.path.join(config.eval, "scores.parquet"))
     n = len(spec.vocab)
-    labels = np.asarray(scores_table.column("labels").combine_chunks().flatten()).reshape(-1, n)
-    scores = np.asarray(scores_table.column("scores").combine_chunks().flatten()).reshape(-1, n)
+    labels = list_matrix(scores_table.column("labels"), dtype=None, width=n)
+    scores = list_matrix(scores_table.column("scores"), dtype=None, width=n)
     os.makedirs(config.out, exist_ok=True)
 
     plot_training_curves(spec.extra.get("history", []), os.path.join(config.out, FIGURES[0]))
