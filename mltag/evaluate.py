@@ -132,10 +132,9 @@ def compute_metrics(y: np.ndarray, scores: np.ndarray, spec) -> tuple[dict, pa.T
     vocab = spec.vocab
     names = list(vocab.names)
     thresholds = spec.threshold_array()
-    ancestors = {n: vocab.ancestors(n) for n in names if vocab.ancestors(n)}
     index = {n: i for i, n in enumerate(names)}
     predicted = np.zeros_like(y, dtype=bool)
-    for row, tags in enumerate(decide_tags(scores, thresholds, names, ancestors)):
+    for row, tags in enumerate(decide_tags(scores, thresholds, vocab)):
         predicted[row, [index[t] for t in tags]] = True
 
     maps = mean_average_precision(y, scores)

@@ -172,9 +172,8 @@ class TaggerActor:
         self.model, self.spec = load_tagger(model_dir, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if compile else self.model
-        vocab = self.spec.vocab
-        self.names = list(vocab.names)
-        self.ancestors = {n: vocab.ancestors(n) for n in vocab.names if vocab.ancestors(n)}
+        self.vocab = self.spec.vocab
+        self.names = list(self.vocab.names)
         self.thresholds = np.full(len(self.names), threshold, np.float32) if threshold >= 0 else self.spec.threshold_array()
         self.max_tags, self.embedding_dtype, self.policy = max_tags, embedding_dtype, policy
         self.staging = StagingBuffers(self.device)
@@ -214,7 +213,7 @@ class TaggerActor:
                 logits, emb = self.forward(x)
             scores = torch.sigmoid(logits.float()).cpu().numpy()
             embeddings = emb.float().cpu().numpy()
-        chosen = tag_table.chosen_tags(scores, self.thresholds, self.names, self.ancestors, self.max_tags)
+        chosen = tag_table.chosen_tags(scores, self.thresholds, self.vocab, self.max_tags)
         rows = tag_table.assemble(batch, ok, scores, embeddings, chosen, self.spec.version, errors, self.embedding_dtype, self.names)
         if self.chain is not None:
             from mltag.chain import specialists_column

@@ -40,6 +40,7 @@ import pyarrow.dataset as pads
 from mltag import delta_table
 from mltag.row_errors import reason_column
 from mltag.uri_policy import redact_uri
+from mltag.vocabulary import Vocabulary
 
 # Delta Lake has no half-precision type: embeddings are stored as float32.
 EMBEDDING_DTYPES = ("float32",)
@@ -77,27 +78,20 @@ def redact_uri_column(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array(values, pa.string())
 
 
-def chosen_tags(
-    scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]], max_tags: int = 0
-) -> np.ndarray:
+def chosen_tags(scores: np.ndarray, thresholds: np.ndarray, vocab: Vocabulary, max_tags: int = 0) -> np.ndarray:
     """Rows x tags mask: a score reaching its tag's threshold (at most ``max_tags`` per row, best
-    first, when set), closed upward (a chosen child chooses its parents)."""
+    first, when set), closed upward (a chosen child chooses its parents: ``Vocabulary.close_matrix``)."""
     chosen = scores >= thresholds[None, :]
     if max_tags > 0 and scores.shape[1] > max_tags:
         rank = np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1)
         chosen &= rank < max_tags
-    index = {n: i for i, n in enumerate(names)}
-    for child, parents in ancestors.items():
-        for parent in parents:
-            chosen[:, index[parent]] |= chosen[:, index[child]]
-    return chosen
+    return vocab.close_matrix(chosen)
 
 
-def decide_tags(
-    scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]], max_tags: int = 0
-) -> list[list[str]]:
+def decide_tags(scores: np.ndarray, thresholds: np.ndarray, vocab: Vocabulary, max_tags: int = 0) -> list[list[str]]:
     """``chosen_tags`` as tag names per row, in vocabulary order."""
-    return [[names[j] for j in np.flatnonzero(row)] for row in chosen_tags(scores, thresholds, names, ancestors, max_tags)]
+    names = vocab.names
+    return [[names[j] for j in np.flatnonzero(row)] for row in chosen_tags(scores, thresholds, vocab, max_tags)]
 
 
 def tags_column(chosen: np.ndarray, names: Sequence[str]) -> pa.Array:

@@ -3,13 +3,14 @@ import pyarrow as pa
 import pytest
 
 from mltag import tag_table
+from mltag.vocabulary import Vocabulary
 
 
 def test_decide_tags_applies_thresholds_and_closes_upward():
     names = ["tree", "forest", "sky"]
     scores = np.array([[0.1, 0.9, 0.2], [0.6, 0.1, 0.7], [0.0, 0.0, 0.0]], np.float32)
     thresholds = np.array([0.5, 0.8, 0.75], np.float32)
-    tags = tag_table.decide_tags(scores, thresholds, names, {"forest": ["tree"]})
+    tags = tag_table.decide_tags(scores, thresholds, Vocabulary(tuple(names), {"forest": "tree"}))
     assert tags == [["tree", "forest"], ["tree"], []]
 
 
@@ -38,13 +39,11 @@ def test_assemble_keeps_every_row_and_carries_columns():
 
 
 def test_max_tags_keeps_the_best_scored_then_closes_upward():
-    names = ["a", "b", "c", "parent"]
+    vocab = Vocabulary(("a", "b", "c", "parent"), {"c": "parent"})
     scores = np.array([[0.9, 0.8, 0.7, 0.1]], np.float32)
-    tags = tag_table.decide_tags(scores, np.full(4, 0.5, np.float32), names, {"c": ["parent"]}, max_tags=2)
+    tags = tag_table.decide_tags(scores, np.full(4, 0.5, np.float32), vocab, max_tags=2)
     assert tags == [["a", "b"]]
-    tags = tag_table.decide_tags(
-        np.array([[0.2, 0.8, 0.9, 0.1]], np.float32), np.full(4, 0.5, np.float32), names, {"c": ["parent"]}, max_tags=1
-    )
+    tags = tag_table.decide_tags(np.array([[0.2, 0.8, 0.9, 0.1]], np.float32), np.full(4, 0.5, np.float32), vocab, max_tags=1)
     assert tags == [["c", "parent"]]  # ancestors are added after the cut
 
 
