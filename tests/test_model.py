@@ -1,7 +1,10 @@
+import hashlib
+import json
+
 import pytest
 import torch
 
-from mltag.model import Tagger, TaggerSpec, load_tagger, normalise, save_tagger, set_thresholds
+from mltag.model import Tagger, TaggerSpec, load_spec, load_tagger, normalise, save_tagger, set_thresholds
 from mltag.vocabulary import Vocabulary
 
 VOCAB = Vocabulary.from_dict({"tags": ["a", {"name": "b", "parent": "a"}, "c"]})
@@ -31,6 +34,25 @@ def test_save_load_round_trip_and_version(tmp_path):
     again = save_tagger(model, TaggerSpec(backbone="test_efficientnet", vocabulary=VOCAB.to_dict(), img_size=48), str(tmp_path / "m2"))
     assert again.version == spec.version
     assert set_thresholds(str(tmp_path / "m"), [0.3, 0.4, 0.5]).version != spec.version
+
+
+@pytest.mark.parametrize("spelling", [{"tags": ["a", "b", "c"]}, VOCAB.to_dict()])
+def test_the_spec_holds_a_vocabulary_and_tagger_json_keeps_its_format_and_version(tmp_path, spelling):
+    torch.manual_seed(0)
+    model = Tagger("test_efficientnet", 3).eval()
+    spec = TaggerSpec(backbone="test_efficientnet", vocabulary=spelling, img_size=48)
+    assert isinstance(spec.vocabulary, Vocabulary) and spec.vocab is spec.vocabulary
+    saved = save_tagger(model, spec, str(tmp_path / "m"))
+    meta = json.loads((tmp_path / "m" / "tagger.json").read_text())
+    assert meta["vocabulary"] == spelling  # written as given: bare names stay bare
+    # The version is, as it always was, the hash of the weights and tagger.json less version and extra.
+    digest = hashlib.sha256((tmp_path / "m" / "weights.pt").read_bytes())
+    digest.update(json.dumps({k: v for k, v in meta.items() if k not in ("version", "extra")}, sort_keys=True).encode())
+    assert saved.version == meta["version"] == digest.hexdigest()[:12]
+    loaded = load_spec(str(tmp_path / "m"))
+    assert loaded == saved and isinstance(loaded.vocabulary, Vocabulary)
+    assert save_tagger(model, loaded, str(tmp_path / "again")).version == saved.version
+    assert (tmp_path / "again" / "tagger.json").read_text() == (tmp_path / "m" / "tagger.json").read_text()
 
 
 def test_unknown_backbone_and_pooling():
