@@ -47,13 +47,29 @@ class ModelIntegrityError(ValueError):
     """A tagger directory whose weights do not match the version in its tagger.json."""
 
 
+def check_backbone(name: str) -> None:
+    """Raises ValueError unless ``name`` is a timm model, with or without a pretrained tag
+    (``resnet50`` or ``resnet50.a1_in1k``). The tag picks that weights' normalisation
+    (``backbone_normalisation``); weights still come only from ``pretrained`` (none, a file...),
+    never downloaded because of the name.
+
+    Example:
+        >>> check_backbone("test_efficientnet.r160_in1k")
+    """
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm backbone {name!r} (see timm.list_models())")
+    architecture, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(name):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{architecture}.*")]
+        raise ValueError(f"timm backbone {architecture!r} has no pretrained tag {tag!r}; choose one of: {', '.join(tags) or '(none)'}")
+
+
 class Tagger(nn.Module):
     def __init__(self, backbone: str, num_tags: int, pooling: str = "avg", pretrained: str = "none", drop_rate: float = 0.0):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
-        if backbone not in timm.list_models():
-            raise ValueError(f"unknown timm backbone {backbone!r} (see timm.list_models())")
+        check_backbone(backbone)
         # num_classes=0 leaves timm's pooled features as the output; the head is ours.
         self.backbone = timm.create_model(
             backbone, num_classes=0, global_pool=pooling, drop_rate=drop_rate, **timm_pretrained_kwargs(backbone, pretrained)

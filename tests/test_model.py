@@ -55,9 +55,41 @@ def test_the_spec_holds_a_vocabulary_and_tagger_json_keeps_its_format_and_versio
     assert (tmp_path / "again" / "tagger.json").read_text() == (tmp_path / "m" / "tagger.json").read_text()
 
 
-def test_unknown_backbone_and_pooling():
+@pytest.fixture
+def no_download(monkeypatch):
+    """Any attempt of timm to fetch weights from the network fails the test."""
+    from timm.models import _builder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network download attempted: {args}")
+
+    for name in ("download_cached_file", "load_state_dict_from_url", "load_state_dict_from_hf", "load_custom_from_hf"):
+        monkeypatch.setattr(_builder, name, refuse)
+
+
+def test_a_timm_name_with_a_pretrained_tag_is_a_backbone_and_downloads_nothing(tmp_path, no_download):
+    import timm
+
+    name = "test_efficientnet.r160_in1k"
+    assert name in timm.list_pretrained("test_*") and name not in timm.list_models()
+    torch.manual_seed(0)
+    source = Tagger("test_efficientnet", 3).backbone.state_dict()
+    torch.save(source, tmp_path / "backbone.pth")
+    model = Tagger(name, 3, pretrained=str(tmp_path / "backbone.pth")).eval()  # weights from the local file only
+    for key, tensor in source.items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], tensor)
+    spec = save_tagger(model, TaggerSpec(backbone=name, vocabulary=VOCAB, img_size=48), str(tmp_path / "m"))
+    loaded, loaded_spec = load_tagger(str(tmp_path / "m"))
+    assert loaded_spec.backbone == name and loaded_spec.version == spec.version
+    x = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(loaded(x)[0], model(x)[0])
+
+
+def test_unknown_backbone_tag_and_pooling():
     with pytest.raises(ValueError, match="unknown timm backbone"):
         Tagger("resnet_nope", 3)
+    with pytest.raises(ValueError, match="'test_efficientnet' has no pretrained tag 'nope'; choose one of: r160_in1k"):
+        Tagger("test_efficientnet.nope", 3)
     with pytest.raises(ValueError, match="avg, max"):
         Tagger("test_efficientnet", 3, pooling="median")
 
