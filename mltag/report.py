@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import pyarrow.parquet as pq
 from mltag.metrics import precision_recall_curve
 from mltag.model import load_spec
 from mltag.tag_table import list_matrix
+
+logger = logging.getLogger(__name__)
 
 FIGURES = ("training_curves.png", "pr_curves.png", "per_tag_ap.png", "confusion_l1.png")
 
@@ -194,5 +197,5 @@ window.addEventListener("load", () => {{
     path = os.path.join(config.out, "report.html")
     with open(path, "w") as f:
         f.write(page)
-    print(f"report -> {path}")
+    logger.info(f"report -> {path}")
     return path

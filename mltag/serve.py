@@ -31,6 +31,7 @@ Prometheus endpoint with the rest of Ray's.
 import asyncio
 import io
 import json
+import logging
 import os
 import time
 from collections import Counter, OrderedDict
@@ -49,6 +50,8 @@ from mltag.config import config_dict, config_from_dict
 from mltag.images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, fetch_bytes
 from mltag.row_errors import error_reason
 from mltag.uri_policy import DEFAULT_SCHEMES, FetchPolicy, redact_text
+
+logger = logging.getLogger(__name__)
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "review_page")
 PAGES = {"/": "index.html", "/anomalies": "anomalies.html", "/duplicates": "duplicates.html"}
@@ -669,13 +672,13 @@ def run(config: ServeConfig) -> str:
     serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
     serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}/"
-    print(f"mltag serve: {url} (review page), POST {url}tag, POST {url}similar, GET {url}healthz")
+    logger.info(f"mltag serve: {url} (review page), POST {url}tag, POST {url}similar, GET {url}healthz")
     if not config.blocking:
         return url
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("mltag serve: shutting down")
+        logger.info("mltag serve: shutting down")
         serve.shutdown()
     return url

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ from mltag.model import load_spec, load_tagger, normalise, pick_device
 from mltag.sharded_run import Plan, ShardedRun, Totals, format_reasons, read_shard_manifests, write_shard_files
 from mltag.staging import StagingBuffers
 from mltag.uri_policy import DEFAULT_SCHEMES, FetchPolicy
+
+logger = logging.getLogger(__name__)
 
 IO_STAGE_CPUS = 0.25  # CPU share of a manifest-read or file-write task
 DECODE_BATCHES_PER_TASK = (
@@ -345,7 +348,7 @@ def tag_shards(
     todo = run.unfinished_manifests(plan)
     resumed = plan.n_shards - len(todo)
     if resumed:
-        print(f"resuming run {run.run_id}: {resumed} of {plan.n_shards} shards already done, tagging {len(todo)}")
+        logger.info(f"resuming run {run.run_id}: {resumed} of {plan.n_shards} shards already done, tagging {len(todo)}")
     if todo:
         paths = [run.shard_manifest(s) for s in todo]
         # Reading shard manifests and writing Parquet are light I/O stages: a small CPU share each,
@@ -365,7 +368,7 @@ def tag_shards(
             udf_modifying_row_count=True,
             num_cpus=IO_STAGE_CPUS,
         )
-        print(
+        logger.info(
             "Ray Data plan (optimised): "
             + " <- ".join(line.strip("+- ").strip() for line in physical_plan(records).splitlines() if line.strip())
         )
@@ -374,7 +377,7 @@ def tag_shards(
         def progress() -> None:
             finished[0] += 1
             if finished[0] == plan.n_shards or finished[0] % max(1, plan.n_shards // 10) == 0:
-                print(f"shards done: {finished[0]}/{plan.n_shards}")
+                logger.info(f"shards done: {finished[0]}/{plan.n_shards}")
 
         run.collect(records.iter_batches(batch_format="pyarrow", batch_size=None), plan, progress)
     return plan, run.totals(plan), resumed
@@ -457,7 +460,7 @@ def run(config: TagConfig) -> dict:
     run_id = config.run_id or derived_run_id("tag", manifest_signature(config.manifest), spec.version, config.result_fields())
     run, app_id, meta = open_run(uri, run_id)
     if meta is not None:
-        print(
+        logger.info(
             f"run {run_id} is already committed to {uri} (table version {meta['table_version']}); nothing to do. "
             f"Give --run-id to tag again."
         )
@@ -480,7 +483,7 @@ def run(config: TagConfig) -> dict:
     run.remove()
     metadata["table_version"], metadata["table"] = version, uri
     rate = totals.rows / max(time.time() - started, 1e-9)
-    print(
+    logger.info(
         f"tag table: {totals.rows} rows ({totals.errors} errors, {plan.duplicates} duplicate rows dropped) in "
         f"{metadata['seconds']} s ({rate:.1f} images/s) -> {uri} version {version}"
         + (f"; {resumed} of {plan.n_shards} shards were done before this run" if resumed else "")
@@ -542,7 +545,7 @@ def retry_errors(config: TagConfig) -> dict:
     if "true_tags" in manifest.column_names:
         manifest = manifest.rename_columns(["tags" if c == "true_tags" else c for c in manifest.column_names])
     if manifest.num_rows == 0:
-        print(f"{uri} version {dt.version()} has no error rows; nothing to retry")
+        logger.info(f"{uri} version {dt.version()} has no error rows; nothing to retry")
         return {"rows": 0, "errors": 0, "table_version": dt.version()}
     run_id = config.run_id or derived_run_id("retry", uri, dt.version(), spec.version, config.result_fields())
     run = ShardedRun(uri, run_id)
@@ -562,7 +565,7 @@ def retry_errors(config: TagConfig) -> dict:
     metrics = merge_tagged(uri, dt, totals, [], metadata, f"mltag-{run_id}")
     run.remove()
     metadata.update(table_version=delta_table.latest_version(uri), table=uri, merge=metrics)
-    print(
+    logger.info(
         f"retried {totals.rows} error rows of version {dt.version()}: {totals.rows - totals.errors} now tagged, "
         f"{totals.errors} still failing -> {uri} version {metadata['table_version']}"
     )
