@@ -248,11 +248,12 @@ def set_thresholds(model_dir: str, thresholds: list[float]) -> TaggerSpec:
     return save_tagger(model, spec, model_dir)
 
 
-def pick_device(use_gpu: str | bool = "auto") -> torch.device:
-    """'auto' uses CUDA when present; 'true' insists on it."""
-    want = str(use_gpu).lower()
-    if want in ("true", "1", "yes") and not torch.cuda.is_available():
+def pick_device(use_gpu: bool) -> torch.device:
+    """The torch device of a process that was (or was not) given a GPU: whether to use one is
+    decided once, for the cluster, by ``mltag.cluster.wants_gpu``; this only names the device,
+    and refuses a GPU that torch cannot see."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise RuntimeError("use_gpu is true but torch sees no CUDA device")
-    if want in ("auto", "true", "1", "yes") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return torch.device("cuda")

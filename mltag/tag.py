@@ -171,7 +171,7 @@ class TaggerActor:
         chain: str = "",
     ):
         torch.set_num_threads(max(1, threads))
-        self.device = pick_device("true" if use_gpu else "false")
+        self.device = pick_device(use_gpu)
         self.model, self.spec = load_tagger(model_dir, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if compile else self.model
