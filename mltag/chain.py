@@ -255,7 +255,7 @@ def tag_pixels(tagger, images: np.ndarray | list[np.ndarray]) -> list[dict]:
         {"listing_id": empty, "image_uri": empty, "pixels": pixels_to_arrow(np.stack(images)), "error": pa.nulls(n, pa.string())}
     )
     rows = tagger(batch)
-    scores = tag_table.embedding_matrix(rows.column("scores"))
+    scores = tag_table.list_matrix(rows.column("scores"))
     embeddings = tag_table.embedding_matrix(rows.column("embedding"))
     tags = rows.column("tags").to_pylist()
     version = rows.column("model_version")[0].as_py()

@@ -1,4 +1,5 @@
-"""Where work runs: joining the Ray cluster, and running a whole-catalog step on a worker.
+"""Where work runs: joining the Ray cluster, what it offers (CPUs, GPUs: the one place a
+``use_gpu`` setting is resolved), and running a whole-catalog step on a worker.
 
 The driver of a job (the process ``ray job submit`` starts, or ``mltag`` on a laptop) plans and
 commits; it holds nothing that grows with the catalog. Steps whose memory does grow with it (a
@@ -13,15 +14,24 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+GPU_SETTINGS = ("auto", "true", "false")  # the values of every stage's use_gpu
 
-def init_ray() -> None:
+
+def init_ray(local_cpus: int | None = None) -> None:
     """Joins the cluster named by RAY_ADDRESS, or a cluster already running on this machine
     (`ray start --head`), or else starts a local instance of its own; nothing if this process
     already has. A local instance of our own starts without the dashboard (a second of start-up
-    and a process per run); start a cluster with `ray start --head` to watch runs in it."""
+    and a process per run); start a cluster with `ray start --head` to watch runs in it.
+
+    ``local_cpus`` asks for a local instance of our own whatever RAY_ADDRESS says, with that many
+    CPUs (0: all of this machine's): for runs that are single-machine by design (``mltag demo``).
+    """
     import ray
 
     if ray.is_initialized():
+        return
+    if local_cpus is not None:
+        ray.init(address="local", num_cpus=local_cpus or None, include_dashboard=False)
         return
     address = os.environ.get("RAY_ADDRESS", "")
     if address and address != "local":
@@ -44,6 +54,49 @@ def init_ray() -> None:
     # the environment would also quiet it, but Ray reads it once, at import.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", include_dashboard=False)
+
+
+def cluster_cpus() -> int:
+    """The CPUs of the whole cluster (joining it first, as ``init_ray``)."""
+    import ray
+
+    init_ray()
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def cluster_gpus() -> int:
+    """The GPUs of the whole cluster (joining it first, as ``init_ray``)."""
+    import ray
+
+    init_ray()
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def alive_nodes() -> int:
+    """How many nodes of the cluster are up (joining it first, as ``init_ray``)."""
+    import ray
+
+    init_ray()
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def wants_gpu(setting: str | bool = "auto") -> bool:
+    """Whether a stage's Ray workers ask for GPUs, from a ``use_gpu`` setting (auto | true | false).
+
+    "auto" asks the cluster (joining it first, as ``init_ray``): a GPU anywhere in it is one the
+    work can be placed on. "true" is taken at its word, GPUs or not: Ray then waits for a GPU node
+    (an autoscaler may add one) instead of quietly running on CPU.
+
+    Example:
+        >>> wants_gpu("false")
+        False
+    """
+    choice = str(setting).lower()
+    if choice not in GPU_SETTINGS:
+        raise ValueError(f"unknown use_gpu {setting!r}; choose one of: {', '.join(GPU_SETTINGS)}")
+    if choice == "auto":
+        return cluster_gpus() > 0
+    return choice == "true"
 
 
 def largest_node_cpus(limit: int = 16) -> int:

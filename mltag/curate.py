@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -66,6 +67,8 @@ from mltag.tag_merges import (
 )
 from mltag.tag_pruning import rare_tags, uncorrelated_tags
 from mltag.vocabulary import Vocabulary
+
+logger = logging.getLogger(__name__)
 
 LABEL_TYPE = pa.list_(pa.struct([("tag", pa.string()), ("source", pa.string()), ("model_version", pa.string()), ("score", pa.float32())]))
 
@@ -140,7 +143,9 @@ def load_scores(config: CurateConfig, manifest: pa.Table, vocab: Vocabulary) -> 
             )
         table = pq.read_table(storage.arrow_filesystem_for(config.oof)[1], filesystem=storage.arrow_filesystem_for(config.oof)[0])
         ids, uris = table.column("listing_id").to_pylist(), table.column("image_uri").to_pylist()
-        values = np.asarray(table.column("scores").combine_chunks().flatten(), np.float32).reshape(table.num_rows, -1)
+        from mltag.tag_table import list_matrix
+
+        values = list_matrix(table.column("scores"))
         row_versions = table.column("model_version").to_pylist()
         source = "oof"
     else:
@@ -483,7 +488,7 @@ def run(config: CurateConfig) -> dict:
         )
     )
     report = write_report(out, f"mltag curation of {os.path.basename(config.manifest)}", sections, config.thumbnails)
-    print(
+    logger.info(
         f"curated {n} images ({summary['images_scored']} scored, {score_source}): {summary['pseudo_labels']['added']} pseudo labels, "
         f"{len(rare_cols)} rare and {len(unc_cols)} uncorrelated tags dropped, {len(groups)} WordNet merge group(s) "
         f"{'applied' if summary['synonyms']['applied'] else 'proposed'}, {issues.num_rows} label issues queued -> {out} ({report})"

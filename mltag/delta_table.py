@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import time
@@ -31,6 +32,8 @@ from typing import Any
 import pyarrow as pa
 
 from mltag import storage
+
+logger = logging.getLogger(__name__)
 
 # Every commit mltag makes carries its facts under this key of the commit info (delta's
 # ``custom_metadata``); ``userMetadata`` repeats a one-line summary for Spark's DESCRIBE HISTORY.
@@ -202,7 +205,9 @@ def commit_overwrite(uri: str, actions: list, schema: pa.Schema, metadata: dict[
         except (CommitFailedError, DeltaError) as exc:
             if attempt == COMMIT_RETRIES - 1 or not _is_conflict(exc):
                 raise
-            print(f"another writer committed to {uri} meanwhile; committing this run's overwrite on top ({exc.__class__.__name__})")
+            logger.warning(
+                f"another writer committed to {uri} meanwhile; committing this run's overwrite on top ({exc.__class__.__name__})"
+            )
     raise AssertionError("unreachable")
 
 

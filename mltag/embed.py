@@ -17,7 +17,7 @@ from mltag.model import load_tagger, normalise
 def tag_images(uris: list[str], model_dir: str, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """(scores, embeddings, errors) for each image; failed rows have zero scores and embedding."""
     model, spec = load_tagger(model_dir, device)
-    scores = np.zeros((len(uris), len(spec.vocabulary["tags"])), np.float32)
+    scores = np.zeros((len(uris), len(spec.vocabulary)), np.float32)
     embeddings = np.zeros((len(uris), model.embedding_dim), np.float32)
     errors: list[str | None] = []
     for i, uri in enumerate(uris):

@@ -35,7 +35,7 @@ from mltag.metrics import (
     top_k_accuracy,
 )
 from mltag.model import load_spec
-from mltag.tag_table import decide_tags
+from mltag.tag_table import decide_tags, list_matrix
 
 
 @dataclass
@@ -93,7 +93,7 @@ def predict_rows(table: pa.Table, model_dir: str, batch_size: int = 64, num_acto
         ids += ok.column("listing_id").to_pylist()
         uris += ok.column("image_uri").to_pylist()
         labels.append(vocab.encode(ok.column("true_tags").to_pylist()))
-        scores.append(np.asarray(ok.column("scores").combine_chunks().flatten(), np.float32).reshape(ok.num_rows, -1))
+        scores.append(list_matrix(ok.column("scores")))
     if not scores:
         raise ValueError("no image of the split could be decoded")
     return np.concatenate(labels), np.concatenate(scores), ids, uris
@@ -123,7 +123,7 @@ def stored_scores(manifest_uri: str, table_uri: str, as_of: str, spec, split: st
     versions = set(found.column("model_version").to_pylist())
     if versions != {spec.version}:
         raise ValueError(f"{table_uri} rows were tagged by model(s) {sorted(versions)}, not {spec.version} (--model)")
-    scores = np.asarray(found.column("scores").combine_chunks().flatten(), np.float32).reshape(found.num_rows, -1)
+    scores = list_matrix(found.column("scores"))
     return spec.vocab.encode(truth.column("tags").to_pylist()), scores, truth.column("listing_id").to_pylist()
 
 
@@ -132,10 +132,9 @@ def compute_metrics(y: np.ndarray, scores: np.ndarray, spec) -> tuple[dict, pa.T
     vocab = spec.vocab
     names = list(vocab.names)
     thresholds = spec.threshold_array()
-    ancestors = {n: vocab.ancestors(n) for n in names if vocab.ancestors(n)}
     index = {n: i for i, n in enumerate(names)}
     predicted = np.zeros_like(y, dtype=bool)
-    for row, tags in enumerate(decide_tags(scores, thresholds, names, ancestors)):
+    for row, tags in enumerate(decide_tags(scores, thresholds, vocab)):
         predicted[row, [index[t] for t in tags]] = True
 
     maps = mean_average_precision(y, scores)

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ import pyarrow.parquet as pq
 
 from mltag import catalog, storage
 from mltag.vocabulary import Vocabulary
+
+logger = logging.getLogger(__name__)
 
 FOLD_COLUMN = "fold"
 NO_FOLD = -1
@@ -237,11 +240,11 @@ def run(config: SplitConfig) -> dict:
         pq.write_table(table, out)
     report = fold_report(folds, tags, config.folds, ids)
     kept = sum(1 for lid in set(ids) if lid in previous)
-    print(
+    logger.info(
         f"{len(set(ids))} listings, {table.num_rows} images into {config.folds} folds "
         f"(images per fold {report['images_per_fold']}; {kept} listings kept their previous fold; "
         f"{int((folds < 0).sum())} test rows in no fold) -> {out}"
     )
     if report["tags_missing_from_a_fold"]:
-        print(f"tags on >= {config.folds} listings missing from some fold: {report['tags_missing_from_a_fold']}")
+        logger.warning(f"tags on >= {config.folds} listings missing from some fold: {report['tags_missing_from_a_fold']}")
     return {"out": out, **report, "listings_kept": kept}

@@ -20,13 +20,14 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import timm
@@ -46,13 +47,29 @@ class ModelIntegrityError(ValueError):
     """A tagger directory whose weights do not match the version in its tagger.json."""
 
 
+def check_backbone(name: str) -> None:
+    """Raises ValueError unless ``name`` is a timm model, with or without a pretrained tag
+    (``resnet50`` or ``resnet50.a1_in1k``). The tag picks that weights' normalisation
+    (``backbone_normalisation``); weights still come only from ``pretrained`` (none, a file...),
+    never downloaded because of the name.
+
+    Example:
+        >>> check_backbone("test_efficientnet.r160_in1k")
+    """
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm backbone {name!r} (see timm.list_models())")
+    architecture, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(name):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{architecture}.*")]
+        raise ValueError(f"timm backbone {architecture!r} has no pretrained tag {tag!r}; choose one of: {', '.join(tags) or '(none)'}")
+
+
 class Tagger(nn.Module):
     def __init__(self, backbone: str, num_tags: int, pooling: str = "avg", pretrained: str = "none", drop_rate: float = 0.0):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
-        if backbone not in timm.list_models():
-            raise ValueError(f"unknown timm backbone {backbone!r} (see timm.list_models())")
+        check_backbone(backbone)
         # num_classes=0 leaves timm's pooled features as the output; the head is ours.
         self.backbone = timm.create_model(
             backbone, num_classes=0, global_pool=pooling, drop_rate=drop_rate, **timm_pretrained_kwargs(backbone, pretrained)
@@ -67,10 +84,15 @@ class Tagger(nn.Module):
 
 @dataclass
 class TaggerSpec:
-    """Everything except the weights that defines a trained tagger (``tagger.json``)."""
+    """Everything except the weights that defines a trained tagger (``tagger.json``).
+
+    ``vocabulary`` is a ``Vocabulary``, parsed once; the mapping tagger.json holds (or any
+    ``Vocabulary.from_dict`` input) is accepted too and parsed here. ``to_json`` writes the
+    mapping back as it was given: the model version hashes the vocabulary as tagger.json spells
+    it, and a model saved with bare tag names must keep its version."""
 
     backbone: str
-    vocabulary: dict  # Vocabulary.to_dict()
+    vocabulary: Vocabulary
     pooling: str = "avg"
     img_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -80,12 +102,30 @@ class TaggerSpec:
     version: str = ""
     extra: dict = field(default_factory=dict)  # training metrics, config hash, ...
 
+    def __post_init__(self) -> None:
+        if isinstance(self.vocabulary, Vocabulary):
+            spelling = self.vocabulary.to_dict()
+        else:
+            spelling = copy.deepcopy(self.vocabulary)
+            self.vocabulary = Vocabulary.from_dict(spelling)
+        # Not a field: kept beside the Vocabulary it spells, so a vocabulary assigned later is
+        # written (and hashed) as its own to_dict().
+        self._vocabulary_spelling = (self.vocabulary, spelling)
+
     @property
     def vocab(self) -> Vocabulary:
-        return Vocabulary.from_dict(self.vocabulary)
+        """The vocabulary (the name callers used when ``vocabulary`` was a mapping)."""
+        return self.vocabulary
+
+    def to_json(self) -> dict:
+        """tagger.json's content: every field, the vocabulary as the mapping it was given as."""
+        meta = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        vocab, spelling = self._vocabulary_spelling
+        meta["vocabulary"] = copy.deepcopy(spelling) if vocab is self.vocabulary else self.vocabulary.to_dict()
+        return meta
 
     def threshold_array(self) -> np.ndarray:
-        n = len(self.vocabulary["tags"])
+        n = len(self.vocabulary)
         return np.full(n, 0.5, np.float32) if self.thresholds is None else np.asarray(self.thresholds, np.float32)
 
 
@@ -108,7 +148,7 @@ def normalise(pixels: torch.Tensor, mean, std, channels_last: bool = True) -> to
 
 
 def _version(weights: bytes, spec: TaggerSpec) -> str:
-    meta = asdict(spec)
+    meta = spec.to_json()
     meta.pop("version", None)
     meta.pop("extra", None)  # metrics describe the model, they do not change it
     h = hashlib.sha256(weights)
@@ -137,7 +177,7 @@ def save_tagger(model: Tagger, spec: TaggerSpec, out_dir: str) -> TaggerSpec:
     weights = buf.getvalue()
     spec.embedding_dim = model.embedding_dim
     spec.version = _version(weights, spec)
-    meta = json.dumps(asdict(spec), indent=2).encode()
+    meta = json.dumps(spec.to_json(), indent=2).encode()
     if storage.is_remote(out_dir):
         storage.write_bytes(storage.join(out_dir, WEIGHTS_FILE), weights)
         storage.write_bytes(storage.join(out_dir, META_FILE), meta)  # last: it names the weights' version
@@ -193,7 +233,7 @@ def load_tagger(model_dir: str, device: str | torch.device = "cpu") -> tuple[Tag
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"the tagger at {model_dir} has no {WEIGHTS_FILE}") from exc
     verify_weights(weights, spec, model_dir)
-    model = Tagger(spec.backbone, len(spec.vocabulary["tags"]), spec.pooling, pretrained="none")
+    model = Tagger(spec.backbone, len(spec.vocabulary), spec.pooling, pretrained="none")
     state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), spec
@@ -202,17 +242,18 @@ def load_tagger(model_dir: str, device: str | torch.device = "cpu") -> tuple[Tag
 def set_thresholds(model_dir: str, thresholds: list[float]) -> TaggerSpec:
     """Stores calibrated per-tag thresholds with the model (this is a new model version)."""
     model, spec = load_tagger(model_dir)
-    if len(thresholds) != len(spec.vocabulary["tags"]):
-        raise ValueError(f"{len(thresholds)} thresholds for {len(spec.vocabulary['tags'])} tags")
+    if len(thresholds) != len(spec.vocabulary):
+        raise ValueError(f"{len(thresholds)} thresholds for {len(spec.vocabulary)} tags")
     spec.thresholds = [float(t) for t in thresholds]
     return save_tagger(model, spec, model_dir)
 
 
-def pick_device(use_gpu: str | bool = "auto") -> torch.device:
-    """'auto' uses CUDA when present; 'true' insists on it."""
-    want = str(use_gpu).lower()
-    if want in ("true", "1", "yes") and not torch.cuda.is_available():
+def pick_device(use_gpu: bool) -> torch.device:
+    """The torch device of a process that was (or was not) given a GPU: whether to use one is
+    decided once, for the cluster, by ``mltag.cluster.wants_gpu``; this only names the device,
+    and refuses a GPU that torch cannot see."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise RuntimeError("use_gpu is true but torch sees no CUDA device")
-    if want in ("auto", "true", "1", "yes") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return torch.device("cuda")

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from mltag import catalog, storage
 from mltag.config import config_dict, config_from_dict, load_yaml
 from mltag.folds import FOLD_COLUMN
 from mltag.metrics import mean_average_precision
+
+logger = logging.getLogger(__name__)
 
 PER_FOLD_FIELDS = ("manifest", "vocabulary", "out", "name", "val_fold", "storage_path")
 
@@ -138,10 +141,7 @@ def run(config: OofConfig) -> dict:
                 "train_config": config_dict(fold_config),
             }
         )
-        print(
-            f"fold {fold}: model {spec.version}, {len(ids)} held-out images, mAP {maps['macro']:.4f} (micro {maps['micro']:.4f})",
-            flush=True,
-        )
+        logger.info(f"fold {fold}: model {spec.version}, {len(ids)} held-out images, mAP {maps['macro']:.4f} (micro {maps['micro']:.4f})")
 
     vocab = Vocabulary.load(fold_config.vocabulary_uri())
     table = oof_table(parts)
@@ -161,7 +161,7 @@ def run(config: OofConfig) -> dict:
     storage.write_bytes(storage.join(config.out, "oof.parquet"), sink.getvalue().to_pybytes())
     storage.write_bytes(storage.join(config.out, "oof.json"), json.dumps(result, indent=2, default=str).encode())
     cv = result["cv_map_macro"]
-    print(
+    logger.info(
         f"cross-validated mAP {cv['mean']:.4f} +- {cv['std']:.4f} over {len(summaries)} folds (min {cv['min']:.4f}, max {cv['max']:.4f}); "
         f"pooled out-of-fold mAP {pooled['macro']:.4f} -> {os.path.join(config.out, 'oof.parquet')}"
     )

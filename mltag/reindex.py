@@ -23,6 +23,7 @@ tags only the shards it had not finished. Re-running a night that committed find
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -50,6 +51,8 @@ from mltag.tag import (
 )
 from mltag.tag_table import redact_uri_column
 from mltag.uri_policy import DEFAULT_SCHEMES
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -190,7 +193,7 @@ def run(config: ReindexConfig) -> dict:
     if table_model != spec.version:
         # First night, or a new model: every row is tagged by it, and the night replaces the table.
         why = "no table yet" if table_model is None else f"model {spec.version} replaces {table_model}"
-        print(f"reindex {snapshot}: {why}: tagging every row (one overwrite commit)")
+        logger.info(f"reindex {snapshot}: {why}: tagging every row (one overwrite commit)")
         summary = _overwrite(tag_config, today, rows, spec, started)
     else:
         summary = _merge_night(config, tag_config, uri, today, rows, spec, started, snapshot)
@@ -207,7 +210,7 @@ def run(config: ReindexConfig) -> dict:
 
 def _report_duplicates(plan_: Plan) -> None:
     if plan_.duplicates:
-        print(
+        logger.warning(
             f"manifest repeats {plan_.duplicates} (listing_id, image_uri) row(s): each key kept once, e.g. {plan_.duplicate_examples[:3]}"
         )
 
@@ -240,7 +243,7 @@ def _overwrite(tag_config: TagConfig, today, rows: int | None, spec, started: fl
     )
     version = commit_run_files(uri, totals, metadata, app_id)
     run.remove()
-    print(f"reindex {tag_config.snapshot}: {totals.rows} rows tagged ({totals.errors} errors) -> {uri} version {version}")
+    logger.info(f"reindex {tag_config.snapshot}: {totals.rows} rows tagged ({totals.errors} errors) -> {uri} version {version}")
     return {**metadata, "table_version": version, "table": uri, "mode": "overwrite"}
 
 
@@ -269,7 +272,7 @@ def _merge_night(
     deleted_files = run.deleted_key_files()
     if plan_.rows == 0 and counts["deleted"] == 0:
         run.remove()
-        print(f"reindex {snapshot}: nothing changed since version {dt.version()} ({counts['unchanged']} rows unchanged); no commit")
+        logger.info(f"reindex {snapshot}: nothing changed since version {dt.version()} ({counts['unchanged']} rows unchanged); no commit")
         return {
             **counts,
             "committed": False,
@@ -305,7 +308,7 @@ def _merge_night(
     metrics = merge_tagged(uri, dt, totals, deleted_files, metadata, app_id)
     run.remove()
     version = delta_table.latest_version(uri)
-    print(
+    logger.info(
         f"reindex {snapshot}: {counts['new']} new, {counts['changed']} changed, {counts['retry']} retried, "
         f"{counts['unchanged']} unchanged, {counts['deleted']} deleted, {totals.errors} errors, "
         f"{round(time.time() - started, 1)} s -> {uri} version {version}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ import pyarrow.parquet as pq
 
 from mltag.metrics import precision_recall_curve
 from mltag.model import load_spec
+from mltag.tag_table import list_matrix
+
+logger = logging.getLogger(__name__)
 
 FIGURES = ("training_curves.png", "pr_curves.png", "per_tag_ap.png", "confusion_l1.png")
 
@@ -135,8 +139,8 @@ def run(config: ReportConfig) -> str:
     per_tag = pq.read_table(os.path.join(config.eval, "per_tag.parquet"))
     scores_table = pq.read_table(os.path.join(config.eval, "scores.parquet"))
     n = len(spec.vocab)
-    labels = np.asarray(scores_table.column("labels").combine_chunks().flatten()).reshape(-1, n)
-    scores = np.asarray(scores_table.column("scores").combine_chunks().flatten()).reshape(-1, n)
+    labels = list_matrix(scores_table.column("labels"), dtype=None, width=n)
+    scores = list_matrix(scores_table.column("scores"), dtype=None, width=n)
     os.makedirs(config.out, exist_ok=True)
 
     plot_training_curves(spec.extra.get("history", []), os.path.join(config.out, FIGURES[0]))
@@ -193,5 +197,5 @@ window.addEventListener("load", () => {{
     path = os.path.join(config.out, "report.html")
     with open(path, "w") as f:
         f.write(page)
-    print(f"report -> {path}")
+    logger.info(f"report -> {path}")
     return path

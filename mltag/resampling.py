@@ -10,9 +10,10 @@ the data arrives in, and differ from epoch to epoch.
 
 The dense functions take an (images x tags) 0/1 matrix; training uses the streamed ones, which
 read the manifest's ``tags`` column (list<string>) a slice at a time and keep O(tags) state, so
-the driver never holds an images x tags matrix: ``TagIndex`` closes tags upward exactly as
-``Vocabulary.encode`` does, ``tag_counts`` gives positives per tag, ``tag_repeat_factors_from_counts``
-r(h), and ``repeat_factors_from_tags`` r(I) per row (the same numbers as the dense functions).
+the driver never holds an images x tags matrix: ``TagIndex`` closes tags upward with the
+vocabulary's own closure (``Vocabulary.close_columns``), ``tag_counts`` gives positives per
+tag, ``tag_repeat_factors_from_counts`` r(h), and ``repeat_factors_from_tags`` r(I) per row (the
+same numbers as the dense functions).
 
 Example:
     >>> labels = np.array([[1, 0], [1, 0], [1, 0], [1, 1]], np.float32)
@@ -59,20 +60,18 @@ def repeat_factors(labels: np.ndarray, threshold: float, sqrt: bool = True) -> n
 
 class TagIndex:
     """Vocabulary columns for an Arrow list<string> column of tags, vectorised: synonyms become
-    their tag, and each tag brings its ancestors (the closure ``Vocabulary.encode`` applies).
-    A tag the vocabulary does not know raises VocabularyError naming the row, as ``encode`` does."""
+    their tag, and each tag brings its ancestors (``Vocabulary.close_columns``, the closure
+    ``Vocabulary.encode`` applies). A tag the vocabulary does not know raises VocabularyError
+    naming the row, as ``encode`` does."""
 
     def __init__(self, vocab) -> None:
         names = list(vocab.names)
-        column = {name: i for i, name in enumerate(names)}
+        column = vocab.index
         aliases = sorted(vocab.synonyms)
+        self.vocab = vocab
         self.num_tags = len(names)
         self._lookup = pa.array(names + aliases, pa.string())  # a string -> its position here
         self._column = np.array([column[n] for n in names] + [column[vocab.synonyms[a]] for a in aliases], np.int64)
-        closure = [[i] + [column[p] for p in vocab.ancestors(name)] for i, name in enumerate(names)]
-        self._closure_len = np.array([len(c) for c in closure], np.int64)
-        self._closure_start = np.cumsum(self._closure_len) - self._closure_len
-        self._closure = np.concatenate([np.array(c, np.int64) for c in closure])
 
     def pairs(self, tags: pa.Array | pa.ChunkedArray, first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(row, tag column) of every closed tag of every row, rows ascending; a row's tag may
@@ -88,10 +87,8 @@ class TagIndex:
         rows = np.repeat(np.arange(len(tags), dtype=np.int64), lengths)
         if found.null_count:
             self._raise_unknown(values, found, rows, first_row)
-        columns = self._column[found.to_numpy(zero_copy_only=False)]
-        reps = self._closure_len[columns]
-        within = np.arange(int(reps.sum()), dtype=np.int64) - np.repeat(np.cumsum(reps) - reps, reps)
-        return np.repeat(rows, reps), self._closure[np.repeat(self._closure_start[columns], reps) + within]
+        which, closed = self.vocab.close_columns(self._column[found.to_numpy(zero_copy_only=False)])
+        return rows[which], closed
 
     @staticmethod
     def _raise_unknown(values: pa.Array, found: pa.Array, rows: np.ndarray, first_row: int) -> None:

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import io
+import logging
 import os
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mltag.vocabulary import Vocabulary
+
+logger = logging.getLogger(__name__)
 
 SCENES = {"china.jpg": "scene_palace", "flower.jpg": "scene_flower"}
 
@@ -140,5 +143,5 @@ def build_sample_catalog(out: str, n_images: int = 600, size: int = 160, val_fra
 
 def run(config: SampleConfig) -> dict:
     summary = build_sample_catalog(config.out, config.n_images, config.size, config.val_fraction, config.seed)
-    print(f"sample catalog: {summary['n_train']} train + {summary['n_val']} val images -> {summary['manifest']}")
+    logger.info(f"sample catalog: {summary['n_train']} train + {summary['n_val']} val images -> {summary['manifest']}")
     return summary

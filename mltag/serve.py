@@ -31,6 +31,7 @@ Prometheus endpoint with the rest of Ray's.
 import asyncio
 import io
 import json
+import logging
 import os
 import time
 from collections import Counter, OrderedDict
@@ -44,10 +45,13 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mltag.chain import Chain, load_chain, nest, resize_pixels, tag_entries, tag_pixels
+from mltag.cluster import GPU_SETTINGS, alive_nodes, cluster_cpus, init_ray, wants_gpu
 from mltag.config import config_dict, config_from_dict
 from mltag.images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, fetch_bytes
 from mltag.row_errors import error_reason
 from mltag.uri_policy import DEFAULT_SCHEMES, FetchPolicy, redact_text
+
+logger = logging.getLogger(__name__)
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "review_page")
 PAGES = {"/": "index.html", "/anomalies": "anomalies.html", "/duplicates": "duplicates.html"}
@@ -113,7 +117,7 @@ class ServeConfig:
     def validate(self) -> None:
         if not self.model:
             raise ValueError("model is required (--model DIR, a trained tagger directory)")
-        if self.use_gpu not in ("auto", "true", "false"):
+        if self.use_gpu not in GPU_SETTINGS:
             raise ValueError("use_gpu must be auto, true or false")
         if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
             raise ValueError("max_batch_size must be positive and batch_wait_timeout_s not negative")
@@ -598,23 +602,13 @@ class Gateway:
 
 
 # ---- building and running the application -----------------------------------------------------------
-def _use_gpu(config: ServeConfig) -> bool:
-    import ray
-
-    if config.use_gpu == "true":
-        return True
-    return config.use_gpu == "auto" and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-
-
 def _threads(config: ServeConfig, use_gpu: bool) -> int:
-    import ray
-
     if config.torch_threads > 0:
         return config.torch_threads
-    if use_gpu or not ray.is_initialized() or len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+    if use_gpu or alive_nodes() > 1:
         return max(1, round(config.model_cpus))
     # One machine, no GPU: the forward pass is the bound, its replicas share the node's cores.
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // config.max_replicas)
+    return max(1, cluster_cpus() // config.max_replicas)
 
 
 def build_app(args: dict):
@@ -635,7 +629,7 @@ def build_app(args: dict):
     for path in (config.anomalies, config.duplicates):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"no such Parquet file: {path}")
-    use_gpu = _use_gpu(config)
+    use_gpu = wants_gpu(config.use_gpu)
     threads = _threads(config, use_gpu)
     settings = config_dict(config)
     settings.update(
@@ -670,7 +664,6 @@ def build_app(args: dict):
 def run(config: ServeConfig) -> str:
     """Starts the application on the current Ray cluster (a local one by default); returns its
     URL. With ``blocking`` it serves until interrupted, then shuts Serve down."""
-    from mltag.cluster import init_ray
     from mltag.model import load_spec
 
     load_spec(config.model)  # a wrong --model stops here, before Ray starts
@@ -679,13 +672,13 @@ def run(config: ServeConfig) -> str:
     serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
     serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}/"
-    print(f"mltag serve: {url} (review page), POST {url}tag, POST {url}similar, GET {url}healthz")
+    logger.info(f"mltag serve: {url} (review page), POST {url}tag, POST {url}similar, GET {url}healthz")
     if not config.blocking:
         return url
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("mltag serve: shutting down")
+        logger.info("mltag serve: shutting down")
         serve.shutdown()
     return url

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mltag import catalog, delta_table, storage, tag_table
-from mltag.cluster import init_ray, on_worker
+from mltag.cluster import GPU_SETTINGS, cluster_cpus, cluster_gpus, init_ray, on_worker, wants_gpu
 from mltag.config import config_dict, config_hash
 from mltag.fingerprints import FINGERPRINTS, fingerprint_batch
 from mltag.identifiers import validate_identifier
@@ -37,6 +38,8 @@ from mltag.model import load_spec, load_tagger, normalise, pick_device
 from mltag.sharded_run import Plan, ShardedRun, Totals, format_reasons, read_shard_manifests, write_shard_files
 from mltag.staging import StagingBuffers
 from mltag.uri_policy import DEFAULT_SCHEMES, FetchPolicy
+
+logger = logging.getLogger(__name__)
 
 IO_STAGE_CPUS = 0.25  # CPU share of a manifest-read or file-write task
 DECODE_BATCHES_PER_TASK = (
@@ -92,7 +95,7 @@ class TagConfig:
                 raise ValueError("chain cannot be combined with retry_errors yet (the MERGE does not add the specialists column)")
         if not self.manifest and not self.retry_errors:
             raise ValueError("manifest is required (--manifest PATH)")
-        if self.use_gpu not in ("auto", "true", "false"):
+        if self.use_gpu not in GPU_SETTINGS:
             raise ValueError("use_gpu must be auto, true or false")
         if self.batch_size < 1 or self.decode_batch_size < 1 or self.shard_rows < 1 or self.rows_per_file < 1:
             raise ValueError("batch sizes, shard_rows and rows_per_file must be positive")
@@ -168,13 +171,12 @@ class TaggerActor:
         chain: str = "",
     ):
         torch.set_num_threads(max(1, threads))
-        self.device = pick_device("true" if use_gpu else "false")
+        self.device = pick_device(use_gpu)
         self.model, self.spec = load_tagger(model_dir, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if compile else self.model
-        vocab = self.spec.vocab
-        self.names = list(vocab.names)
-        self.ancestors = {n: vocab.ancestors(n) for n in vocab.names if vocab.ancestors(n)}
+        self.vocab = self.spec.vocab
+        self.names = list(self.vocab.names)
         self.thresholds = np.full(len(self.names), threshold, np.float32) if threshold >= 0 else self.spec.threshold_array()
         self.max_tags, self.embedding_dtype, self.policy = max_tags, embedding_dtype, policy
         self.staging = StagingBuffers(self.device)
@@ -214,7 +216,7 @@ class TaggerActor:
                 logits, emb = self.forward(x)
             scores = torch.sigmoid(logits.float()).cpu().numpy()
             embeddings = emb.float().cpu().numpy()
-        chosen = tag_table.chosen_tags(scores, self.thresholds, self.names, self.ancestors, self.max_tags)
+        chosen = tag_table.chosen_tags(scores, self.thresholds, self.vocab, self.max_tags)
         rows = tag_table.assemble(batch, ok, scores, embeddings, chosen, self.spec.version, errors, self.embedding_dtype, self.names)
         if self.chain is not None:
             from mltag.chain import specialists_column
@@ -227,29 +229,23 @@ class TaggerActor:
 
 
 def _resources(config: TagConfig) -> tuple[int, bool]:
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = (config.use_gpu == "true") or (config.use_gpu == "auto" and gpus > 0)
+    use_gpu = wants_gpu(config.use_gpu)
     if config.num_actors > 0:
         return config.num_actors, use_gpu
     if use_gpu:
-        return max(1, gpus), True
+        return max(1, cluster_gpus()), True
     # Leave half the CPUs to the decode tasks that feed the actors.
-    return max(1, int(resources.get("CPU", 1)) // (2 * config.cpus_per_actor)), False
+    return max(1, cluster_cpus() // (2 * config.cpus_per_actor)), False
 
 
 def _torch_threads(config: TagConfig, num_actors: int, use_gpu: bool) -> int:
     """On CPU the forward pass is the bottleneck (decoding a listing photo is ~10x cheaper): each
     actor's threads get the whole CPU share of its actor, the decode tasks squeeze in between."""
-    import ray
-
     if config.torch_threads > 0:
         return config.torch_threads
     if use_gpu:
         return config.cpus_per_actor
-    return max(config.cpus_per_actor, int(ray.cluster_resources().get("CPU", 1)) // max(1, num_actors))
+    return max(config.cpus_per_actor, cluster_cpus() // max(1, num_actors))
 
 
 def build_pipeline(config: TagConfig, source):
@@ -352,9 +348,8 @@ def tag_shards(
     todo = run.unfinished_manifests(plan)
     resumed = plan.n_shards - len(todo)
     if resumed:
-        print(f"resuming run {run.run_id}: {resumed} of {plan.n_shards} shards already done, tagging {len(todo)}")
+        logger.info(f"resuming run {run.run_id}: {resumed} of {plan.n_shards} shards already done, tagging {len(todo)}")
     if todo:
-        init_ray()
         paths = [run.shard_manifest(s) for s in todo]
         # Reading shard manifests and writing Parquet are light I/O stages: a small CPU share each,
         # so on a small node they never wait behind the decode and inference work for a whole CPU
@@ -373,7 +368,7 @@ def tag_shards(
             udf_modifying_row_count=True,
             num_cpus=IO_STAGE_CPUS,
         )
-        print(
+        logger.info(
             "Ray Data plan (optimised): "
             + " <- ".join(line.strip("+- ").strip() for line in physical_plan(records).splitlines() if line.strip())
         )
@@ -382,7 +377,7 @@ def tag_shards(
         def progress() -> None:
             finished[0] += 1
             if finished[0] == plan.n_shards or finished[0] % max(1, plan.n_shards // 10) == 0:
-                print(f"shards done: {finished[0]}/{plan.n_shards}")
+                logger.info(f"shards done: {finished[0]}/{plan.n_shards}")
 
         run.collect(records.iter_batches(batch_format="pyarrow", batch_size=None), plan, progress)
     return plan, run.totals(plan), resumed
@@ -465,7 +460,7 @@ def run(config: TagConfig) -> dict:
     run_id = config.run_id or derived_run_id("tag", manifest_signature(config.manifest), spec.version, config.result_fields())
     run, app_id, meta = open_run(uri, run_id)
     if meta is not None:
-        print(
+        logger.info(
             f"run {run_id} is already committed to {uri} (table version {meta['table_version']}); nothing to do. "
             f"Give --run-id to tag again."
         )
@@ -488,7 +483,7 @@ def run(config: TagConfig) -> dict:
     run.remove()
     metadata["table_version"], metadata["table"] = version, uri
     rate = totals.rows / max(time.time() - started, 1e-9)
-    print(
+    logger.info(
         f"tag table: {totals.rows} rows ({totals.errors} errors, {plan.duplicates} duplicate rows dropped) in "
         f"{metadata['seconds']} s ({rate:.1f} images/s) -> {uri} version {version}"
         + (f"; {resumed} of {plan.n_shards} shards were done before this run" if resumed else "")
@@ -550,7 +545,7 @@ def retry_errors(config: TagConfig) -> dict:
     if "true_tags" in manifest.column_names:
         manifest = manifest.rename_columns(["tags" if c == "true_tags" else c for c in manifest.column_names])
     if manifest.num_rows == 0:
-        print(f"{uri} version {dt.version()} has no error rows; nothing to retry")
+        logger.info(f"{uri} version {dt.version()} has no error rows; nothing to retry")
         return {"rows": 0, "errors": 0, "table_version": dt.version()}
     run_id = config.run_id or derived_run_id("retry", uri, dt.version(), spec.version, config.result_fields())
     run = ShardedRun(uri, run_id)
@@ -570,7 +565,7 @@ def retry_errors(config: TagConfig) -> dict:
     metrics = merge_tagged(uri, dt, totals, [], metadata, f"mltag-{run_id}")
     run.remove()
     metadata.update(table_version=delta_table.latest_version(uri), table=uri, merge=metrics)
-    print(
+    logger.info(
         f"retried {totals.rows} error rows of version {dt.version()}: {totals.rows - totals.errors} now tagged, "
         f"{totals.errors} still failing -> {uri} version {metadata['table_version']}"
     )

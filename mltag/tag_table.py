@@ -40,6 +40,7 @@ import pyarrow.dataset as pads
 from mltag import delta_table
 from mltag.row_errors import reason_column
 from mltag.uri_policy import redact_uri
+from mltag.vocabulary import Vocabulary
 
 # Delta Lake has no half-precision type: embeddings are stored as float32.
 EMBEDDING_DTYPES = ("float32",)
@@ -77,27 +78,20 @@ def redact_uri_column(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array(values, pa.string())
 
 
-def chosen_tags(
-    scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]], max_tags: int = 0
-) -> np.ndarray:
+def chosen_tags(scores: np.ndarray, thresholds: np.ndarray, vocab: Vocabulary, max_tags: int = 0) -> np.ndarray:
     """Rows x tags mask: a score reaching its tag's threshold (at most ``max_tags`` per row, best
-    first, when set), closed upward (a chosen child chooses its parents)."""
+    first, when set), closed upward (a chosen child chooses its parents: ``Vocabulary.close_matrix``)."""
     chosen = scores >= thresholds[None, :]
     if max_tags > 0 and scores.shape[1] > max_tags:
         rank = np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1)
         chosen &= rank < max_tags
-    index = {n: i for i, n in enumerate(names)}
-    for child, parents in ancestors.items():
-        for parent in parents:
-            chosen[:, index[parent]] |= chosen[:, index[child]]
-    return chosen
+    return vocab.close_matrix(chosen)
 
 
-def decide_tags(
-    scores: np.ndarray, thresholds: np.ndarray, names: Sequence[str], ancestors: dict[str, list[str]], max_tags: int = 0
-) -> list[list[str]]:
+def decide_tags(scores: np.ndarray, thresholds: np.ndarray, vocab: Vocabulary, max_tags: int = 0) -> list[list[str]]:
     """``chosen_tags`` as tag names per row, in vocabulary order."""
-    return [[names[j] for j in np.flatnonzero(row)] for row in chosen_tags(scores, thresholds, names, ancestors, max_tags)]
+    names = vocab.names
+    return [[names[j] for j in np.flatnonzero(row)] for row in chosen_tags(scores, thresholds, vocab, max_tags)]
 
 
 def tags_column(chosen: np.ndarray, names: Sequence[str]) -> pa.Array:
@@ -187,13 +181,35 @@ def run_metadata(table_uri: str, as_of: str | int | None = None) -> dict:
     return meta
 
 
-def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """An embedding column without nulls -> (N, D) float32 without per-row copies. Delta has no
-    fixed-size list type, so the column reads back as list<float>; every row has the same D."""
+def list_matrix(column: pa.ChunkedArray | pa.Array, dtype: np.dtype | type | None = np.float32, width: int | None = None) -> np.ndarray:
+    """A list (or fixed-size list) column, every row of the same length D -> an (N, D) matrix,
+    without per-row copies: ``scores``, ``embedding``, an evaluation's ``labels``. ``dtype`` None
+    keeps the values' own type. Null rows are an error (error rows hold null scores and embeddings:
+    filter them first), and so are null values inside a row and rows of different lengths.
+    ``width`` is D where it is known (a vocabulary's length): zero rows then give (0, D), and rows
+    of another length are an error; without it, zero rows give (0, 0), or (0, D) for a fixed-size list.
+
+    Example:
+        >>> list_matrix(pa.array([[1, 2], [3, 4]])).tolist()
+        [[1.0, 2.0], [3.0, 4.0]]
+    """
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if len(array) == 0:
-        return np.zeros((0, 0), np.float32)
-    values = np.asarray(array.flatten(), dtype=np.float32)
-    if values.size % len(array):
-        raise ValueError(f"embedding rows differ in length ({values.size} values for {len(array)} rows)")
-    return values.reshape(len(array), values.size // len(array))
+    if array.null_count:
+        first = int(np.argmax(array.is_null().to_numpy(zero_copy_only=False)))
+        raise ValueError(f"{array.null_count} null row(s) in a list column (the first: row {first}); filter the error rows first")
+    values = array.flatten()  # the rows' values only, from the slice's own offset
+    if values.null_count:
+        raise ValueError(f"{values.null_count} null value(s) inside the rows of a list column")
+    if width is None:
+        width = array.type.list_size if pa.types.is_fixed_size_list(array.type) else (len(values) // len(array) if len(array) else 0)
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+    if len(array) and (lengths.min() != width or lengths.max() != width):
+        raise ValueError(f"list rows differ in length from {width}: lengths {int(lengths.min())} to {int(lengths.max())}")
+    matrix = np.asarray(values) if dtype is None else np.asarray(values, dtype=dtype)
+    return matrix.reshape(len(array), width)
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """An embedding column without nulls -> (N, D) float32 (``list_matrix``). Delta has no
+    fixed-size list type, so the column reads back as list<float>; every row has the same D."""
+    return list_matrix(column, np.float32)

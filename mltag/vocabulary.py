@@ -9,7 +9,10 @@ The YAML file is the contract users edit::
       - tree                  # a bare string is a tag with no parent
 
 Parents must themselves be tags. Labels are closed upward on encoding, so a ground truth of
-``forest`` trains both ``forest`` and ``tree``; the same closure applies to predictions.
+``forest`` trains both ``forest`` and ``tree``; the same closure applies to predictions. The
+closure is defined here once (``closure``, computed when first used and kept): ``close``,
+``encode``, ``close_matrix`` (predictions, ``mltag.tag_table.chosen_tags``) and ``close_columns``
+(the streamed label encoding of ``mltag.resampling``) all read it.
 
 Example:
     >>> v = Vocabulary.from_dict({"tags": [{"name": "forest", "parent": "tree"}, "tree"]})
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -52,6 +56,9 @@ class Vocabulary:
         for child, parent in self.parents.items():
             if parent not in seen:
                 raise VocabularyError(f"tag {child!r} has parent {parent!r}, which is not a tag in the vocabulary")
+        for child in self.parents:
+            if child not in seen:
+                raise VocabularyError(f"{child!r} has a parent but is not a tag in the vocabulary")
         for alias, target in self.synonyms.items():
             if target not in seen:
                 raise VocabularyError(f"synonym {alias!r} points to unknown tag {target!r}")
@@ -114,7 +121,10 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.names)
 
-    @property
+    # Derived tables are computed on first use and kept in the instance (cached_property writes
+    # the instance's __dict__ directly, which a frozen dataclass allows): the vocabulary is
+    # immutable, and a tagger's vocabulary is asked for them on every batch.
+    @cached_property
     def index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.names)}
 
@@ -149,14 +159,59 @@ class Vocabulary:
                 mapping[i, column[lineage[depth - level]]] = True
         return classes, mapping
 
+    @cached_property
+    def closure(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every tag's upward closure as positions, in one pair of arrays (offsets, columns):
+        tag i's closure, itself then its ancestors from the parent up, is
+        ``columns[offsets[i]:offsets[i + 1]]``.
+
+        Example:
+            >>> v = Vocabulary.from_dict({"tags": [{"name": "forest", "parent": "tree"}, "tree"]})
+            >>> [c.tolist() for c in v.closure]
+            [[0, 2, 3], [0, 1, 1]]
+        """
+        index = self.index
+        closures = [[i] + [index[a] for a in self.ancestors(name)] for i, name in enumerate(self.names)]
+        offsets = np.zeros(len(closures) + 1, np.int64)
+        np.cumsum([len(c) for c in closures], out=offsets[1:])
+        return offsets, np.concatenate([np.asarray(c, np.int64) for c in closures])
+
+    def close_columns(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The closure of many tag positions at once, without a Python loop: ``(which, closed)``,
+        one entry per tag of each closure, ``closed[k]`` a tag of the closure of ``columns[which[k]]``;
+        ``which`` ascends, and each closure starts with the tag itself.
+
+        Example:
+            >>> v = Vocabulary.from_dict({"tags": [{"name": "forest", "parent": "tree"}, "tree"]})
+            >>> [a.tolist() for a in v.close_columns(np.array([1, 0]))]
+            [[0, 1, 1], [1, 0, 1]]
+        """
+        offsets, flat = self.closure
+        columns = np.asarray(columns, np.int64)
+        starts = offsets[columns]
+        lengths = offsets[columns + 1] - starts
+        which = np.repeat(np.arange(len(columns), dtype=np.int64), lengths)
+        within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return which, flat[np.repeat(starts, lengths) + within]
+
+    @cached_property
+    def _below(self) -> list[tuple[int, np.ndarray]]:
+        """(tag, the positions of every tag under it) for each tag that has children."""
+        which, closed = self.close_columns(np.arange(len(self.names)))
+        above = which != closed  # (descendant, ancestor) pairs, the tag itself left out
+        descendants, ancestors = which[above], closed[above]
+        return [(int(a), descendants[ancestors == a]) for a in np.unique(ancestors)]
+
     def close(self, tags: Iterable[str]) -> list[str]:
         """Canonical tags plus all their ancestors, in vocabulary order."""
-        present = set()
+        offsets, flat = self.closure
+        index, present = self.index, np.zeros(len(self.names), bool)
         for tag in tags:
-            tag = self.canonical(tag)
-            present.add(tag)
-            present.update(self.ancestors(tag))
-        return [n for n in self.names if n in present]
+            i = index.get(self.canonical(tag))
+            if i is None:  # not a tag: it has no place in the vocabulary's order (``unknown`` names it)
+                continue
+            present[flat[offsets[i] : offsets[i + 1]]] = True
+        return [self.names[i] for i in np.flatnonzero(present)]
 
     def unknown(self, tags: Iterable[str]) -> set[str]:
         names = set(self.names)
@@ -165,22 +220,26 @@ class Vocabulary:
     def encode(self, tag_lists: Sequence[Sequence[str] | None]) -> np.ndarray:
         """Multi-hot float32 matrix (rows x tags), closed upward; unknown tags are an error."""
         index = self.index
-        out = np.zeros((len(tag_lists), len(self.names)), dtype=np.float32)
+        rows: list[int] = []
+        columns: list[int] = []
         for row, tags in enumerate(tag_lists):
             if tags is None:
                 continue
             bad = self.unknown(tags)
             if bad:
                 raise VocabularyError(f"row {row}: tag(s) not in the vocabulary: {sorted(bad)}")
-            for tag in self.close(tags):
-                out[row, index[tag]] = 1.0
+            for tag in tags:
+                rows.append(row)
+                columns.append(index[self.canonical(tag)])
+        which, closed = self.close_columns(np.asarray(columns, np.int64))
+        out = np.zeros((len(tag_lists), len(self.names)), dtype=np.float32)
+        out[np.asarray(rows, np.int64)[which], closed] = 1.0
         return out
 
     def close_matrix(self, binary: np.ndarray) -> np.ndarray:
-        """Upward closure of a (rows x tags) 0/1 matrix: a child's 1 sets its ancestors' 1."""
-        out = binary.astype(bool).copy()
-        index = self.index
-        for child in self.names:
-            for parent in self.ancestors(child):
-                out[:, index[parent]] |= out[:, index[child]]
+        """Upward closure of a (rows x tags) 0/1 matrix, as bool: a child's 1 sets its ancestors' 1."""
+        binary = np.asarray(binary).astype(bool)
+        out = binary.copy()
+        for tag, below in self._below:
+            out[:, tag] |= binary[:, below].any(axis=1)
         return out

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from mltag import tag_table
+from mltag.vocabulary import Vocabulary
 
 
 def _reference(n, ok, scores, embeddings, names, thresholds, ancestors, max_tags, errors):
@@ -39,8 +40,9 @@ def _reference(n, ok, scores, embeddings, names, thresholds, ancestors, max_tags
 @pytest.mark.parametrize("seed,max_tags", [(0, 0), (1, 2), (2, 0), (3, 1)])
 def test_assemble_matches_a_per_row_reference(seed, max_tags):
     rng = np.random.default_rng(seed)
-    n, names = 40, ["top", "dress", "shoes", "red", "sneakers"]
-    ancestors = {"sneakers": ["shoes"], "dress": ["top"]}
+    n, names = 40, ["top", "dress", "shoes", "red", "sneakers", "footwear"]
+    ancestors = {"sneakers": ["shoes", "footwear"], "shoes": ["footwear"], "dress": ["top"]}  # the reference's own closure
+    vocab = Vocabulary(tuple(names), {"sneakers": "shoes", "shoes": "footwear", "dress": "top"})
     ok = np.sort(rng.choice(n, size=int(rng.integers(0, n + 1)), replace=False)).astype(np.int64)
     scores = rng.random((len(ok), len(names))).astype(np.float32)
     embeddings = rng.normal(size=(len(ok), 6)).astype(np.float32)
@@ -51,7 +53,7 @@ def test_assemble_matches_a_per_row_reference(seed, max_tags):
         {"listing_id": [f"L{i}" for i in range(n)], "image_uri": uris, "error": errors, "tags": [["top"]] * n, "price": list(range(n))}
     )
 
-    chosen = tag_table.chosen_tags(scores, thresholds, names, ancestors, max_tags)
+    chosen = tag_table.chosen_tags(scores, thresholds, vocab, max_tags)
     table = tag_table.assemble(batch, ok, scores, embeddings, chosen, "v1", errors, names=names)
     from_lists = tag_table.assemble(batch, ok, scores, embeddings, [[names[j] for j in np.flatnonzero(r)] for r in chosen], "v1", errors)
 

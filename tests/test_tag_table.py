@@ -1,14 +1,16 @@
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from mltag import tag_table
+from mltag.vocabulary import Vocabulary
 
 
 def test_decide_tags_applies_thresholds_and_closes_upward():
     names = ["tree", "forest", "sky"]
     scores = np.array([[0.1, 0.9, 0.2], [0.6, 0.1, 0.7], [0.0, 0.0, 0.0]], np.float32)
     thresholds = np.array([0.5, 0.8, 0.75], np.float32)
-    tags = tag_table.decide_tags(scores, thresholds, names, {"forest": ["tree"]})
+    tags = tag_table.decide_tags(scores, thresholds, Vocabulary(tuple(names), {"forest": "tree"}))
     assert tags == [["tree", "forest"], ["tree"], []]
 
 
@@ -37,13 +39,11 @@ def test_assemble_keeps_every_row_and_carries_columns():
 
 
 def test_max_tags_keeps_the_best_scored_then_closes_upward():
-    names = ["a", "b", "c", "parent"]
+    vocab = Vocabulary(("a", "b", "c", "parent"), {"c": "parent"})
     scores = np.array([[0.9, 0.8, 0.7, 0.1]], np.float32)
-    tags = tag_table.decide_tags(scores, np.full(4, 0.5, np.float32), names, {"c": ["parent"]}, max_tags=2)
+    tags = tag_table.decide_tags(scores, np.full(4, 0.5, np.float32), vocab, max_tags=2)
     assert tags == [["a", "b"]]
-    tags = tag_table.decide_tags(
-        np.array([[0.2, 0.8, 0.9, 0.1]], np.float32), np.full(4, 0.5, np.float32), names, {"c": ["parent"]}, max_tags=1
-    )
+    tags = tag_table.decide_tags(np.array([[0.2, 0.8, 0.9, 0.1]], np.float32), np.full(4, 0.5, np.float32), vocab, max_tags=1)
     assert tags == [["c", "parent"]]  # ancestors are added after the cut
 
 
@@ -67,3 +67,46 @@ def test_the_table_round_trips_through_delta_and_keeps_its_embeddings(tmp_path):
         tag_table.embedding_matrix(back.filter(pa.compute.is_valid(back.column("embedding"))).column("embedding")), emb
     )
     assert tag_table.run_metadata(str(tmp_path / "t"))["model_version"] == "v"
+
+
+def _list_column(rows: list, kind: str, chunks: int, dtype) -> pa.ChunkedArray:
+    value_type = pa.from_numpy_dtype(np.dtype(dtype))
+    width = len(rows[0]) if rows else 3
+    list_type = pa.list_(value_type, width) if kind == "fixed" else pa.list_(value_type)
+    bounds = np.linspace(0, len(rows), chunks + 1).astype(int)
+    return pa.chunked_array([pa.array(rows[a:b], list_type) for a, b in zip(bounds[:-1], bounds[1:])], list_type)
+
+
+@pytest.mark.parametrize("kind", ["list", "fixed"])
+@pytest.mark.parametrize("n_rows, chunks", [(0, 1), (1, 1), (7, 3), (40, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.int8])
+def test_list_matrix_matches_a_per_row_reference(kind, n_rows, chunks, dtype):
+    rng = np.random.default_rng(n_rows * 10 + chunks)
+    rows = (rng.random((n_rows, 3)) * 100).astype(dtype).tolist()
+    column = _list_column(rows, kind, chunks, dtype)
+    reference = np.array([column[i].as_py() for i in range(len(column))], np.float32).reshape(n_rows, 3)
+    got = tag_table.list_matrix(column, width=3)
+    assert got.dtype == np.float32 and got.shape == (n_rows, 3)
+    np.testing.assert_array_equal(got, reference)
+    np.testing.assert_array_equal(tag_table.list_matrix(column.combine_chunks(), dtype=None, width=3), reference.astype(dtype))
+    if n_rows > 2:  # a slice starts at its own offset, not at the buffer's
+        np.testing.assert_array_equal(tag_table.list_matrix(column.slice(2)), reference[2:])
+
+
+def test_list_matrix_without_a_width_of_zero_rows():
+    assert tag_table.list_matrix(pa.array([], pa.list_(pa.float32()))).shape == (0, 0)
+    assert tag_table.list_matrix(pa.array([], pa.list_(pa.float32(), 4))).shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    "column, width, message",
+    [
+        (pa.array([[1.0], None, [2.0]], pa.list_(pa.float32())), None, "1 null row.*row 1.*filter the error rows"),
+        (pa.array([[1.0], [None]], pa.list_(pa.float32())), None, "null value"),
+        (pa.array([[1.0, 2.0], [3.0]], pa.list_(pa.float32())), None, "differ in length"),
+        (pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32())), 3, "differ in length from 3"),
+    ],
+)
+def test_list_matrix_refuses_what_is_not_a_matrix(column, width, message):
+    with pytest.raises(ValueError, match=message):
+        tag_table.list_matrix(column, width=width)

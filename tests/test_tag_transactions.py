@@ -114,9 +114,9 @@ def test_a_driver_killed_at_60_percent_resumes_only_the_unfinished_shards(tiny_c
 
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (
-        "resuming run tag-" in result.stdout
-        and f"{finished_before} of 20 shards already done, tagging {20 - finished_before}" in result.stdout
+    assert (  # status is logged, to stderr
+        "resuming run tag-" in result.stderr
+        and f"{finished_before} of 20 shards already done, tagging {20 - finished_before}" in result.stderr
     )
     rows = tag_table.read_rows(out)
     assert rows.num_rows == table.num_rows == 960 and _keys(rows) == _keys(table)  # one row per manifest row
