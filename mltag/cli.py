@@ -62,8 +62,8 @@ STAGES: dict[str, Stage] = {
         "mltag.evaluate:EvalConfig", "mltag.evaluate:run", "Evaluate a tagger on a labelled manifest: metrics JSON and a per-tag Parquet."
     ),
     "calibrate": Stage(
-        "mltag.thresholds:CalibrateConfig",
-        "mltag.thresholds:run",
+        "mltag.calibrate:CalibrateConfig",
+        "mltag.calibrate:run",
         "Choose per-tag thresholds on a validation split and save them with the model.",
     ),
     "report": Stage(

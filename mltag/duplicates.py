@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from mltag.anomalies import describe_short_rows, iter_neighbours
 from mltag.index import EmbeddingIndex
+from mltag.neighbours import describe_short_rows, iter_neighbours
 
 
 @dataclass

@@ -11,7 +11,7 @@ from scipy import stats
 from test_index import write_committed_table
 
 import mltag.index as index_module
-from mltag import anomalies, duplicates
+from mltag import anomalies, duplicates, neighbours
 from mltag.duplicates import duplicate_groups
 from mltag.index import EmbeddingIndex, IndexConfig, build_index, l2_normalise, train_sample_size, uniform_sample_positions
 
@@ -288,7 +288,7 @@ def test_neighbours_of_all_pads_short_rows(tmp_path):
     write_committed_table(tmp_path / "tags", rng.normal(size=(6, 8)).astype(np.float32), [None] * 6)
     build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "idx"), factory="Flat"))
     index = EmbeddingIndex.load(str(tmp_path / "idx"))
-    faiss_ids, found, sims, counts = anomalies.neighbours_of_all(index, 10, batch=4)
+    faiss_ids, found, sims, counts = neighbours.neighbours_of_all(index, 10, batch=4)
     assert found.shape == sims.shape == (6, 10) and found.dtype == np.int64 and sims.dtype == np.float32
     assert (found[:, :5] >= 0).all() and (found[:, 5:] == -1).all()
     assert np.isfinite(sims[:, :5]).all() and np.isnan(sims[:, 5:]).all()
