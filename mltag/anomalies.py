@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mltag.index import EmbeddingIndex
+from mltag.embedding_index import EmbeddingIndex
 from mltag.neighbours import describe_short_rows, neighbours_of_all
 
 SCORES = ("kth", "mean")

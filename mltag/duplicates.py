@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from mltag.index import EmbeddingIndex
+from mltag.embedding_index import EmbeddingIndex
 from mltag.neighbours import describe_short_rows, iter_neighbours
 
 

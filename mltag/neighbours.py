@@ -19,14 +19,7 @@ from collections.abc import Iterator
 import faiss
 import numpy as np
 
-from mltag.index import EmbeddingIndex
-
-
-def _ivf_of(index: faiss.Index):
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:  # not an IVF index
-        return None
+from mltag.embedding_index import EmbeddingIndex, ivf_of
 
 
 def _search_every_list(index: faiss.Index, ivf, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +45,7 @@ def iter_neighbours(
     stats.setdefault("widened", 0)
     stats.setdefault("short", 0)
     ids = index.ids.column("faiss_id").to_numpy()
-    ivf = _ivf_of(index.index)
+    ivf = ivf_of(index.index)
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]
         vectors = index.vectors_of_faiss_ids(chunk)

@@ -142,6 +142,14 @@ def test_update_applies_exactly_what_changed_between_table_versions(tmp_path, fa
     assert again["count"] == meta["count"] and again["last_update"]["added"] == 0
 
 
+def test_update_takes_listings_to_remove_from_its_one_config():
+    from mltag.config import parse_config
+    from mltag.index import IndexUpdateConfig
+
+    assert parse_config(IndexUpdateConfig, ["--remove-ids", "L1,L2"]).remove_ids == ["L1", "L2"]
+    assert parse_config(IndexUpdateConfig, []).remove_ids == []
+
+
 def test_update_refuses_a_table_tagged_by_another_model(tmp_path):
     from mltag.index import IndexUpdateConfig, update_index
 
@@ -160,21 +168,25 @@ def test_update_refuses_a_table_tagged_by_another_model(tmp_path):
 
 @pytest.mark.parametrize("step", ["index.faiss", "ids.parquet", "index.json", "rename"])
 def test_a_crash_at_any_step_leaves_the_previous_index_searchable_and_a_rerun_converges(tmp_path, step, monkeypatch):
-    import mltag.index as index_module
+    from mltag import index_build, index_update
     from mltag.index import IndexUpdateConfig, update_index
 
     rng = np.random.default_rng(5)
     first = rng.normal(size=(20, 8)).astype(np.float32)
     write_committed_table(tmp_path / "t", first, [None] * 20)
-    real_write = index_module.write_version
+    real_write = index_build.write_version
+
+    def crashing_write(*args, **kwargs):
+        return real_write(*args, **kwargs, fail_after=step)
+
     # The build crashes after writing `step` of the first version: nothing is searchable yet,
     # and no half-written version is taken for one.
-    monkeypatch.setattr(index_module, "write_version", lambda *a, **k: real_write(*a, **k, fail_after=step))
+    monkeypatch.setattr(index_build, "write_version", crashing_write)
     with pytest.raises(RuntimeError, match="injected failure"):
         build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx")))
     with pytest.raises(FileNotFoundError):
         EmbeddingIndex.load(str(tmp_path / "idx"))
-    monkeypatch.setattr(index_module, "write_version", real_write)
+    monkeypatch.setattr(index_build, "write_version", real_write)
     assert build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx")))["count"] == 20
 
     batch = pa.table({"listing_id": [f"N{i}" for i in range(3)], "image_uri": [f"/img/N{i}.jpg" for i in range(3)]})
@@ -182,8 +194,10 @@ def test_a_crash_at_any_step_leaves_the_previous_index_searchable_and_a_rerun_co
         batch, np.arange(3), np.zeros((3, 3), np.float32), rng.normal(size=(3, 8)).astype(np.float32), [[]] * 3, "v1", [None] * 3
     )
     merge_into(tmp_path / "t", new, ["L0"])
+    monkeypatch.setattr(index_update, "write_version", crashing_write)
     with pytest.raises(RuntimeError, match="injected failure"):
-        update_index(IndexUpdateConfig(index=str(tmp_path / "idx")), fail_after=step)
+        update_index(IndexUpdateConfig(index=str(tmp_path / "idx")))
+    monkeypatch.setattr(index_update, "write_version", real_write)
     survivor = EmbeddingIndex.load(str(tmp_path / "idx"))  # the previous version, whole
     assert len(survivor) == 20 and survivor.meta["table_version"] == 0
     assert survivor.search_listing("L5", k=1).column("listing_id").to_pylist() == ["L5"]

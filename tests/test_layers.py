@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PURE_MATHS = ("mltag.metrics", "mltag.thresholds", "mltag.losses", "mltag.resampling", "mltag.index_selection")
 FAISS_MODULES = (
     "mltag.index",
+    "mltag.embedding_index",
+    "mltag.index_training",
+    "mltag.index_tuning",
+    "mltag.index_build",
+    "mltag.index_search",
+    "mltag.index_update",
     "mltag.neighbours",
     "mltag.anomalies",
     "mltag.duplicates",
@@ -94,3 +100,10 @@ def test_faiss_modules_load_no_torch_or_timm(module):
     code = f"import sys, {module}\nprint(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"
+
+
+def test_mltag_index_re_exports_each_stage_run_under_its_old_name():
+    from mltag import index, index_build, index_search, index_update
+
+    assert index.build_index is index_build.run and index.update_index is index_update.run and index.run_search is index_search.run
+    assert STAGES["index"].run == "mltag.index_build:run" and STAGES["index-update"].run == "mltag.index_update:run"
