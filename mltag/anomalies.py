@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mltag.config import provenance_beside, save_provenance
 from mltag.embedding_index import EmbeddingIndex
 from mltag.neighbours import describe_short_rows, neighbours_of_all
 
@@ -123,6 +124,7 @@ def run(config: AnomalyConfig) -> pa.Table:
     )
     os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
     pq.write_table(table, config.out)
+    save_provenance(provenance_beside(config.out), config, **index.provenance_inputs())
     print(
         f"{n_flagged} of {len(scores)} listings flagged (top {config.contamination:.1%} by {config.score} distance, k={config.k}) -> {config.out}"
     )

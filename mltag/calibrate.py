@@ -2,7 +2,8 @@
 
 The stage scores the split with the model (``mltag.predict``), chooses each tag's threshold with
 the pure functions of ``mltag.thresholds``, and writes the thresholds into the model directory:
-a new model version, with ``thresholds.json`` (the choice, per tag) and ``thresholds.parquet``
+a new model version, with ``thresholds.json`` (the choice, per tag), ``thresholds.parquet`` and
+``thresholds.provenance.json`` (the resolved config, its hash, the old and new model versions)
 beside it.
 
 Example:
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mltag.config import config_hash, provenance_beside, save_provenance
 from mltag.thresholds import MODES, TagThreshold, choose_thresholds
 
 
@@ -60,10 +62,17 @@ def run(config: CalibrateConfig) -> list[TagThreshold]:
         "previous_version": spec.version,
         "tags": [asdict(c) for c in chosen],
         "unreached": [c.tag for c in chosen if not c.reached],
+        "config_hash": config_hash(config),
     }
     with open(os.path.join(config.model, "thresholds.json"), "w") as f:
         json.dump(report, f, indent=2, default=float)
     pq.write_table(pa.Table.from_pylist([asdict(c) for c in chosen]), os.path.join(config.model, "thresholds.parquet"))
+    save_provenance(
+        provenance_beside(os.path.join(config.model, "thresholds.json")),
+        config,
+        model_version=new_spec.version,
+        inputs={"previous_model_version": spec.version},
+    )
     print(f"{'tag':<20} {'threshold':>9} {'precision':>9} {'recall':>7}  target met")
     for c in chosen:
         print(f"{c.tag:<20} {c.threshold:>9.4f} {c.precision:>9.3f} {c.recall:>7.3f}  {'yes' if c.reached else 'NO  ' + c.note}")

@@ -9,6 +9,8 @@ An index directory holds versions and a pointer to the current one:
   ``v000007/ids.parquet`` faiss_id -> listing_id, image_uri, tags
   ``v000007/index.json``  model version, the tag table and table version it reflects, dimension,
                          metric, factory string, count
+  ``v000007/provenance.json``  the resolved config of the build or update that wrote the version,
+                         its hash, the model and table versions (``config.provenance``)
 A new version is written whole into ``.staging-*`` and renamed into place before ``CURRENT``
 moves; the previous version is kept for readers that opened it.
 
@@ -35,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mltag import tag_table
+from mltag.config import PROVENANCE_FILE
 
 INDEX_FILE, IDS_FILE, META_FILE, POINTER_FILE = "index.faiss", "ids.parquet", "index.json", "CURRENT"
 VERSIONS_KEPT = 2  # the current version and the one before it (a reader may still have it open)
@@ -83,10 +86,19 @@ def _versions(directory: str) -> list[str]:
     return sorted(n for n in os.listdir(directory) if n.startswith("v") and n[1:].isdigit()) if os.path.isdir(directory) else []
 
 
-def write_version(directory: str, index: faiss.Index, ids: pa.Table, meta: dict, fail_after: str = "") -> str:
-    """Writes a complete new version (index, id map, metadata) into a staging directory, renames it
-    into place, then points ``CURRENT`` at it (temporary file + rename). A crash at any step leaves
-    ``CURRENT`` on the previous complete version. ``fail_after`` names a step to crash after
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, default=str)
+
+
+def write_version(
+    directory: str, index: faiss.Index, ids: pa.Table, meta: dict, provenance: dict | None = None, fail_after: str = ""
+) -> str:
+    """Writes a complete new version (index, id map, provenance, metadata) into a staging directory,
+    renames it into place, then points ``CURRENT`` at it (temporary file + rename). A crash at any
+    step leaves ``CURRENT`` on the previous complete version. ``provenance`` (``config.provenance``:
+    the config that made this version, its hash, the model and table versions) is written inside
+    the version, so it can never describe another one. ``fail_after`` names a step to crash after
     (fault tests only). Returns the new version's directory."""
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):  # a crashed writer's leftovers
@@ -97,7 +109,8 @@ def write_version(directory: str, index: faiss.Index, ids: pa.Table, meta: dict,
     steps = [
         (INDEX_FILE, lambda p: faiss.write_index(index, p)),
         (IDS_FILE, lambda p: pq.write_table(ids, p)),
-        (META_FILE, lambda p: open(p, "w").write(json.dumps(meta, indent=2))),
+        *([(PROVENANCE_FILE, lambda p: _write_json(p, provenance))] if provenance is not None else []),
+        (META_FILE, lambda p: _write_json(p, meta)),
     ]
     for name, write in steps:
         write(os.path.join(staging, name))
@@ -134,6 +147,7 @@ class EmbeddingIndex:
             ids = ids.take(pa.array(np.argsort(faiss_ids, kind="stable"))).combine_chunks()
             faiss_ids = ids.column("faiss_id").to_numpy()
         self.index, self.ids, self.meta = index, ids, meta
+        self.version_dir: str | None = None  # the version directory it was loaded from (recorded by what reads it)
         self._faiss_ids = faiss_ids.astype(np.int64, copy=False)  # sorted; a view of the Arrow column where it can be
         column = ids.column("listing_id")
         listings = self._listings = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
@@ -154,7 +168,18 @@ class EmbeddingIndex:
         loaded = cls(index, pq.read_table(os.path.join(directory, IDS_FILE)), meta)
         if meta.get("nprobe"):
             loaded.set_search_parameter("nprobe", meta["nprobe"])
+        loaded.version_dir = os.path.abspath(directory)
         return loaded
+
+    def provenance_inputs(self) -> dict:
+        """What an output made from this index records about it (``config.provenance``'s
+        ``model_version``, ``tag_table``, ``table_version`` and ``inputs``)."""
+        return {
+            "model_version": self.meta.get("model_version"),
+            "tag_table": self.meta.get("tag_table"),
+            "table_version": self.meta.get("table_version"),
+            "inputs": {"index_version": self.version_dir, "index_config_hash": self.meta.get("config_hash")},
+        }
 
     def __len__(self) -> int:
         return int(self.index.ntotal)

@@ -6,6 +6,8 @@ Writes under ``out``:
                        to each hierarchy level (micro, macro) and the L1 confusion matrix
   ``per_tag.parquet``  tag, level, support, AP, threshold, precision, recall, F1
   ``scores.parquet``   listing_id, labels (0/1, vocabulary order), scores: what the report plots
+  ``provenance.json``  the resolved config and its hash, the model version, the tag table version
+                       (with --tag-table): ``--config runs/eval/provenance.json`` repeats the run
 
 Ground truth and predictions are both closed upward through the hierarchy (forest => tree).
 
@@ -23,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mltag.config import PROVENANCE_FILE, config_hash, save_provenance
 from mltag.metrics import (
     hamming_loss,
     level_accuracy,
@@ -115,7 +118,7 @@ def run(config: EvalConfig) -> dict:
     else:
         y, scores, ids = predict(config.manifest, config.model, config.split, config.batch_size, config.num_actors)
     metrics, per_tag = compute_metrics(y, scores, spec)
-    metrics.update({"model_version": spec.version, "manifest": config.manifest, "split": config.split})
+    metrics.update({"model_version": spec.version, "manifest": config.manifest, "split": config.split, "config_hash": config_hash(config)})
     if config.tag_table:
         from mltag import tag_table
 
@@ -135,6 +138,13 @@ def run(config: EvalConfig) -> dict:
             }
         ),
         os.path.join(config.out, "scores.parquet"),
+    )
+    save_provenance(
+        os.path.join(config.out, PROVENANCE_FILE),
+        config,
+        model_version=spec.version,
+        tag_table=metrics.get("tag_table"),
+        table_version=metrics.get("table_version"),
     )
     print(
         f"eval on {metrics['images']} images ({config.split or 'all'}): mAP {metrics['map_macro']:.4f} "

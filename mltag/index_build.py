@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mltag import tag_table
-from mltag.config import config_hash
+from mltag.config import config_hash, provenance
 from mltag.embedding_index import embedding_batches, write_version
 from mltag.index_selection import IndexChoice, choose_index, parse_bytes
 from mltag.index_training import (
@@ -143,7 +143,8 @@ def run(config: IndexConfig) -> dict:
         "skipped_error_rows": skipped,
         "build_seconds": round(time.time() - started, 3),
     }
-    version_dir = write_version(config.out, index, id_map.select(["faiss_id", "listing_id", "image_uri", "tags"]), meta)
+    record = provenance(config, model_version=meta["model_version"], tag_table=meta["tag_table"], table_version=meta["table_version"])
+    version_dir = write_version(config.out, index, id_map.select(["faiss_id", "listing_id", "image_uri", "tags"]), meta, record)
     print(
         f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim}, table version {meta['table_version']} -> {version_dir}\n"
         f"       why: {choice.reason}"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mltag.config import provenance_beside, save_provenance
 from mltag.embedding_index import EmbeddingIndex
 
 
@@ -64,6 +65,7 @@ def run(config: SearchConfig) -> pa.Table:
             queries = [line.strip() for line in f if line.strip()]
         result = index.search_listings(queries, config.k)
         pq.write_table(result, config.out)
+        save_provenance(provenance_beside(config.out), config, **index.provenance_inputs())
         found = len(set(result.column("query_listing_id").to_pylist()))
         print(f"{found} of {len(queries)} listings found in the index; {result.num_rows} neighbours -> {config.out}")
         return result

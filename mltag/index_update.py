@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mltag import delta_table
+from mltag.config import config_hash, provenance
 from mltag.embedding_index import EmbeddingIndex, embedding_batches, write_version
 
 
@@ -149,9 +150,17 @@ def run(config: IndexUpdateConfig) -> dict:
                 "from_table_version": start - 1,
                 "to_table_version": target,
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "config_hash": config_hash(config),
             },
         }
     )
-    version_dir = write_version(config.index, index.index, ids, meta)
+    record = provenance(
+        config,
+        model_version=meta["model_version"],
+        tag_table=meta["tag_table"],
+        table_version=target,
+        inputs={"from_index_version": index.version_dir, "from_table_version": start - 1},
+    )
+    version_dir = write_version(config.index, index.index, ids, meta, record)
     print(f"index updated to table version {target}: +{added} vectors, -{len(doomed)} vectors, now {meta['count']} -> {version_dir}")
     return meta

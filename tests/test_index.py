@@ -224,3 +224,36 @@ def test_memory_mapped_loading_gives_the_same_answers(clustered, factory):
     plain = EmbeddingIndex.load(str(tmp_path / factory)).search_listing("L3", k=5)
     mapped = EmbeddingIndex.load(str(tmp_path / factory), mmap=True).search_listing("L3", k=5)
     assert plain.column("listing_id").to_pylist() == mapped.column("listing_id").to_pylist()
+
+
+def read_provenance(path):
+    import json
+
+    return json.loads(open(path).read())
+
+
+def test_every_index_version_and_search_output_records_its_config_and_versions(tmp_path):
+    from mltag.config import config_hash
+    from mltag.embedding_index import current_version_dir
+    from mltag.index import IndexUpdateConfig, SearchConfig, run_search, update_index
+
+    rng = np.random.default_rng(6)
+    write_committed_table(tmp_path / "t", rng.normal(size=(12, 8)).astype(np.float32), [None] * 12)
+    build = IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx"))
+    build_index(build)
+    record = read_provenance(f"{current_version_dir(str(tmp_path / 'idx'))}/provenance.json")
+    assert record["config_hash"] == config_hash(build) and record["config"]["tag_table"] == str(tmp_path / "t")
+    assert record["model_version"] == "v1" and record["table_version"] == 0 and record["config_class"] == "mltag.index_build.IndexConfig"
+
+    update = IndexUpdateConfig(index=str(tmp_path / "idx"), remove_ids=["L3"])
+    update_index(update)
+    record = read_provenance(f"{current_version_dir(str(tmp_path / 'idx'))}/provenance.json")
+    assert record["config_hash"] == config_hash(update) and record["config"]["remove_ids"] == ["L3"]
+    assert record["model_version"] == "v1" and record["table_version"] == 0 and record["from_index_version"].endswith("v000001")
+
+    (tmp_path / "ids.txt").write_text("L1\nL2\n")
+    search = SearchConfig(index=str(tmp_path / "idx"), ids_file=str(tmp_path / "ids.txt"), out=str(tmp_path / "found.parquet"), k=2)
+    run_search(search)
+    record = read_provenance(tmp_path / "found.provenance.json")
+    assert record["config_hash"] == config_hash(search) and record["model_version"] == "v1" and record["table_version"] == 0
+    assert record["index_version"].endswith("v000002")
