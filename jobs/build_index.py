@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mltag.cluster import on_worker
 from mltag.config import parse_config
-from mltag.index import IndexConfig, build_index
+from mltag.index_build import IndexConfig, run
 
 if __name__ == "__main__":
     # The driver stays small: the index (every embedding) is built on a worker.
-    on_worker(build_index, parse_config(IndexConfig, sys.argv[1:], prog="jobs/build_index.py"))
+    on_worker(run, parse_config(IndexConfig, sys.argv[1:], prog="jobs/build_index.py"))

@@ -62,8 +62,8 @@ STAGES: dict[str, Stage] = {
         "mltag.evaluate:EvalConfig", "mltag.evaluate:run", "Evaluate a tagger on a labelled manifest: metrics JSON and a per-tag Parquet."
     ),
     "calibrate": Stage(
-        "mltag.thresholds:CalibrateConfig",
-        "mltag.thresholds:run",
+        "mltag.calibrate:CalibrateConfig",
+        "mltag.calibrate:run",
         "Choose per-tag thresholds on a validation split and save them with the model.",
     ),
     "report": Stage(
@@ -81,15 +81,20 @@ STAGES: dict[str, Stage] = {
     ),
     "history": Stage("mltag.history:HistoryConfig", "mltag.history:run", "List a tag table's versions with each run's metadata."),
     "index": Stage(
-        "mltag.index:IndexConfig", "mltag.index:build_index", "Build a FAISS similarity index from a committed tag table.", on_worker=True
+        "mltag.index_build:IndexConfig",
+        "mltag.index_build:run",
+        "Build a FAISS similarity index from a committed tag table.",
+        on_worker=True,
     ),
     "index-update": Stage(
-        "mltag.index:IndexUpdateConfig",
-        "mltag.index:update_index",
+        "mltag.index_update:IndexUpdateConfig",
+        "mltag.index_update:run",
         "Bring an index to a newer version of its tag table, or remove listings, without a rebuild.",
         on_worker=True,
     ),
-    "search": Stage("mltag.index:SearchConfig", "mltag.index:run_search", "Find the listings most similar to a listing id or an image."),
+    "search": Stage(
+        "mltag.index_search:SearchConfig", "mltag.index_search:run", "Find the listings most similar to a listing id or an image."
+    ),
     "anomalies": Stage(
         "mltag.anomalies:AnomalyConfig",
         "mltag.anomalies:run",

@@ -112,10 +112,20 @@ def config_from_dict(cls: type[C], values: dict[str, Any], base: C | None = None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    text = Path(path).read_text()
+    """A config file's values, local or a URI. A provenance file (JSON is YAML) gives the config it
+    records, so ``--config runs/eval/provenance.json`` repeats that run."""
+    path = str(path)
+    if "://" in path:
+        from mltag import storage  # fsspec and pyarrow: only when a config lives remotely
+
+        text = storage.read_bytes(path).decode()
+    else:
+        text = Path(path).read_text()
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of key: value")
+    if isinstance(data.get("config"), dict) and "config_hash" in data:
+        return data["config"]
     return data
 
 
@@ -179,6 +189,71 @@ def config_hash(config: Any) -> str:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    """Saves the resolved config as YAML beside a stage's outputs (it loads back with --config)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
+    """Saves the resolved config as YAML beside a stage's outputs, local or a URI (it loads back
+    with --config)."""
+    from mltag import storage  # fsspec and pyarrow: kept out of `mltag --help`
+
+    storage.write_bytes_atomic(str(path), yaml.safe_dump(config_dict(config), sort_keys=False).encode())
+
+
+PROVENANCE_FILE = "provenance.json"  # in an output directory; a file output gets <stem>.provenance.json beside it
+
+
+def provenance(
+    config: Any,
+    *,
+    model_version: str | None,
+    tag_table: str | None = None,
+    table_version: int | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What an output records about how it was made: the resolved config and its hash, the model
+    version whose scores or embeddings it holds, the tag table version it read (where it read one)
+    and any other input it depends on (``inputs``, e.g. the index version). JSON-serialisable.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Demo:
+        ...     k: int = 5
+        >>> record = provenance(Demo(), model_version="m1", table_version=3)
+        >>> record["config"], record["model_version"], record["table_version"], len(record["config_hash"])
+        ({'k': 5}, 'm1', 3, 12)
+    """
+    import datetime
+
+    from mltag import __version__
+
+    cls = type(config)
+    return {
+        "config_class": f"{cls.__module__}.{cls.__qualname__}",
+        "config_hash": config_hash(config),
+        "model_version": model_version,
+        "tag_table": tag_table,
+        "table_version": table_version,
+        **(inputs or {}),
+        "mltag_version": __version__,
+        "written_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "config": json.loads(json.dumps(config_dict(config), default=str)),
+    }
+
+
+def provenance_beside(output: str) -> str:
+    """Where the provenance of a single-file output goes: ``runs/anomalies.parquet`` ->
+    ``runs/anomalies.provenance.json`` (a directory output holds ``PROVENANCE_FILE`` instead)."""
+    head, _, name = output.rstrip("/").rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    return f"{head}/{stem}.provenance.json" if head else f"{stem}.provenance.json"
+
+
+def save_provenance(uri: str, config: Any, **record: Any) -> str:
+    """Writes ``provenance(config, **record)`` as JSON at ``uri`` (local or s3://, replaced whole);
+    returns ``uri``. A stage calls it beside its outputs, once they are written.
+
+    Example:
+        >>> save_provenance("runs/eval/provenance.json", config, model_version=spec.version)  # doctest: +SKIP
+    """
+    from mltag import storage  # fsspec and pyarrow: kept out of `mltag --help`
+
+    storage.write_bytes_atomic(uri, (json.dumps(provenance(config, **record), indent=2, default=str) + "\n").encode())
+    return uri

@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from mltag.anomalies import describe_short_rows, iter_neighbours
-from mltag.index import EmbeddingIndex
+from mltag.config import provenance_beside, save_provenance
+from mltag.embedding_index import EmbeddingIndex
+from mltag.neighbours import describe_short_rows, iter_neighbours
 
 
 @dataclass
@@ -121,6 +122,7 @@ def run(config: DuplicatesConfig) -> pa.Table:
     )
     os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
     pq.write_table(table, config.out)
+    save_provenance(provenance_beside(config.out), config, **index.provenance_inputs())
     print(f"{len(sizes)} duplicate group(s), {table.num_rows} listings, similarity >= {config.threshold} -> {config.out}")
     listing = table.column("listing_id")
     offsets = np.concatenate([[0], np.cumsum(sizes)])

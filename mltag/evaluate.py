@@ -6,6 +6,8 @@ Writes under ``out``:
                        to each hierarchy level (micro, macro) and the L1 confusion matrix
   ``per_tag.parquet``  tag, level, support, AP, threshold, precision, recall, F1
   ``scores.parquet``   listing_id, labels (0/1, vocabulary order), scores: what the report plots
+  ``provenance.json``  the resolved config and its hash, the model version, the tag table version
+                       (with --tag-table): ``--config runs/eval/provenance.json`` repeats the run
 
 Ground truth and predictions are both closed upward through the hierarchy (forest => tree).
 
@@ -21,11 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mltag import catalog
-from mltag.cluster import init_ray
+from mltag.config import PROVENANCE_FILE, config_hash, save_provenance
 from mltag.metrics import (
     hamming_loss,
     level_accuracy,
@@ -35,7 +35,10 @@ from mltag.metrics import (
     top_k_accuracy,
 )
 from mltag.model import load_spec
-from mltag.tag_table import decide_tags, list_matrix
+
+# predict_rows is re-exported for callers of its former home here (mltag.evaluate.predict_rows).
+from mltag.predict import predict, predict_rows, stored_scores  # noqa: F401
+from mltag.tag_table import decide_tags
 
 
 @dataclass
@@ -56,75 +59,6 @@ class EvalConfig:
             raise ValueError("manifest and model are required")
         if self.as_of and not self.tag_table:
             raise ValueError("--as-of reads a version of a tag table: give --tag-table too")
-
-
-def predict(manifest_uri: str, model_dir: str, split: str = "val", batch_size: int = 64, num_actors: int = 0):
-    """Runs the tagging pipeline (Ray Data) over a labelled split.
-
-    Returns (y_true 0/1 closed upward, scores, listing_ids) for the rows that could be decoded.
-    """
-    table = catalog.read_manifest(manifest_uri, require_tags=True)
-    if split:
-        table = catalog.select_split(table, split)
-    if table.num_rows == 0:
-        raise catalog.ManifestError(f"manifest {manifest_uri} has no rows in split {split!r}")
-    labels, scores, ids, _ = predict_rows(table, model_dir, batch_size, num_actors, manifest_uri)
-    return labels, scores, ids
-
-
-def predict_rows(table: pa.Table, model_dir: str, batch_size: int = 64, num_actors: int = 0, manifest_uri: str = ""):
-    """Runs the tagging pipeline (Ray Data) over the labelled rows of ``table`` (a manifest read
-    by ``catalog.read_manifest``). Returns (y_true 0/1 closed upward, scores, listing_ids,
-    image_uris) for the rows that could be decoded, in pipeline order."""
-    from mltag.tag import TagConfig, build_pipeline
-
-    spec = load_spec(model_dir)
-    vocab = spec.vocab
-    bad = vocab.unknown(t for tags in table.column("tags").to_pylist() for t in (tags or []))
-    if bad:
-        raise catalog.ManifestError(f"manifest tags not in the model's vocabulary: {sorted(bad)[:10]}")
-    init_ray()
-    config = TagConfig(manifest=manifest_uri, model=model_dir, batch_size=batch_size, num_actors=num_actors)
-    ids, uris, labels, scores = [], [], [], []
-    for batch in build_pipeline(config, table).iter_batches(batch_format="pyarrow", batch_size=None):
-        ok = batch.filter(pc.is_null(batch.column("error")))
-        if ok.num_rows == 0:
-            continue
-        ids += ok.column("listing_id").to_pylist()
-        uris += ok.column("image_uri").to_pylist()
-        labels.append(vocab.encode(ok.column("true_tags").to_pylist()))
-        scores.append(list_matrix(ok.column("scores")))
-    if not scores:
-        raise ValueError("no image of the split could be decoded")
-    return np.concatenate(labels), np.concatenate(scores), ids, uris
-
-
-def stored_scores(manifest_uri: str, table_uri: str, as_of: str, spec, split: str = "val"):
-    """(y_true, scores, listing_ids) from the scores a tag table holds (at a version), for the
-    labelled rows of the manifest's split: what the table said, without running the model again."""
-    from mltag import tag_table
-
-    table = catalog.read_manifest(manifest_uri, require_tags=True)
-    if split:
-        table = catalog.select_split(table, split)
-    labelled = table.select(["listing_id", "image_uri", "tags"])
-    labelled = labelled.set_column(1, "image_uri", tag_table.redact_uri_column(labelled.column("image_uri")))
-    stored = tag_table.open_dataset(table_uri, as_of or None).to_table(
-        columns=["listing_id", "image_uri", "scores", "model_version"], filter=pc.field("error").is_null()
-    )
-    # Arrow joins carry no list columns: join row numbers on the keys, then take the rows.
-    keys = ["listing_id", "image_uri"]
-    left = labelled.select(keys).append_column("_l", pa.array(np.arange(labelled.num_rows)))
-    right = stored.select(keys).append_column("_r", pa.array(np.arange(stored.num_rows)))
-    pairs = left.join(right, keys=keys, join_type="inner", use_threads=False).sort_by("listing_id")
-    if pairs.num_rows == 0:
-        raise ValueError(f"no labelled row of split {split!r} has a tagged row in {table_uri}")
-    truth, found = labelled.take(pairs.column("_l")), stored.take(pairs.column("_r"))
-    versions = set(found.column("model_version").to_pylist())
-    if versions != {spec.version}:
-        raise ValueError(f"{table_uri} rows were tagged by model(s) {sorted(versions)}, not {spec.version} (--model)")
-    scores = list_matrix(found.column("scores"))
-    return spec.vocab.encode(truth.column("tags").to_pylist()), scores, truth.column("listing_id").to_pylist()
 
 
 def compute_metrics(y: np.ndarray, scores: np.ndarray, spec) -> tuple[dict, pa.Table]:
@@ -183,7 +117,7 @@ def run(config: EvalConfig) -> dict:
     else:
         y, scores, ids = predict(config.manifest, config.model, config.split, config.batch_size, config.num_actors)
     metrics, per_tag = compute_metrics(y, scores, spec)
-    metrics.update({"model_version": spec.version, "manifest": config.manifest, "split": config.split})
+    metrics.update({"model_version": spec.version, "manifest": config.manifest, "split": config.split, "config_hash": config_hash(config)})
     if config.tag_table:
         from mltag import tag_table
 
@@ -203,6 +137,13 @@ def run(config: EvalConfig) -> dict:
             }
         ),
         os.path.join(config.out, "scores.parquet"),
+    )
+    save_provenance(
+        os.path.join(config.out, PROVENANCE_FILE),
+        config,
+        model_version=spec.version,
+        tag_table=metrics.get("tag_table"),
+        table_version=metrics.get("table_version"),
     )
     print(
         f"eval on {metrics['images']} images ({config.split or 'all'}): mAP {metrics['map_macro']:.4f} "

@@ -113,7 +113,7 @@ def oof_table(parts: list[dict]) -> pa.Table:
 
 def run(config: OofConfig) -> dict:
     from mltag import train
-    from mltag.evaluate import predict_rows
+    from mltag.predict import predict_rows
     from mltag.vocabulary import Vocabulary
 
     manifest = catalog.read_manifest(config.manifest, require_tags=True)

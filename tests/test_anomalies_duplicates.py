@@ -120,3 +120,25 @@ def test_reposted_photos_group_together_and_distinct_ones_do_not(lite0_model, tm
 def test_union_find_components():
     assert duplicate_groups(6, [(0, 1), (1, 2), (4, 5)]) == [[0, 1, 2], [4, 5]]
     assert duplicate_groups(3, []) == []
+
+
+@pytest.mark.parametrize("stage", ["anomalies", "duplicates"])
+def test_the_output_records_its_config_hash_model_and_table_version_beside_it(tmp_path, stage):
+    import json
+
+    from test_index import write_committed_table
+
+    from mltag.config import config_hash
+
+    rng = np.random.default_rng(0)
+    write_committed_table(tmp_path / "t", rng.normal(size=(20, 8)).astype(np.float32), [None] * 20)
+    build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx")))
+    if stage == "anomalies":
+        config = anomalies.AnomalyConfig(index=str(tmp_path / "idx"), out=str(tmp_path / "out" / "a.parquet"), k=3)
+        anomalies.run(config)
+    else:
+        config = duplicates.DuplicatesConfig(index=str(tmp_path / "idx"), out=str(tmp_path / "out" / "a.parquet"), k=3)
+        duplicates.run(config)
+    record = json.loads((tmp_path / "out" / "a.provenance.json").read_text())
+    assert record["config_hash"] == config_hash(config) and record["config"]["k"] == 3
+    assert record["model_version"] == "v1" and record["table_version"] == 0 and record["index_version"].endswith("v000001")

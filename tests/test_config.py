@@ -62,3 +62,34 @@ def test_every_shipped_config_loads_into_its_stage(name, module, cls):
     path = Path(__file__).resolve().parents[1] / "configs" / name
     config = config_from_dict(getattr(importlib.import_module(module), cls), load_yaml(path))
     assert config is not None
+
+
+def test_provenance_records_the_config_its_hash_and_the_versions_and_loads_back_as_a_config(tmp_path):
+    import json
+
+    from mltag.config import config_hash, save_provenance
+
+    config = config_from_dict(TrainConfig, {"manifest": "m.parquet", "epochs": 3})
+    uri = save_provenance(str(tmp_path / "out" / "provenance.json"), config, model_version="m1", table_version=4, inputs={"index": "x"})
+    record = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert uri == str(tmp_path / "out" / "provenance.json")
+    assert record["config_hash"] == config_hash(config) and record["model_version"] == "m1" and record["table_version"] == 4
+    assert record["config_class"] == "mltag.train.TrainConfig" and record["index"] == "x" and record["config"]["epochs"] == 3
+    # The record is a config file too: --config repeats the run it describes.
+    assert parse_config(TrainConfig, ["--config", uri]) == config
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("runs/anomalies.parquet", "runs/anomalies.provenance.json"),
+        ("anomalies.parquet", "anomalies.provenance.json"),
+        ("s3://bucket/runs/d.parquet", "s3://bucket/runs/d.provenance.json"),
+        ("/m/model/thresholds.json", "/m/model/thresholds.provenance.json"),
+        ("runs/out", "runs/out.provenance.json"),
+    ],
+)
+def test_a_file_output_gets_its_provenance_beside_it(output, expected):
+    from mltag.config import provenance_beside
+
+    assert provenance_beside(output) == expected

@@ -142,6 +142,14 @@ def test_update_applies_exactly_what_changed_between_table_versions(tmp_path, fa
     assert again["count"] == meta["count"] and again["last_update"]["added"] == 0
 
 
+def test_update_takes_listings_to_remove_from_its_one_config():
+    from mltag.config import parse_config
+    from mltag.index import IndexUpdateConfig
+
+    assert parse_config(IndexUpdateConfig, ["--remove-ids", "L1,L2"]).remove_ids == ["L1", "L2"]
+    assert parse_config(IndexUpdateConfig, []).remove_ids == []
+
+
 def test_update_refuses_a_table_tagged_by_another_model(tmp_path):
     from mltag.index import IndexUpdateConfig, update_index
 
@@ -160,21 +168,25 @@ def test_update_refuses_a_table_tagged_by_another_model(tmp_path):
 
 @pytest.mark.parametrize("step", ["index.faiss", "ids.parquet", "index.json", "rename"])
 def test_a_crash_at_any_step_leaves_the_previous_index_searchable_and_a_rerun_converges(tmp_path, step, monkeypatch):
-    import mltag.index as index_module
+    from mltag import index_build, index_update
     from mltag.index import IndexUpdateConfig, update_index
 
     rng = np.random.default_rng(5)
     first = rng.normal(size=(20, 8)).astype(np.float32)
     write_committed_table(tmp_path / "t", first, [None] * 20)
-    real_write = index_module.write_version
+    real_write = index_build.write_version
+
+    def crashing_write(*args, **kwargs):
+        return real_write(*args, **kwargs, fail_after=step)
+
     # The build crashes after writing `step` of the first version: nothing is searchable yet,
     # and no half-written version is taken for one.
-    monkeypatch.setattr(index_module, "write_version", lambda *a, **k: real_write(*a, **k, fail_after=step))
+    monkeypatch.setattr(index_build, "write_version", crashing_write)
     with pytest.raises(RuntimeError, match="injected failure"):
         build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx")))
     with pytest.raises(FileNotFoundError):
         EmbeddingIndex.load(str(tmp_path / "idx"))
-    monkeypatch.setattr(index_module, "write_version", real_write)
+    monkeypatch.setattr(index_build, "write_version", real_write)
     assert build_index(IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx")))["count"] == 20
 
     batch = pa.table({"listing_id": [f"N{i}" for i in range(3)], "image_uri": [f"/img/N{i}.jpg" for i in range(3)]})
@@ -182,8 +194,10 @@ def test_a_crash_at_any_step_leaves_the_previous_index_searchable_and_a_rerun_co
         batch, np.arange(3), np.zeros((3, 3), np.float32), rng.normal(size=(3, 8)).astype(np.float32), [[]] * 3, "v1", [None] * 3
     )
     merge_into(tmp_path / "t", new, ["L0"])
+    monkeypatch.setattr(index_update, "write_version", crashing_write)
     with pytest.raises(RuntimeError, match="injected failure"):
-        update_index(IndexUpdateConfig(index=str(tmp_path / "idx")), fail_after=step)
+        update_index(IndexUpdateConfig(index=str(tmp_path / "idx")))
+    monkeypatch.setattr(index_update, "write_version", real_write)
     survivor = EmbeddingIndex.load(str(tmp_path / "idx"))  # the previous version, whole
     assert len(survivor) == 20 and survivor.meta["table_version"] == 0
     assert survivor.search_listing("L5", k=1).column("listing_id").to_pylist() == ["L5"]
@@ -210,3 +224,36 @@ def test_memory_mapped_loading_gives_the_same_answers(clustered, factory):
     plain = EmbeddingIndex.load(str(tmp_path / factory)).search_listing("L3", k=5)
     mapped = EmbeddingIndex.load(str(tmp_path / factory), mmap=True).search_listing("L3", k=5)
     assert plain.column("listing_id").to_pylist() == mapped.column("listing_id").to_pylist()
+
+
+def read_provenance(path):
+    import json
+
+    return json.loads(open(path).read())
+
+
+def test_every_index_version_and_search_output_records_its_config_and_versions(tmp_path):
+    from mltag.config import config_hash
+    from mltag.embedding_index import current_version_dir
+    from mltag.index import IndexUpdateConfig, SearchConfig, run_search, update_index
+
+    rng = np.random.default_rng(6)
+    write_committed_table(tmp_path / "t", rng.normal(size=(12, 8)).astype(np.float32), [None] * 12)
+    build = IndexConfig(tag_table=str(tmp_path / "t"), out=str(tmp_path / "idx"))
+    build_index(build)
+    record = read_provenance(f"{current_version_dir(str(tmp_path / 'idx'))}/provenance.json")
+    assert record["config_hash"] == config_hash(build) and record["config"]["tag_table"] == str(tmp_path / "t")
+    assert record["model_version"] == "v1" and record["table_version"] == 0 and record["config_class"] == "mltag.index_build.IndexConfig"
+
+    update = IndexUpdateConfig(index=str(tmp_path / "idx"), remove_ids=["L3"])
+    update_index(update)
+    record = read_provenance(f"{current_version_dir(str(tmp_path / 'idx'))}/provenance.json")
+    assert record["config_hash"] == config_hash(update) and record["config"]["remove_ids"] == ["L3"]
+    assert record["model_version"] == "v1" and record["table_version"] == 0 and record["from_index_version"].endswith("v000001")
+
+    (tmp_path / "ids.txt").write_text("L1\nL2\n")
+    search = SearchConfig(index=str(tmp_path / "idx"), ids_file=str(tmp_path / "ids.txt"), out=str(tmp_path / "found.parquet"), k=2)
+    run_search(search)
+    record = read_provenance(tmp_path / "found.provenance.json")
+    assert record["config_hash"] == config_hash(search) and record["model_version"] == "v1" and record["table_version"] == 0
+    assert record["index_version"].endswith("v000002")

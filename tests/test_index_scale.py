@@ -10,8 +10,7 @@ import pytest
 from scipy import stats
 from test_index import write_committed_table
 
-import mltag.index as index_module
-from mltag import anomalies, duplicates
+from mltag import anomalies, duplicates, index_build, index_training, neighbours
 from mltag.duplicates import duplicate_groups
 from mltag.index import EmbeddingIndex, IndexConfig, build_index, l2_normalise, train_sample_size, uniform_sample_positions
 
@@ -24,7 +23,7 @@ def test_uniform_sample_positions_is_a_reproducible_uniform_subset(monkeypatch):
     np.testing.assert_array_equal(one, uniform_sample_positions(100_000, 2_000, seed=(7, 0)))
     assert not np.array_equal(one, uniform_sample_positions(100_000, 2_000, seed=(8, 0)))
     # The chunking that bounds memory does not change the sample.
-    monkeypatch.setattr(index_module, "SAMPLE_CHUNK", 777)
+    monkeypatch.setattr(index_training, "SAMPLE_CHUNK", 777)
     np.testing.assert_array_equal(one, uniform_sample_positions(100_000, 2_000, seed=(7, 0)))
     # Every part of the table in proportion (the first half holds 1000 +- 22 of them).
     assert abs((one < 50_000).sum() - 1_000) < 110
@@ -53,7 +52,7 @@ def test_train_sample_size_is_39_a_centroid_within_the_budget_and_the_table():
     assert train_sample_size(10_000_000, 256, 64, 4 * GiB) == 100_000  # never under TRAIN_SAMPLE
     # A quarter of a 1 GiB budget at 2048 floats a vector: 32768 vectors, whatever nlist asks.
     assert train_sample_size(10_000_000, 2048, 16384, GiB) == GiB // 4 // (4 * 2048)
-    assert train_sample_size(10_000_000, 2048, 16384, 2**20) == index_module.TRAIN_MIN  # a tiny budget still trains
+    assert train_sample_size(10_000_000, 2048, 16384, 2**20) == index_training.TRAIN_MIN  # a tiny budget still trains
     assert train_sample_size(4_000, 2048, 16384, 2**20) == 4_000
 
 
@@ -70,11 +69,11 @@ def two_halves(tmp_path):
 
 def test_ivf_trains_on_a_uniform_sample_not_the_first_rows(two_halves, monkeypatch):
     tmp_path, a, b = two_halves
-    monkeypatch.setattr(index_module, "TRAIN_SAMPLE", 400)
-    monkeypatch.setattr(index_module, "TRAIN_MIN", 400)
+    monkeypatch.setattr(index_training, "TRAIN_SAMPLE", 400)
+    monkeypatch.setattr(index_training, "TRAIN_MIN", 400)
     seen = []
-    real_train = index_module.train_index
-    monkeypatch.setattr(index_module, "train_index", lambda index, sample: (seen.append(sample.copy()), real_train(index, sample))[1])
+    real_train = index_build.train_index
+    monkeypatch.setattr(index_build, "train_index", lambda index, sample: (seen.append(sample.copy()), real_train(index, sample))[1])
 
     meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "ivf"), factory="IVF8,Flat", batch_rows=300))
     assert meta["train_sample"] == 400 and meta["count"] == 4000
@@ -98,8 +97,8 @@ def test_ivf_trains_on_a_uniform_sample_not_the_first_rows(two_halves, monkeypat
 def test_flat_takes_one_pass_and_ivf_a_sampling_pass_first(two_halves, monkeypatch):
     tmp_path, _, _ = two_halves
     passes = []
-    real = index_module._ok_batches
-    monkeypatch.setattr(index_module, "_ok_batches", lambda *a, **k: (passes.append(1), real(*a, **k))[1])
+    real = index_build.embedding_batches
+    monkeypatch.setattr(index_build, "embedding_batches", lambda *a, **k: (passes.append(1), real(*a, **k))[1])
     meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "flat"), factory="Flat"))
     assert len(passes) == 1 and meta["train_sample"] is None
     passes.clear()
@@ -288,7 +287,7 @@ def test_neighbours_of_all_pads_short_rows(tmp_path):
     write_committed_table(tmp_path / "tags", rng.normal(size=(6, 8)).astype(np.float32), [None] * 6)
     build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "idx"), factory="Flat"))
     index = EmbeddingIndex.load(str(tmp_path / "idx"))
-    faiss_ids, found, sims, counts = anomalies.neighbours_of_all(index, 10, batch=4)
+    faiss_ids, found, sims, counts = neighbours.neighbours_of_all(index, 10, batch=4)
     assert found.shape == sims.shape == (6, 10) and found.dtype == np.int64 and sims.dtype == np.float32
     assert (found[:, :5] >= 0).all() and (found[:, 5:] == -1).all()
     assert np.isfinite(sims[:, :5]).all() and np.isnan(sims[:, 5:]).all()

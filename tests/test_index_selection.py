@@ -126,4 +126,4 @@ def test_refine_stage_reranks_exactly_and_refuses_removal_clearly(clustered):
     _, coarse = index.index.search(queries, 10)
     assert recall_at_k(coarse, truth) < 0.8
     with pytest.raises(ValueError, match="cannot remove"):
-        update_index(IndexUpdateConfig(index=str(tmp_path / "rf")), remove=["L1"])
+        update_index(IndexUpdateConfig(index=str(tmp_path / "rf"), remove_ids=["L1"]))

@@ -241,3 +241,22 @@ def test_training_checkpoints_to_s3_storage(s3_server, tiny_catalog, tmp_path):
     assert len(checkpoints) == 2
     assert any(p.endswith("state.pt") for p in fs.find(checkpoints[0]))
     assert (tmp_path / "run" / "model" / "tagger.json").exists()
+
+
+def test_provenance_and_configs_are_written_to_and_read_from_s3(s3_server):
+    import json
+
+    import boto3
+
+    from mltag import storage
+    from mltag.config import config_hash, load_yaml, save_config, save_provenance
+    from mltag.index_build import IndexConfig
+
+    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket="provenance")
+    config = IndexConfig(tag_table="s3://provenance/tags", out="runs/index")
+    uri = save_provenance("s3://provenance/runs/eval/provenance.json", config, model_version="m1", table_version=2)
+    record = json.loads(storage.read_bytes(uri))
+    assert record["config_hash"] == config_hash(config) and record["model_version"] == "m1" and record["table_version"] == 2
+    assert load_yaml(uri)["tag_table"] == "s3://provenance/tags"  # a provenance file is a config file
+    save_config(config, "s3://provenance/runs/train/config.yaml")
+    assert load_yaml("s3://provenance/runs/train/config.yaml") == record["config"]
