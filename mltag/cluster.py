@@ -31,7 +31,7 @@ def init_ray(local_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if local_cpus is not None:
-        ray.init(address="local", num_cpus=local_cpus or None, include_dashboard=False)
+        _start_local(num_cpus=local_cpus or None)
         return
     address = os.environ.get("RAY_ADDRESS", "")
     if address and address != "local":
@@ -49,11 +49,26 @@ def init_ray(local_cpus: int | None = None) -> None:
                 return
             except ConnectionError:  # the recorded cluster has gone: start our own
                 pass
-    # Ray turns token authentication on for every new local instance and warns that it did, on
-    # every run; the protection stays, the notice (Ray's, not ours) goes. RAY_AUTH_MODE set in
-    # the environment would also quiet it, but Ray reads it once, at import.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address="local", include_dashboard=False)
+    _start_local()
+
+
+def _start_local(**options) -> None:
+    import ray
+
+    # Ray gives a local instance token authentication unless RAY_AUTH_MODE says otherwise, and
+    # warns on every start that it did so. That is the mode we want, and the notice is Ray's own,
+    # so it alone is dropped, only while our instance starts. (Setting RAY_AUTH_MODE=token here
+    # instead does not work: Ray reads its config when imported, before this runs.)
+    auth_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth_logger.addFilter(_drop_token_auth_default_notice)
+    try:
+        ray.init(address="local", include_dashboard=False, **options)
+    finally:
+        auth_logger.removeFilter(_drop_token_auth_default_notice)
+
+
+def _drop_token_auth_default_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster.")
 
 
 def cluster_cpus() -> int:

@@ -368,10 +368,8 @@ def tag_shards(
             udf_modifying_row_count=True,
             num_cpus=IO_STAGE_CPUS,
         )
-        logger.info(
-            "Ray Data plan (optimised): "
-            + " <- ".join(line.strip("+- ").strip() for line in physical_plan(records).splitlines() if line.strip())
-        )
+        # Ray Data logs the optimised plan itself when the run starts ("Execution plan of Dataset"):
+        # not repeated here.
         finished = [resumed]
 
         def progress() -> None:

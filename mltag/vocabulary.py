@@ -199,8 +199,10 @@ class Vocabulary:
         """(tag, the positions of every tag under it) for each tag that has children."""
         which, closed = self.close_columns(np.arange(len(self.names)))
         above = which != closed  # (descendant, ancestor) pairs, the tag itself left out
-        descendants, ancestors = which[above], closed[above]
-        return [(int(a), descendants[ancestors == a]) for a in np.unique(ancestors)]
+        order = np.argsort(closed[above], kind="stable")
+        descendants, ancestors = which[above][order], closed[above][order]
+        tags, starts = np.unique(ancestors, return_index=True)
+        return [(int(t), group) for t, group in zip(tags, np.split(descendants, starts[1:]))]
 
     def close(self, tags: Iterable[str]) -> list[str]:
         """Canonical tags plus all their ancestors, in vocabulary order."""
@@ -214,8 +216,7 @@ class Vocabulary:
         return [self.names[i] for i in np.flatnonzero(present)]
 
     def unknown(self, tags: Iterable[str]) -> set[str]:
-        names = set(self.names)
-        return {t for t in tags if self.canonical(t) not in names}
+        return {t for t in tags if self.canonical(t) not in self.index}
 
     def encode(self, tag_lists: Sequence[Sequence[str] | None]) -> np.ndarray:
         """Multi-hot float32 matrix (rows x tags), closed upward; unknown tags are an error."""

@@ -114,9 +114,11 @@ def test_a_driver_killed_at_60_percent_resumes_only_the_unfinished_shards(tiny_c
 
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (  # status is logged, to stderr
+    assert (  # status is logged, to stderr: stdout is for a command's answer, and tagging has none
         "resuming run tag-" in result.stderr
         and f"{finished_before} of 20 shards already done, tagging {20 - finished_before}" in result.stderr
+        and "mltag.tag: tag table: 960 rows" in result.stderr
+        and "resuming" not in result.stdout
     )
     rows = tag_table.read_rows(out)
     assert rows.num_rows == table.num_rows == 960 and _keys(rows) == _keys(table)  # one row per manifest row
