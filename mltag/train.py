@@ -322,6 +322,11 @@ def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, voca
             # dict per checkpoint), and its worker-group set-up: rank 0's epoch lines say what
             # matters. Its warnings and errors still show.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # Ray Train's print patch sends each print on a worker both to its stdout and, through
+            # the root logger, to its stderr, which Ray forwards separately: every line twice, and
+            # Ray's distributed tqdm (which reports through print) sees each update twice and
+            # redraws closed bars. mltag's workers log through logging, not print.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Each worker trains on its own slice of 'train' but rank 0 validates on all of 'val'.

@@ -164,9 +164,10 @@ class EpochProgress:
 
     ``bar``: a tqdm bar, drawn on the driver's console by Ray's ``tqdm_ray`` (a worker's stderr is
     a file that Ray forwards a line at a time, so a plain tqdm bar there would not move until the
-    epoch ended); its description carries the running loss and samples/s. ``log``: a line every
-    PROGRESS_LOG_INTERVAL_S, for consoles that are files (job logs), where a bar's carriage
-    returns would pile up. ``off``: nothing. Counts are global samples (this rank's x world size).
+    epoch ended); its description carries the running loss, its rate the samples/s. ``log``: a
+    line every PROGRESS_LOG_INTERVAL_S, for consoles that are files (job logs), where a bar's
+    carriage returns would pile up. ``off``: nothing. Counts are global samples (this rank's x
+    world size).
     """
 
     def __init__(self, mode: str, epoch: int, epochs: int, total: int):
@@ -190,13 +191,17 @@ class EpochProgress:
         loss = float(loss_sum) / max(1, steps)  # waits for the device: once an interval, not every step
         rate = self.seen / max(now - self.started, 1e-9)
         if self.bar is not None:
-            self.bar.set_description(f"{self.desc} loss {loss:.4f} {rate:.1f} samples/s")
+            self.bar.set_description(f"{self.desc} loss {loss:.4f}")
         else:
             logger.info("%s: %d/%d samples, loss %.4f, %.1f samples/s", self.desc, self.seen, self.total, loss, rate)
 
-    def close(self) -> None:
+    def close(self, loss: float | None = None) -> None:
+        """Ends the bar (it stays on screen, with the epoch's loss when given)."""
         if self.bar is not None:
-            self.bar.close()
+            if loss is not None:
+                self.bar.set_description(f"{self.desc} loss {loss:.4f}")
+            self.bar.close()  # sends the final state whatever the last update sent
+            self.bar = None
 
 
 # ---- the loop's steps ----------------------------------------------------------------------------
@@ -262,13 +267,15 @@ def train_one_epoch(worker: Worker, model: torch.nn.Module, state: TrainState, s
                 state.ema.update(state.model, step=state.step)
             seen, steps, loss_sum = seen + len(labels), steps + 1, loss_sum + loss.detach()
             progress.update(len(labels) * worker.world, loss_sum, steps)
+        train_time = time.time() - started
+        train_loss = float(loss_sum) / max(1, steps)
+        progress.close(train_loss)
     finally:
-        progress.close()
-    train_time = time.time() - started
+        progress.close()  # on an error too, so the driver does not keep drawing it
     return {
         "epoch": epoch + 1,
         "phase": 1 if head_only else 2,
-        "train_loss": float(loss_sum) / max(1, steps),
+        "train_loss": train_loss,
         "samples_per_s": seen * worker.world / max(train_time, 1e-9),
         "lr": state.scheduler.get_last_lr()[-1],
         "restarts": state.restarts,
