@@ -7,31 +7,29 @@ Launch:
 Outputs under ``out``: ``model/`` (weights + tagger.json, the thing ``mltag tag`` loads),
 ``ray_train/`` (Ray Train's checkpoints) and ``config.yaml`` (the resolved config).
 
-Checkpoints hold tensors (``state.pt``, loaded with ``weights_only=True``) and JSON
-(``training_state.json``: epoch, step, history, Python and NumPy RNG states), never pickled
-objects: whoever can write to the checkpoint storage cannot make a worker run code. Each run
-records hashes of its inputs (manifest content, vocabulary, config) in
-``<storage_path>/<name>/mltag_run.json``; ``resume`` decides what a re-run with other inputs does.
+This module is the driver's side: the config, the datasets, the trainer, whether a re-run may
+continue its run, and the export of the best checkpoint. What each worker runs is in
+``mltag.train_loop``; what a checkpoint holds, and how it is written and read, in
+``mltag.train_state`` (tensors and JSON, never pickled objects). Each run records hashes of its
+inputs (manifest content, vocabulary, config) in ``<storage_path>/<name>/mltag_run.json``;
+``resume`` decides what a re-run with other inputs does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
-import pickle
-import random
-import re
-import tempfile
+import sys
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 import yaml
 
 from mltag import catalog, storage
@@ -39,16 +37,17 @@ from mltag.augment import augment_batch
 from mltag.cluster import init_ray
 from mltag.config import config_dict, config_hash, save_config
 from mltag.identifiers import validate_identifier
-from mltag.images import decode_batch, pixels_from_arrow
-from mltag.losses import LOSSES, MultiLabelLoss
-from mltag.metrics import chance_mean_average_precision, mean_average_precision
-from mltag.model import POOLINGS, Tagger, TaggerSpec, backbone_normalisation, load_spec, normalise, save_tagger
-from mltag.resampling import TagIndex, repeat_counts, repeat_factors_from_tags, tag_counts, tag_repeat_factors_from_counts
-from mltag.staging import StagingBuffers
+from mltag.images import decode_batch
+from mltag.losses import LOSSES
+from mltag.model import POOLINGS, Tagger, TaggerSpec, backbone_normalisation, load_spec, save_tagger
+from mltag.ray_console import progress_notices_off, quiet_per_epoch
+from mltag.resampling import TagIndex, repeat_factors_from_tags, tag_counts, tag_repeat_factors_from_counts
+from mltag.train_loop import LoopConfig, train_loop_per_worker
+from mltag.train_state import TrainState
 from mltag.vocabulary import Vocabulary
 
-STATE_FILE = "state.pt"  # tensors only: model, optimiser, scheduler, EMA, torch RNG states
-STATE_META_FILE = "training_state.json"  # the rest of a checkpoint: epoch, step, history, Python/NumPy RNG
+logger = logging.getLogger(__name__)
+
 RUN_RECORD = "mltag_run.json"  # the run's input hashes, beside Ray Train's files
 OPTIMIZERS = ("adamw", "sgd")
 RESUME_MODES = ("auto", "never", "force")
@@ -153,14 +152,6 @@ class TrainConfig:
 
 
 # ---- pure pieces --------------------------------------------------------------------------------
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Learning-rate multiplier: linear warmup from ~0 to 1, then cosine decay to 0."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def positive_weights(labels: np.ndarray, setting: str, vocab: Vocabulary) -> list[float] | None:
     """Per-tag positive weights from a dense (images x tags) 0/1 matrix (``positive_weights_from_counts``)."""
     labels = np.asarray(labels)
@@ -226,30 +217,6 @@ def drop_failed(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch.column("error"))).drop_columns(["error"])
 
 
-def batch_arrays(batch: pa.Table, img_size: int, tags: TagIndex) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels and the multi-hot labels (closed upward) of this batch's ``tags``, encoded here,
-    one batch at a time."""
-    pixels = pixels_from_arrow(batch.column("pixels"), img_size).copy()  # writable, for torch
-    return pixels, tags.encode(batch.column("tags"))
-
-
-def resampled_batches(batches: Iterable[pa.Table], batch_size: int, seed: int, epoch: int) -> Iterator[pa.Table]:
-    """Repeats each row by its repeat count for this epoch and re-cuts fixed-size batches."""
-    carry: pa.Table | None = None
-    for batch in batches:
-        counts = repeat_counts(batch.column("repeat_factor").to_numpy(), batch.column("listing_id").to_pylist(), seed, epoch)
-        expanded = batch.take(pa.array(np.repeat(np.arange(batch.num_rows), counts)))
-        # Copies of one image are spread through the batch rather than side by side.
-        rng = np.random.default_rng([seed, epoch, batch.num_rows])
-        expanded = expanded.take(pa.array(rng.permutation(expanded.num_rows)))
-        carry = expanded if carry is None else pa.concat_tables([carry, expanded])
-        while carry.num_rows >= batch_size:
-            yield carry.slice(0, batch_size)
-            carry = carry.slice(batch_size)
-    if carry is not None and carry.num_rows:
-        yield carry
-
-
 def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64):
     """A Ray Dataset of decoded, labelled images (decoding runs in Ray Data CPU tasks)."""
     import ray.data
@@ -257,249 +224,6 @@ def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64):
     ds = ray.data.from_arrow(catalog.chunk_table(table, rows_per_block))
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": img_size}, batch_format="pyarrow", batch_size=rows_per_block)
     return ds.map_batches(drop_failed, batch_format="pyarrow", batch_size=None)
-
-
-# ---- checkpoint state: tensors and JSON, nothing that runs code when loaded -----------------------
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file that holds more than tensors and plain containers (refused, not loaded)."""
-
-
-def capture_rng() -> tuple[dict, dict]:
-    """The RNG states a resumed run continues from: torch's as tensors, Python's and NumPy's as JSON."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state_all()
-    version, keys, gauss = random.getstate()
-    name, np_keys, pos, has_gauss, cached = np.random.get_state()
-    return tensors, {
-        "python": [version, list(keys), gauss],
-        "numpy": [name, np.asarray(np_keys).tolist(), int(pos), int(has_gauss), float(cached)],
-    }
-
-
-def restore_rng(tensors: dict, meta: dict) -> None:
-    """The inverse of ``capture_rng``; states a checkpoint lacks are left as they are."""
-    if tensors.get("torch") is not None:
-        torch.set_rng_state(tensors["torch"])
-    if tensors.get("cuda") and torch.cuda.is_available() and len(tensors["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(tensors["cuda"])
-    if meta.get("python"):
-        version, keys, gauss = meta["python"]
-        random.setstate((version, tuple(keys), gauss))
-    if meta.get("numpy"):
-        name, keys, pos, has_gauss, cached = meta["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def save_training_state(directory: str, tensors: dict, meta: dict) -> None:
-    """Writes ``state.pt`` (tensors and plain containers) and ``training_state.json``."""
-    torch.save(tensors, os.path.join(directory, STATE_FILE))
-    with open(os.path.join(directory, STATE_META_FILE), "w") as f:
-        json.dump(meta, f, default=float)  # metrics may be numpy scalars
-
-
-def load_training_state(directory: str) -> tuple[dict, dict]:
-    """Reads a checkpoint written by ``save_training_state`` with ``weights_only=True``: a
-    ``state.pt`` holding anything else (a pickled object that would run code) is refused with
-    UnsafeCheckpointError, before any of it runs. Returns (tensors, meta)."""
-    path = os.path.join(directory, STATE_FILE)
-    try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        raise UnsafeCheckpointError(
-            f"refusing to load checkpoint {path}: it holds {'a reference to ' + found.group(1) if found else 'objects'} "
-            "rather than only tensors and plain containers, and could run code when unpickled. mltag checkpoints "
-            "never do: this file was written by something else or tampered with."
-        ) from None
-    meta_path = os.path.join(directory, STATE_META_FILE)
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-    else:  # a checkpoint from before the split: its counters live in state.pt
-        meta = {k: tensors.pop(k) for k in ("epoch", "step", "history", "restarts") if k in tensors}
-    return tensors, meta
-
-
-# ---- the loop each Ray Train worker runs --------------------------------------------------------
-def _unwrap(model: torch.nn.Module) -> Tagger:
-    return model.module if hasattr(model, "module") else model
-
-
-def freeze_backbone(model: Tagger, frozen: bool) -> None:
-    """Phase 1 (frozen) trains only the head; phase 2 trains everything."""
-    for p in model.backbone.parameters():
-        p.requires_grad_(not frozen)
-
-
-def _set_phase(model: Tagger, head_only: bool) -> torch.nn.Module:
-    """Freezes or unfreezes the backbone, then (re)builds DDP: DDP only synchronises the
-    parameters that required grad when it was built."""
-    import ray.train.torch
-
-    freeze_backbone(model, head_only)
-    return ray.train.torch.prepare_model(model)
-
-
-def build_optimizer(model: Tagger, config: dict) -> torch.optim.Optimizer:
-    """Two parameter groups so phase 2 can give the backbone a lower learning rate."""
-    groups = [
-        {"params": list(model.backbone.parameters()), "lr": config["lr"] * config["backbone_lr_scale"], "name": "backbone"},
-        {"params": list(model.head.parameters()), "lr": config["lr"], "name": "head"},
-    ]
-    if config["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=config["weight_decay"])
-    return torch.optim.AdamW(groups, lr=config["lr"], weight_decay=config["weight_decay"])
-
-
-def train_loop_per_worker(config: dict) -> None:
-    import ray.data
-    import ray.train
-    import ray.train.torch
-    from timm.utils import ModelEmaV3
-
-    torch.set_num_threads(max(1, config["threads"]))
-    torch.manual_seed(config["seed"])  # a resumed run then restores its RNG states from the checkpoint
-    random.seed(config["seed"])
-    np.random.seed(config["seed"])
-    # One progress bar per worker per epoch would drown the epoch lines that matter.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-
-    tag_index = TagIndex(Vocabulary.from_dict(config["vocabulary"]))
-    tagger = Tagger(config["backbone"], config["num_tags"], config["pooling"], config["pretrained"])
-    tagger = tagger.to(device=device, memory_format=torch.channels_last)
-    pos_weight = torch.tensor(config["pos_weight"], device=device) if config["pos_weight"] else None
-    loss_fn = MultiLabelLoss(
-        config["loss"], config["gamma_pos"], config["gamma_neg"], config["clip"], config["focal_gamma"], pos_weight=pos_weight
-    )
-    optimizer = build_optimizer(tagger, config)
-    steps_per_epoch = max(1, math.ceil(config["n_train_effective"] / (config["batch_size"] * world)))
-    total_steps = steps_per_epoch * config["epochs"]
-    warmup = int(config["warmup_epochs"] * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
-    ema = ModelEmaV3(tagger, decay=config["ema_decay"]) if config["ema_decay"] > 0 else None
-
-    start_epoch, history, restarts, step = 0, [], 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restart after a failure, or a resumed run: continue where it stopped
-        with checkpoint.as_directory() as d:
-            state, meta = load_training_state(d)
-        tagger.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        restore_rng(state.get("rng") or {}, meta.get("rng") or {})
-        start_epoch, history, step = meta["epoch"] + 1, meta["history"], meta["step"]
-        restarts = meta.get("restarts", 0) + 1
-        if rank == 0:
-            print(f"resuming from checkpoint after epoch {meta['epoch'] + 1} (restart {restarts})", flush=True)
-
-    mean, std, size, bs = config["mean"], config["std"], config["img_size"], config["batch_size"]
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    use_amp = device.type == "cuda"
-    staging = StagingBuffers(device)  # pinned host buffers on GPUs: asynchronous copies
-    phase = None
-
-    for epoch in range(start_epoch, config["epochs"]):
-        head_only = epoch < config["head_epochs"]
-        if phase != head_only:
-            model, phase = _set_phase(tagger, head_only), head_only
-        model.train()
-        if head_only:
-            tagger.backbone.eval()  # a frozen backbone keeps its batch-norm statistics too
-        # The loss is summed on the device and read once an epoch: reading it every step would
-        # wait for the device every step.
-        started, seen, loss_sum, steps = time.time(), 0, torch.zeros((), device=device), 0
-        batches = train_shard.iter_batches(
-            batch_size=bs,
-            batch_format="pyarrow",
-            local_shuffle_buffer_size=4 * bs,
-            local_shuffle_seed=config["seed"] + epoch,
-            prefetch_batches=2,
-        )
-        if config["resample"]:
-            batches = resampled_batches(batches, bs, config["seed"] + rank, epoch)
-        for batch in batches:
-            pixels, labels = batch_arrays(batch, size, tag_index)
-            x = normalise(staging.to_device(pixels), mean, std)
-            y = torch.from_numpy(labels).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits, _ = model(x)
-            loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if ema is not None:
-                ema.update(tagger, step=step)
-            seen, steps, loss_sum = seen + len(labels), steps + 1, loss_sum + loss.detach()
-        train_time = time.time() - started
-
-        metrics = {
-            "epoch": epoch + 1,
-            "phase": 1 if head_only else 2,
-            "train_loss": float(loss_sum) / max(1, steps),
-            "samples_per_s": seen * world / max(train_time, 1e-9),
-            "lr": scheduler.get_last_lr()[-1],
-            "restarts": restarts,
-        }
-        if rank == 0:
-            metrics.update(evaluate(ema.module if ema is not None else tagger, val_shard, config, device, tag_index))
-            history.append(metrics)
-            print(
-                f"epoch {epoch + 1}/{config['epochs']} (phase {metrics['phase']}): loss {metrics['train_loss']:.4f}  "
-                f"val mAP {metrics['val_map']:.4f} (micro {metrics['val_map_micro']:.4f}, chance {metrics['val_chance_map']:.4f})  "
-                f"{metrics['samples_per_s']:.1f} samples/s",
-                flush=True,
-            )
-        else:
-            metrics.update({"val_map": float("nan")})
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                rng_tensors, rng_meta = capture_rng()
-                save_training_state(
-                    tmp,
-                    {
-                        "model": tagger.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "ema": ema.state_dict() if ema is not None else None,
-                        "rng": rng_tensors,
-                    },
-                    {"epoch": epoch, "step": step, "history": history, "restarts": restarts, "rng": rng_meta},
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-
-
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, shard, config: dict, device: torch.device, tag_index: TagIndex | None = None) -> dict:
-    """Validation mAP on the whole validation set (rank 0 sees all of it); labels are encoded
-    per batch, then the (small) validation labels and scores are gathered for the metrics."""
-    if tag_index is None:
-        tag_index = TagIndex(Vocabulary.from_dict(config["vocabulary"]))
-    was_training = model.training
-    model.eval()
-    all_scores, all_labels = [], []
-    staging = StagingBuffers(device)
-    for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="pyarrow", prefetch_batches=2):
-        pixels, labels = batch_arrays(batch, config["img_size"], tag_index)
-        logits, _ = model(normalise(staging.to_device(pixels), config["mean"], config["std"]))
-        all_scores.append(torch.sigmoid(logits.float()).cpu().numpy())
-        all_labels.append(labels)
-    model.train(was_training)
-    if not all_scores:
-        return {"val_map": float("nan"), "val_map_micro": float("nan"), "val_chance_map": float("nan")}
-    y, s = np.concatenate(all_labels), np.concatenate(all_scores)
-    m = mean_average_precision(y, s)
-    return {"val_map": m["macro"], "val_map_micro": m["micro"], "val_chance_map": chance_mean_average_precision(y)}
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -511,9 +235,28 @@ def _use_gpu(setting: str) -> bool:
     return setting == "true"
 
 
-def build_trainer(
-    config: TrainConfig, extra_loop_config: dict | None = None, *, manifest: pa.Table | None = None, vocab: Vocabulary | None = None
-):
+def loop_config(config: TrainConfig, vocab: Vocabulary, train_counts: tuple[np.ndarray, int], n_train_effective: float) -> LoopConfig:
+    """What the workers need: TrainConfig's fields of the same names, and what the driver derives
+    from the data (``train_counts``: the training split's ``label_counts``)."""
+    mean, std = backbone_normalisation(config.backbone)
+    derived = {
+        "num_tags": len(vocab),
+        "vocabulary": vocab.to_dict(),
+        "threads": config.torch_threads or config.cpus_per_worker,
+        "mean": mean,
+        "std": std,
+        "pos_weight": positive_weights_from_counts(*train_counts, config.pos_weight, vocab),
+        "resample": config.repeat_threshold > 0,
+        # Resampling makes an epoch longer: the scheduler must know how long.
+        "n_train_effective": n_train_effective,
+        # A bar where a person watches the driver's console; a line a minute in a log file.
+        "progress": "bar" if sys.stderr.isatty() else "log",
+    }
+    same_named = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoopConfig) if f.name not in derived}
+    return LoopConfig(**same_named, **derived)
+
+
+def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, vocab: Vocabulary | None = None):
     """The configured TorchTrainer plus what exporting its result needs (vocabulary, normalisation).
     ``manifest`` and ``vocab``, when given, are the already-read inputs (read here otherwise)."""
     import ray
@@ -534,12 +277,12 @@ def build_trainer(
     init_ray()
     storage_path = _storage_path(config)
 
-    # Workers iterate these datasets every epoch; their per-epoch progress bars only add noise.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     train_ds = image_dataset(train_table, config.img_size).randomize_block_order(seed=config.seed)
     val_ds = image_dataset(val_table, config.img_size)
+    train_ds, val_ds = quiet_per_epoch(train_ds), quiet_per_epoch(val_ds)
     if config.cache_decoded:
-        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+        with progress_notices_off():
+            train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     if config.augment or config.hflip:
         # After the cache: every epoch sees fresh crops, flips and colours.
         train_ds = train_ds.map_batches(
@@ -554,47 +297,13 @@ def build_trainer(
             },
         )
 
-    mean, std = backbone_normalisation(config.backbone)
-    loop_config = {
-        **{
-            k: getattr(config, k)
-            for k in (
-                "backbone",
-                "pretrained",
-                "pooling",
-                "img_size",
-                "loss",
-                "gamma_pos",
-                "gamma_neg",
-                "clip",
-                "focal_gamma",
-                "epochs",
-                "head_epochs",
-                "backbone_lr_scale",
-                "batch_size",
-                "optimizer",
-                "lr",
-                "weight_decay",
-                "warmup_epochs",
-                "ema_decay",
-                "seed",
-            )
-        },
-        "num_tags": len(vocab),
-        "vocabulary": vocab.to_dict(),
-        "threads": config.torch_threads or config.cpus_per_worker,
-        "mean": mean,
-        "std": std,
-        "pos_weight": positive_weights_from_counts(*train_counts, config.pos_weight, vocab),
-        "resample": config.repeat_threshold > 0,
-        # Resampling makes an epoch longer: the scheduler must know how long.
-        "n_train_effective": float(train_table.column("repeat_factor").to_numpy().sum()),
-        **(extra_loop_config or {}),
-    }
+    loop = loop_config(config, vocab, train_counts, float(train_table.column("repeat_factor").to_numpy().sum()))
     use_gpu = _use_gpu(config.use_gpu)
+    ingest = ray.data.DataContext.get_current().execution_options
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        # Ray Train's train_loop_config is a dict (it exports it as JSON to its state API).
+        train_loop_config=loop.to_dict(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=use_gpu,
@@ -609,12 +318,29 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.num_to_keep, checkpoint_score_attribute="val_map", checkpoint_score_order="max"
             ),
+            # Ray Train logs every report at INFO ("Reporting training result ...", a multi-line
+            # dict per checkpoint), and its worker-group set-up: rank 0's epoch lines say what
+            # matters. Its warnings and errors still show.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # Ray Train's print patch sends each print on a worker both to its stdout and, through
+            # the root logger, to its stderr, which Ray forwards separately: every line twice, and
+            # Ray's distributed tqdm (which reports through print) sees each update twice and
+            # redraws closed bars. mltag's workers log through logging, not print.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Each worker trains on its own slice of 'train' but rank 0 validates on all of 'val'.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # The execution options are Ray Train's defaults (the driver's DataContext) given
+        # explicitly: its own default copies the deprecated exclude_resources, which warns
+        # (RayDeprecationWarning) in every run.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"],
+            execution_options=ray.data.ExecutionOptions(
+                resource_limits=ingest.resource_limits, preserve_order=ingest.preserve_order, verbose_progress=ingest.verbose_progress
+            ),
+        ),
     )
-    return trainer, vocab, mean, std
+    return trainer, vocab, loop.mean, loop.std
 
 
 def _out_dir(config: TrainConfig) -> str:
@@ -728,8 +454,6 @@ def run(config: TrainConfig) -> TaggerSpec:
     resumes anyway, ``never`` refuses). A run that already finished its epochs is not exported
     again over ``<out>/model`` unless ``export_finished``: the saved model is returned.
     """
-    import ray.data
-
     out = _out_dir(config)
     vocab = Vocabulary.load(config.vocabulary_uri())
     manifest = catalog.read_manifest(config.manifest, require_tags=True)
@@ -743,20 +467,23 @@ def run(config: TrainConfig) -> TaggerSpec:
     done = decision == "resume" and finished.get("epochs", 0) >= config.epochs
     if done and not config.export_finished and storage.exists(storage.join(model_dir, "tagger.json")):
         spec = load_spec(model_dir)
-        print(
-            f"run {config.name!r} already finished ({finished['epochs']} epochs): NOT re-exporting over {model_dir}, "
-            f"model {spec.version} stays. Pass --export-finished true to export its best checkpoint again, "
-            f"or --epochs > {finished['epochs']} to train further.",
-            flush=True,
+        logger.info(
+            "run %r already finished (%d epochs): NOT re-exporting over %s, model %s stays. Pass --export-finished true "
+            "to export its best checkpoint again, or --epochs > %d to train further.",
+            config.name,
+            finished["epochs"],
+            model_dir,
+            spec.version,
+            finished["epochs"],
         )
         return spec
     if decision == "resume":
         forced = record is None or bool(describe_changes(record.get("inputs", {}), inputs))
-        print(
-            f"run {config.name!r}: "
-            + (f"already finished; exporting its best checkpoint to {model_dir}" if done else f"resuming from {run_dir}")
-            + (" (--resume force: its inputs differ from its record)" if forced else " (manifest, vocabulary and config match its record)"),
-            flush=True,
+        logger.info(
+            "run %r: %s%s",
+            config.name,
+            f"already finished; exporting its best checkpoint to {model_dir}" if done else f"resuming from {run_dir}",
+            " (--resume force: its inputs differ from its record)" if forced else " (manifest, vocabulary and config match its record)",
         )
     if not storage.is_remote(out):
         save_config(config, os.path.join(out, "config.yaml"))
@@ -779,10 +506,7 @@ def run(config: TrainConfig) -> TaggerSpec:
         mean, std = backbone_normalisation(config.backbone)
     else:
         trainer, vocab, mean, std = build_trainer(config, manifest=manifest, vocab=vocab)
-        try:
-            result = trainer.fit()
-        finally:
-            ray.data.DataContext.get_current().enable_progress_bars = True
+        result = trainer.fit()
     spec = export_best(result, config, vocab, mean, std, out)
     record["finished"] = {"epochs": len(spec.extra.get("history") or []), "model_version": spec.version, "model": model_dir}
     storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
@@ -791,18 +515,17 @@ def run(config: TrainConfig) -> TaggerSpec:
 
 def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: str) -> TaggerSpec:
     """Loads the best checkpoint of a finished run and saves it as a tagger directory (EMA
-    weights when EMA was on: they are the ones validation scored)."""
+    weights when EMA is on: they are the ones validation scored)."""
+    from timm.utils import ModelEmaV3
+
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if not math.isnan(m.get("val_map", float("nan")))]
     best_ckpt, best_metrics = max(candidates, key=lambda cm: cm[1]["val_map"]) if candidates else (result.checkpoint, result.metrics)
-    with result.checkpoint.as_directory() as d:  # the latest holds the full history
-        _, latest = load_training_state(d)
-    with best_ckpt.as_directory() as d:
-        state, best_meta = load_training_state(d)
     model = Tagger(config.backbone, len(vocab), config.pooling, pretrained="none")
-    if state.get("ema") is not None:
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
-    else:
-        model.load_state_dict(state["model"])
+    # The driver's RNG is not the run's: rng=False. The latest checkpoint holds the full history.
+    with result.checkpoint.as_directory() as d:
+        latest = TrainState(model).load(d, rng=False)
+    with best_ckpt.as_directory() as d:
+        best = TrainState(model, ema=ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None).load(d, rng=False)
     spec = TaggerSpec(
         backbone=config.backbone,
         vocabulary=vocab.to_dict(),
@@ -812,19 +535,23 @@ def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: 
         std=tuple(std),
         thresholds=[config.threshold] * len(vocab),
         extra={
-            "best_epoch": best_meta["epoch"] + 1,
+            "best_epoch": best.epochs_done,
             "val_map": best_metrics.get("val_map"),
             "val_map_micro": best_metrics.get("val_map_micro"),
             "val_chance_map": best_metrics.get("val_chance_map"),
-            "history": latest["history"],
-            "restarts": latest.get("restarts", 0),
+            "history": latest.history,
+            "restarts": latest.restarts,
             "config_hash": config_hash(config),
             "train_config": dict(vars(config)),
         },
     )
-    spec = save_tagger(model, spec, storage.join(out, "model"))
-    print(
-        f"model {spec.version} (best epoch {spec.extra['best_epoch']}, val mAP {spec.extra['val_map']:.4f}, "
-        f"chance {spec.extra['val_chance_map']:.4f}) -> {storage.join(out, 'model')}"
+    spec = save_tagger(best.scored_model, spec, storage.join(out, "model"))
+    logger.info(
+        "model %s (best epoch %d, val mAP %.4f, chance %.4f) -> %s",
+        spec.version,
+        spec.extra["best_epoch"],
+        spec.extra["val_map"],
+        spec.extra["val_chance_map"],
+        storage.join(out, "model"),
     )
     return spec

@@ -6,7 +6,7 @@ import torch
 from mltag.augment import augment_batch, colour_jitter, random_resized_crop
 from mltag.images import pixels_from_arrow, pixels_to_arrow
 from mltag.model import Tagger
-from mltag.train import build_optimizer, freeze_backbone, warmup_cosine
+from mltag.train_loop import build_optimizer, freeze_backbone, warmup_cosine
 
 
 def _batch(n=4, size=32):
@@ -58,7 +58,7 @@ def test_warmup_then_cosine_to_zero():
 def test_phase_one_trains_only_the_head():
     torch.manual_seed(0)
     model = Tagger("test_efficientnet", 3)
-    optimizer = build_optimizer(model, {"lr": 0.1, "backbone_lr_scale": 1.0, "optimizer": "adamw", "weight_decay": 0.01})
+    optimizer = build_optimizer(model, "adamw", lr=0.1, weight_decay=0.01, backbone_lr_scale=1.0)
     backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head = model.head.weight.clone()
     freeze_backbone(model, True)

@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 
 from mltag.resampling import repeat_counts, repeat_factors, tag_repeat_factors
-from mltag.train import resampled_batches
+from mltag.train_loop import resampled_batches
 
 
 def _labels(seed=0, n=300, t=6):

@@ -327,7 +327,7 @@ def _plant(directory: Path, marker: Path) -> None:
 
 
 def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
-    from mltag.train import UnsafeCheckpointError, load_training_state
+    from mltag.train_state import UnsafeCheckpointError, load_training_state
 
     marker = tmp_path / "pwned"
     _plant(tmp_path, marker)
@@ -342,7 +342,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
 def test_checkpoint_state_round_trips_with_rng_states(tmp_path):
     import random
 
-    from mltag.train import capture_rng, load_training_state, restore_rng, save_training_state
+    from mltag.train_state import capture_rng, load_training_state, restore_rng, save_training_state
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -442,14 +442,16 @@ def finished_run(ray_local, tiny_catalog, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_finished_run_is_not_re_exported_unless_asked(finished_run, capsys):
+    from mltag import log
     from mltag.train import TrainConfig, run
 
+    log.configure()  # as the CLI does: the notice goes to stderr through the mltag logger
     weights = Path(finished_run["common"]["out"]) / "model" / "weights.pt"
     before = weights.stat().st_mtime_ns
     # The same content under another file name is the same input.
     pq.write_table(finished_run["manifest"], finished_run["work"] / "copy.parquet")
     spec = run(TrainConfig(**{**finished_run["common"], "manifest": str(finished_run["work"] / "copy.parquet")}))
-    assert "already finished (1 epochs): NOT re-exporting" in capsys.readouterr().out
+    assert "already finished (1 epochs): NOT re-exporting" in capsys.readouterr().err
     assert spec.version == finished_run["spec"].version and weights.stat().st_mtime_ns == before
 
 
@@ -471,7 +473,8 @@ def test_a_rerun_with_other_inputs_is_refused(finished_run):
 
 @pytest.mark.slow
 def test_real_checkpoints_hold_only_tensors_and_a_planted_one_is_refused(finished_run, tmp_path):
-    from mltag.train import TrainConfig, UnsafeCheckpointError, run
+    from mltag.train import TrainConfig, run
+    from mltag.train_state import UnsafeCheckpointError
 
     run_dir = finished_run["work"] / "out" / "ray_train" / "guarded"
     states = sorted(run_dir.glob("checkpoint_*/state.pt"))

@@ -15,7 +15,8 @@ from mltag.resampling import (
     tag_repeat_factors,
     tag_repeat_factors_from_counts,
 )
-from mltag.train import batch_arrays, label_counts, labelled_table, positive_weights, positive_weights_from_counts
+from mltag.train import label_counts, labelled_table, positive_weights, positive_weights_from_counts
+from mltag.train_loop import batch_arrays
 from mltag.vocabulary import Vocabulary, VocabularyError
 
 
