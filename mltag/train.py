@@ -34,7 +34,7 @@ import yaml
 
 from mltag import catalog, storage
 from mltag.augment import augment_batch
-from mltag.cluster import init_ray
+from mltag.cluster import init_ray, wants_gpu
 from mltag.config import config_dict, config_hash, save_config
 from mltag.identifiers import validate_identifier
 from mltag.images import decode_batch
@@ -227,14 +227,6 @@ def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64):
 
 
 # ---- the stage ----------------------------------------------------------------------------------
-def _use_gpu(setting: str) -> bool:
-    import ray
-
-    if setting == "auto":
-        return ray.cluster_resources().get("GPU", 0) >= 1
-    return setting == "true"
-
-
 def loop_config(config: TrainConfig, vocab: Vocabulary, train_counts: tuple[np.ndarray, int], n_train_effective: float) -> LoopConfig:
     """What the workers need: TrainConfig's fields of the same names, and what the driver derives
     from the data (``train_counts``: the training split's ``label_counts``)."""
@@ -298,7 +290,7 @@ def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, voca
         )
 
     loop = loop_config(config, vocab, train_counts, float(train_table.column("repeat_factor").to_numpy().sum()))
-    use_gpu = _use_gpu(config.use_gpu)
+    use_gpu = wants_gpu(config.use_gpu)
     ingest = ray.data.DataContext.get_current().execution_options
     trainer = TorchTrainer(
         train_loop_per_worker,
