@@ -106,15 +106,48 @@ def fit_logistic(
     pos_weight: np.ndarray | None = None,
     init: tuple[np.ndarray, np.ndarray] | None = None,
     max_iter: int = 500,
-    tolerance: float = 1e-6,
+    tolerance: float = 1e-5,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Minimises, for every tag j at once, ``mean_i BCE(z_i . w_j + b_j, y_ij) + l2_j / 2 ||w_j||^2``
     (bias not penalised) by full-batch L-BFGS (scipy's L-BFGS-B, the solver behind scikit-learn's
     ``lbfgs``) from ``init`` or zero. ``z`` is (N, D) (standardise it first), ``y`` (N, T) 0/1.
     Returns (W (T, D), b (T,), iterations).
 
+    ``tolerance`` bounds the largest gradient component of the mean loss at the end (scikit-learn
+    stops at 1e-4; 1e-5 moves test AP by < 0.001 from 1e-6 on real photos, in half the iterations).
+
+    A tag with no positive (or no negative) training row has no optimum (its bias runs off to
+    infinity, and L-BFGS would spend every iteration chasing it): it gets ``w = 0`` and the bias
+    of its smoothed training prevalence ``(P + 0.5) / (N + 1)``.
+
     numpy and scipy rather than ``torch.optim.LBFGS``: the gradient is two matrix products, and
     importing torch.optim pulls in torch._dynamo (seconds, per process) for no gain here."""
+    y = np.asarray(y, np.float64)
+    n, tags = y.shape
+    positives = y.sum(axis=0)
+    fit = (positives > 0) & (positives < n)
+    prior = (positives + 0.5) / (n + 1.0)
+    w = np.zeros((tags, z.shape[1]))
+    b = np.log(prior / (1.0 - prior))
+    if not fit.any():
+        return w, b, 0
+    l2s = np.broadcast_to(np.asarray(l2, np.float64), (tags,))[fit]
+    sub_init = None if init is None else (np.asarray(init[0])[fit], np.asarray(init[1])[fit])
+    sub_pw = None if pos_weight is None else np.asarray(pos_weight)[fit]
+    w[fit], b[fit], iterations = _lbfgs(z, y[:, fit], l2s, sub_pw, sub_init, max_iter, tolerance)
+    return w, b, iterations
+
+
+def _lbfgs(
+    z: np.ndarray,
+    y: np.ndarray,
+    l2: float | np.ndarray,
+    pos_weight: np.ndarray | None = None,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+    max_iter: int = 500,
+    tolerance: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``fit_logistic`` on tags that have both classes."""
     from scipy.optimize import minimize
     from threadpoolctl import threadpool_limits
 

@@ -106,3 +106,13 @@ def test_refuses_a_grid_without_validation_rows():
 def test_sigmoid_does_not_overflow():
     out = sigmoid(np.array([-1000.0, 0.0, 1000.0], np.float32))
     np.testing.assert_allclose(out, [0.0, 0.5, 1.0])
+
+
+def test_a_tag_without_positives_or_negatives_gets_its_smoothed_prevalence():
+    x, y = _data(9, n=200)
+    y[:, 1], y[:, 2] = 0, 1
+    head = fit_head(x, y, l2=1e-2)
+    assert not head.weight[1].any() and not head.weight[2].any()
+    np.testing.assert_allclose(head.scores(x[:3])[:, 1:3], [[0.5 / 201, 200.5 / 201]] * 3, rtol=1e-5)
+    others = fit_head(x, y[:, [0, 3, 4]], l2=1e-2)  # the other tags are fitted as if alone
+    np.testing.assert_allclose(head.logits(x)[:, [0, 3, 4]], others.logits(x), rtol=1e-4, atol=1e-4)
