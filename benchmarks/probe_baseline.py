@@ -11,7 +11,7 @@ Both fit on `train` only (val chooses, test judges). Reported on `test`: macro a
 over the vocabulary's tags (leaves and their groups, as `mltag eval` scores them), and per-tag AP
 of the rarest tags (fewer than 60 training images) with their mean.
 
-    python benchmarks/train_quality.py --mode baseline                     # ~5 min on 2 cores (features ~3 of them)
+    python benchmarks/train_quality.py --mode baseline                     # whole set: minutes (its time goes in RESULTS.md)
     python benchmarks/train_quality.py --mode baseline --limit 150 --img-size 128   # smoke run
 
 Other scripts import ``lite0_features``, ``load_ccp`` and ``sklearn_probe`` to print their own
@@ -86,8 +86,9 @@ def lite0_features(uris: list[str], img_size: int = 224, cache_dir: str = "", ba
 
 def sklearn_probe(x_train, y_train, x_val, y_val, x_test, grid=C_GRID) -> dict:
     """StandardScaler + one LogisticRegression per tag for every C of ``grid``; returns test
-    scores with one C for all tags (best val macro mAP) and with each tag's best-val-AP C. A tag
-    without both classes in train scores its training prevalence (nothing to fit)."""
+    probabilities with one C for all tags (best val macro mAP) and with each tag's best-val-AP C
+    (probabilities, not logits: micro mAP pools every tag's scores on one scale). A tag without
+    both classes in train scores its training prevalence (nothing to fit)."""
     from joblib import Parallel, delayed
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -104,7 +105,7 @@ def sklearn_probe(x_train, y_train, x_val, y_val, x_test, grid=C_GRID) -> dict:
         model = LogisticRegression(max_iter=2000, warm_start=True)  # strongest first, each C from the last
         for g, c in enumerate(grid):
             model.set_params(C=c).fit(xt, y_train[:, j])
-            val[g], test[g] = model.decision_function(xv), model.decision_function(xs)
+            val[g], test[g] = model.predict_proba(xv)[:, 1], model.predict_proba(xs)[:, 1]
         return j, val, test
 
     val_scores = np.tile(y_train.mean(0), (len(grid), len(xv), 1))

@@ -11,7 +11,7 @@ best epoch: picking the best on validation would flatter every variant), mean +-
 ImageNet Lite0 features + scikit-learn logistic regression, C chosen on val) beside mltag's
 linear probe on the same features (benchmarks/probe_baseline.py).
 
-    python benchmarks/train_quality.py --mode baseline                                # ~5 min on 2 cores
+    python benchmarks/train_quality.py --mode baseline                                # whole set (time in RESULTS.md)
     python benchmarks/train_quality.py --mode baseline --limit 150 --img-size 128     # smoke run
 """
 
