@@ -136,6 +136,9 @@ def run(config: ApplyHeadConfig) -> dict:
             f"{uri} version {read_version} was tagged by model {table_model}; the head {spec.name} ({spec.version}) reads "
             f"embeddings of model {spec.model_version}. Fit it again on this table: mltag train-head --tag-table {config.tag_table} ..."
         )
+    table_dim = table_meta.get("embedding_dim")
+    if table_dim and int(table_dim) != spec.embedding_dim:
+        raise HeadMismatchError(f"{uri} holds {table_dim}-d embeddings; the head {spec.name} reads {spec.embedding_dim}-d ones")
     latest = delta_table.history_entries(dt)[0]
     applied = (latest.get(delta_table.METADATA_KEY) or {}) if latest.get("version") == read_version else {}
     if applied.get("operation") == "apply-head" and (applied.get("heads") or {}).get(spec.name, {}).get("version") == spec.version:
