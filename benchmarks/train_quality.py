@@ -6,6 +6,13 @@ best epoch: picking the best on validation would flatter every variant), mean +-
 
     python benchmarks/train_quality.py                 # 5 variants x 3 seeds
     python benchmarks/train_quality.py --seeds 1 --epochs 2 --n-images 200   # smoke run
+
+``--mode baseline``: the baseline a user would write on the real photos of ccp-fashion (frozen
+ImageNet Lite0 features + scikit-learn logistic regression, C chosen on val) beside mltag's
+linear probe on the same features (benchmarks/probe_baseline.py).
+
+    python benchmarks/train_quality.py --mode baseline                                # whole set (time in RESULTS.md)
+    python benchmarks/train_quality.py --mode baseline --limit 150 --img-size 128     # smoke run
 """
 
 from __future__ import annotations
@@ -34,11 +41,25 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--mode",
+        choices=("sample", "baseline"),
+        default="sample",
+        help="sample: recipe options on the sample catalog; baseline: probes on ccp-fashion",
+    )
     parser.add_argument("--n-images", type=int, default=600)
-    parser.add_argument("--img-size", type=int, default=96)
+    parser.add_argument("--img-size", type=int, default=None, help="default: 96 (sample), 224 (baseline)")
+    parser.add_argument("--limit", type=int, default=0, help="baseline: first N photos only (smoke runs; results not saved)")
+    parser.add_argument("--cache-dir", default="", help="baseline: where the cached features go (default: the temp dir)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
+    if args.mode == "baseline":
+        from probe_baseline import run as run_baseline
+
+        run_baseline(img_size=args.img_size or 224, limit=args.limit, cache_dir=args.cache_dir)
+        return
+    args.img_size = args.img_size or 96
 
     import ray
 

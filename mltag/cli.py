@@ -12,6 +12,8 @@ and calls the same ``run(config)`` that the ``jobs/`` entrypoints call.
     mltag index  --tag-table runs/tag_table --out runs/index   [--as-of 2026-11-20]
     mltag search --index runs/index --listing-id L000042
     mltag serve  --model runs/train/model --index runs/index [--chain chain.yaml]
+    mltag train-head --tag-table runs/tag_table --labels new_tags.csv --out runs/heads/sleeves
+    mltag apply-head --tag-table runs/tag_table --head runs/heads/sleeves
     mltag demo   --out demo_out
 """
 
@@ -120,6 +122,16 @@ STAGES: dict[str, Stage] = {
         "mltag.curate:CurateConfig",
         "mltag.curate:run",
         "Curate a labelled catalog: pseudo-labels, tag pruning and merging, a label-issue review queue.",
+    ),
+    "train-head": Stage(
+        "mltag.train_head:TrainHeadConfig",
+        "mltag.train_head:run",
+        "Fit a head for new tags on the embeddings stored in a tag table (no image is read).",
+    ),
+    "apply-head": Stage(
+        "mltag.apply_head:ApplyHeadConfig",
+        "mltag.apply_head:run",
+        "Add a fitted head's scores and tags to every row of a tag table (one new table version).",
     ),
     "demo": Stage(
         "mltag.demo:DemoConfig", "mltag.demo:run", "Run sample -> train -> tag -> index -> search end to end on a local Ray instance."

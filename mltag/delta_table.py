@@ -211,6 +211,30 @@ def commit_overwrite(uri: str, actions: list, schema: pa.Schema, metadata: dict[
     raise AssertionError("unreachable")
 
 
+def commit_rewrite(
+    uri: str, read_version: int, actions: list, schema: pa.Schema, metadata: dict[str, Any], app_id: str | None = None
+) -> int:
+    """Replaces the table's content by the files in ``actions``, which were derived from version
+    ``read_version`` (every row of it rewritten, e.g. with new columns; ``schema`` may add or drop
+    columns). Unlike a run's overwrite, a rewrite must not land on top of a commit it did not
+    read: delta-rs lets a blind overwrite through, so the table's version is checked here first
+    and a newer one raises ``TableConflictError`` (nothing committed). The check and the commit
+    are not one atomic step; a writer committing within that window is overwritten. Returns the
+    new version."""
+    from deltalake import DeltaTable
+
+    uri = table_uri(uri)
+    options = storage_options(uri)
+    dt = DeltaTable(uri, storage_options=options)
+    if dt.version() != read_version:
+        raise TableConflictError(
+            f"{uri} moved from version {read_version} to {dt.version()} while this rewrite was working; nothing was "
+            f"committed. Run the same command again to rewrite the new version."
+        )
+    dt.create_write_transaction(actions, "overwrite", schema, commit_properties=_commit_properties(metadata, app_id))
+    return DeltaTable(uri, storage_options=options).version()
+
+
 def write_table(uri: str, table: pa.Table, metadata: dict[str, Any], mode: str = "overwrite") -> int:
     """Writes an in-memory table as one commit (small tables: tests, fixtures, derived tables).
     Runs of ``mltag tag`` write their files from Ray tasks and commit them with ``commit_overwrite``."""

@@ -19,6 +19,9 @@ error_reason   string                          null, or the error's reason code
 true_tags      list<string>                    the manifest's own ``tags``, when it had them
 fingerprint    string                          (nightly re-index) the image's content fingerprint
 ...            as in the manifest              any other manifest column, carried through
+<head>_scores  list<float32>                   (``mltag apply-head``) a head's scores, its tags'
+<head>_tags    list<string>                    order; its decided tags; the head version that
+<head>_head    string                          wrote them (``mltag.heads``; null on error rows)
 ============== =============================== ===============================================
 
 The rows live in a Delta Lake table (``mltag.delta_table``): every run is one commit, and readers
