@@ -164,11 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mltag {args.stage}: {exc}", file=sys.stderr)
         return 2
     from mltag.delta_table import TableConflictError, TableNotFoundError
+    from mltag.heads import HeadMismatchError
     from mltag.tag import ErrorGateError
 
     try:
         run(config)
-    except (ErrorGateError, TableConflictError, TableNotFoundError) as exc:
+    except (ErrorGateError, HeadMismatchError, TableConflictError, TableNotFoundError) as exc:
         # Job-level failures with a message a person can act on: no traceback, a non-zero exit.
         print(f"mltag {args.stage}: {exc}", file=sys.stderr)
         return 1

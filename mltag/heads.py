@@ -233,8 +233,9 @@ def head_columns(batch: pa.Table, linear: LinearHead, spec: HeadSpec) -> tuple[l
     tags = spec.tags
     scores = linear.scores(embeddings) if len(rows) else np.zeros((0, len(tags)), np.float32)
     vocab = Vocabulary.from_dict(spec.vocabulary)
-    ancestors = {t: vocab.ancestors(t) for t in tags if vocab.ancestors(t)}
-    chosen = chosen_tags(scores, np.asarray(spec.thresholds, np.float32), tags, ancestors)
+    if list(vocab.names) != list(tags):  # the score columns follow head.json's tags; closure follows the vocabulary's
+        raise HeadMismatchError("the head's vocabulary lists its tags in another order than its scores")
+    chosen = chosen_tags(scores, np.asarray(spec.thresholds, np.float32), vocab)
     # Scattered back to every row: lists of the scored rows, nulls elsewhere, without a per-row loop.
     full_chosen = np.zeros((n, len(tags)), bool)
     full_chosen[rows] = chosen
