@@ -16,7 +16,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -66,8 +66,8 @@ class LoopConfig:
     num_tags: int
     vocabulary: dict  # Vocabulary.to_dict(): labels are encoded per batch on the worker
     threads: int  # torch intra-op threads
-    mean: list[float]  # the backbone's input normalisation
-    std: list[float]
+    mean: Sequence[float]  # the backbone's input normalisation
+    std: Sequence[float]
     pos_weight: list[float] | None  # per-tag positive weights, or None
     resample: bool  # repeat-factor resampling on: rows carry their repeat_factor
     n_train_effective: float  # images in an epoch after resampling: the scheduler's epoch length
