@@ -16,7 +16,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,7 +36,6 @@ from mltag.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_MODES = ("bar", "log", "off")
 PROGRESS_BAR_REFRESH_S = 1.0  # how often the bar's loss and rate are read (each read waits for the device)
 PROGRESS_LOG_INTERVAL_S = 60.0  # how often an epoch in progress is logged where no bar can be drawn
 
@@ -67,12 +66,12 @@ class LoopConfig:
     num_tags: int
     vocabulary: dict  # Vocabulary.to_dict(): labels are encoded per batch on the worker
     threads: int  # torch intra-op threads
-    mean: list[float]  # the backbone's input normalisation
-    std: list[float]
+    mean: Sequence[float]  # the backbone's input normalisation
+    std: Sequence[float]
     pos_weight: list[float] | None  # per-tag positive weights, or None
     resample: bool  # repeat-factor resampling on: rows carry their repeat_factor
     n_train_effective: float  # images in an epoch after resampling: the scheduler's epoch length
-    progress: str = "off"  # bar | log | off: how rank 0 shows an epoch in progress (PROGRESS_MODES)
+    progress: str = "off"  # bar | log | off: how rank 0 shows an epoch in progress (EpochProgress)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,10 +188,10 @@ class EpochProgress:
             return
         self.last = now
         loss = float(loss_sum) / max(1, steps)  # waits for the device: once an interval, not every step
-        rate = self.seen / max(now - self.started, 1e-9)
         if self.bar is not None:
-            self.bar.set_description(f"{self.desc} loss {loss:.4f}")
+            self.bar.set_description(f"{self.desc} loss {loss:.4f}")  # the bar shows the rate itself
         else:
+            rate = self.seen / max(now - self.started, 1e-9)
             logger.info("%s: %d/%d samples, loss %.4f, %.1f samples/s", self.desc, self.seen, self.total, loss, rate)
 
     def close(self, loss: float | None = None) -> None:
@@ -319,11 +318,11 @@ def checkpoint(state: TrainState, metrics: dict, rank: int) -> None:
 
 
 def epoch_summary(metrics: dict, epochs: int, seconds: float) -> str:
-    """The one line an epoch leaves on the console."""
+    """The one line an epoch leaves on the console (``seconds``: training and validation)."""
     return (
         f"epoch {metrics['epoch']}/{epochs} (phase {metrics['phase']}): train loss {metrics['train_loss']:.4f}  "
         f"val mAP {metrics['val_map']:.4f} (micro {metrics['val_map_micro']:.4f}, chance {metrics['val_chance_map']:.4f})  "
-        f"{metrics['samples_per_s']:.1f} samples/s  {seconds:.1f} s"
+        f"{metrics['samples_per_s']:.1f} samples/s  in {seconds:.1f} s"
     )
 
 

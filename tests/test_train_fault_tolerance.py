@@ -14,16 +14,21 @@ pytestmark = pytest.mark.slow
 
 
 def _alive_worker_pids() -> list[int]:
-    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(
-        address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-    )
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return [a.pid for a in actors if a.pid]
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_catalog, tmp_path):
+@pytest.fixture()
+def state_api_of_this_cluster(ray_local, monkeypatch):
+    """The State API finds its server through RAY_ADDRESS, which these tests set to "local" (and
+    which overrides any address passed to it): where other Ray instances run on the machine, it
+    cannot tell which one is ours ("Found multiple active Ray instances"). Name ours."""
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://" + ray_local._private.worker.get_dashboard_url())
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_local, state_api_of_this_cluster, tiny_catalog, tmp_path):
     from mltag.train import TrainConfig, build_trainer, export_best
 
     config = TrainConfig(
