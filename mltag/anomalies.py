@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -27,7 +28,9 @@ import pyarrow.parquet as pq
 
 from mltag.config import provenance_beside, save_provenance
 from mltag.embedding_index import EmbeddingIndex
-from mltag.neighbours import describe_short_rows, neighbours_of_all
+from mltag.neighbours import log_short_rows, neighbours_of_all
+
+logger = logging.getLogger(__name__)
 
 SCORES = ("kth", "mean")
 
@@ -102,8 +105,7 @@ def neighbour_lists(
 def run(config: AnomalyConfig) -> pa.Table:
     index = EmbeddingIndex.load(config.index)
     faiss_ids, neighbour_ids, neighbour_sims, stats = neighbours_of_all(index, config.k, config.batch)
-    if note := describe_short_rows(stats, config.k, len(faiss_ids)):
-        print(note)
+    log_short_rows(logger, stats, config.k, len(faiss_ids))
     scores = knn_scores(neighbour_sims, config.k, config.score)
     order = np.argsort(-scores, kind="stable")  # rows by rank: the table is built in that order
     n_flagged = int(np.ceil(config.contamination * len(scores)))
@@ -125,9 +127,15 @@ def run(config: AnomalyConfig) -> pa.Table:
     os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
     pq.write_table(table, config.out)
     save_provenance(provenance_beside(config.out), config, **index.provenance_inputs())
-    print(
-        f"{n_flagged} of {len(scores)} listings flagged (top {config.contamination:.1%} by {config.score} distance, k={config.k}) -> {config.out}"
+    logger.info(
+        "%d of %d listings flagged (top %.1f%% by %s distance, k=%d) -> %s",
+        n_flagged,
+        len(scores),
+        100 * config.contamination,
+        config.score,
+        config.k,
+        config.out,
     )
     for row in table.slice(0, min(5, n_flagged or 5)).to_pylist():
-        print(f"  {row['rank']:>4}  {row['score']:.4f}  {row['listing_id']}")
+        logger.info("  %4d  %.4f  %s", row["rank"], row["score"], row["listing_id"])
     return table

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 
@@ -21,6 +22,8 @@ import pyarrow.parquet as pq
 
 from mltag.config import config_hash, provenance_beside, save_provenance
 from mltag.thresholds import MODES, TagThreshold, choose_thresholds
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,10 +76,13 @@ def run(config: CalibrateConfig) -> list[TagThreshold]:
         model_version=new_spec.version,
         inputs={"previous_model_version": spec.version},
     )
+    # The chosen thresholds are the command's answer: stdout. What was saved, and what fell short: the log.
     print(f"{'tag':<20} {'threshold':>9} {'precision':>9} {'recall':>7}  target met")
     for c in chosen:
         print(f"{c.tag:<20} {c.threshold:>9.4f} {c.precision:>9.3f} {c.recall:>7.3f}  {'yes' if c.reached else 'NO  ' + c.note}")
-    print(f"thresholds saved with the model: version {spec.version} -> {new_spec.version}")
+    logger.info("thresholds saved with the model: version %s -> %s", spec.version, new_spec.version)
     if report["unreached"]:
-        print(f"{len(report['unreached'])} tag(s) cannot reach {config.mode} {config.target}: {', '.join(report['unreached'])}")
+        logger.warning(
+            "%d tag(s) cannot reach %s %s: %s", len(report["unreached"]), config.mode, config.target, ", ".join(report["unreached"])
+        )
     return chosen

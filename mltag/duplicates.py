@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -27,7 +28,9 @@ from scipy.sparse.csgraph import connected_components
 
 from mltag.config import provenance_beside, save_provenance
 from mltag.embedding_index import EmbeddingIndex
-from mltag.neighbours import describe_short_rows, iter_neighbours
+from mltag.neighbours import iter_neighbours, log_short_rows
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,8 +105,7 @@ def run(config: DuplicatesConfig) -> pa.Table:
     index = EmbeddingIndex.load(config.index)
     n, stats = len(index.ids), {"widened": 0, "short": 0}
     a, b, sims = duplicate_pairs(index, config.k, config.threshold, config.batch, stats)
-    if note := describe_short_rows(stats, config.k, n):
-        print(note)
+    log_short_rows(logger, stats, config.k, n)
     members, group, sizes = group_arrays(n, a, b)
     # Each member's highest similarity to another member (pairs count for both ends).
     nodes = np.unique(np.concatenate([a, b]))
@@ -123,10 +125,10 @@ def run(config: DuplicatesConfig) -> pa.Table:
     os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
     pq.write_table(table, config.out)
     save_provenance(provenance_beside(config.out), config, **index.provenance_inputs())
-    print(f"{len(sizes)} duplicate group(s), {table.num_rows} listings, similarity >= {config.threshold} -> {config.out}")
+    logger.info("%d duplicate group(s), %d listings, similarity >= %s -> %s", len(sizes), table.num_rows, config.threshold, config.out)
     listing = table.column("listing_id")
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     for g in range(min(5, len(sizes))):
         shown = listing.slice(int(offsets[g]), int(min(sizes[g], 8))).to_pylist()
-        print(f"  group {g}: {', '.join(shown)}{' ...' if sizes[g] > 8 else ''}")
+        logger.info("  group %d: %s%s", g, ", ".join(shown), " ..." if sizes[g] > 8 else "")
     return table

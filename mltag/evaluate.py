@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ from mltag.model import load_spec
 # predict_rows is re-exported for callers of its former home here (mltag.evaluate.predict_rows).
 from mltag.predict import predict, predict_rows, stored_scores  # noqa: F401
 from mltag.tag_table import decide_tags
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,12 +148,14 @@ def run(config: EvalConfig) -> dict:
         tag_table=metrics.get("tag_table"),
         table_version=metrics.get("table_version"),
     )
-    print(
+    logger.info(
         f"eval on {metrics['images']} images ({config.split or 'all'}): mAP {metrics['map_macro']:.4f} "
         f"(micro {metrics['map_micro']:.4f}), Hamming loss {metrics['hamming_loss']:.4f}, "
         f"top-1/3/5 {metrics['top1_accuracy']:.3f}/{metrics['top3_accuracy']:.3f}/{metrics['top5_accuracy']:.3f}"
     )
     for level, m in metrics["levels"].items():
-        print(f"  {level} accuracy: micro {m['micro_accuracy']:.3f}, macro {m['macro_accuracy']:.3f} over {len(m['classes'])} classes")
-    print(f"-> {config.out}")
+        logger.info(
+            f"  {level} accuracy: micro {m['micro_accuracy']:.3f}, macro {m['macro_accuracy']:.3f} over {len(m['classes'])} classes"
+        )
+    logger.info("-> %s", config.out)
     return metrics

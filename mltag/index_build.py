@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from mltag.index_training import (
     uniform_sample_positions,
 )
 from mltag.index_tuning import exact_neighbours, tune_nprobe
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,11 +148,20 @@ def run(config: IndexConfig) -> dict:
     }
     record = provenance(config, model_version=meta["model_version"], tag_table=meta["tag_table"], table_version=meta["table_version"])
     version_dir = write_version(config.out, index, id_map.select(["faiss_id", "listing_id", "image_uri", "tags"]), meta, record)
-    print(
-        f"index: {meta['count']} vectors ({skipped} error rows skipped), {meta['factory']}, dim {dim}, table version {meta['table_version']} -> {version_dir}\n"
-        f"       why: {choice.reason}"
-        + (f"; trained on a uniform sample of {train_sample} vectors" if train_sample else "")
-        + (f"; nprobe {nprobe} gives recall@10 {recall:.3f}" if nprobe else "")
+    logger.info(
+        "index: %d vectors (%d error rows skipped), %s, dim %d, table version %s -> %s",
+        meta["count"],
+        skipped,
+        meta["factory"],
+        dim,
+        meta["table_version"],
+        version_dir,
+    )
+    logger.info(
+        "why: %s%s%s",
+        choice.reason,
+        f"; trained on a uniform sample of {train_sample} vectors" if train_sample else "",
+        f"; nprobe {nprobe} gives recall@10 {recall:.3f}" if nprobe else "",
     )
     return meta
 

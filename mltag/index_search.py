@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -18,6 +19,8 @@ import pyarrow.parquet as pq
 
 from mltag.config import provenance_beside, save_provenance
 from mltag.embedding_index import EmbeddingIndex
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,7 +70,7 @@ def run(config: SearchConfig) -> pa.Table:
         pq.write_table(result, config.out)
         save_provenance(provenance_beside(config.out), config, **index.provenance_inputs())
         found = len(set(result.column("query_listing_id").to_pylist()))
-        print(f"{found} of {len(queries)} listings found in the index; {result.num_rows} neighbours -> {config.out}")
+        logger.info("%d of %d listings found in the index; %d neighbours -> %s", found, len(queries), result.num_rows, config.out)
         return result
     if config.listing_id:
         result = index.search_listing(config.listing_id, config.k)
@@ -78,5 +81,5 @@ def run(config: SearchConfig) -> pa.Table:
             raise ValueError("give --model: the index does not record which tagger made it")
         result = search_image(index, config.image, model, config.k)
         print(f"listings most similar to image {config.image}:")
-    print(format_neighbours(result))
+    print(format_neighbours(result))  # the answer: stdout, so `mltag search ... > out.txt` holds only it
     return result

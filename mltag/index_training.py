@@ -12,12 +12,15 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import re
 
 import faiss
 import numpy as np
 
 from mltag.embedding_index import ivf_of
+
+logger = logging.getLogger(__name__)
 
 TRAIN_SAMPLE = 100_000  # vectors a trainable index learns its quantisers from, at least (a uniform sample of the table)
 TRAIN_PER_CENTROID = 39  # training vectors faiss wants a k-means centroid to have
@@ -105,7 +108,7 @@ def _train_ivf_on_gpus(ivf: faiss.Index, sample: np.ndarray) -> bool:
         ivf.is_trained = True
         return True
     except (RuntimeError, AttributeError) as exc:
-        print(f"GPU training not used ({exc}); training on CPU")
+        logger.warning("GPU training not used (%s); training on CPU", exc)
         return False
 
 

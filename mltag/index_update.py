@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ import pyarrow.compute as pc
 from mltag import delta_table
 from mltag.config import config_hash, provenance
 from mltag.embedding_index import EmbeddingIndex, embedding_batches, write_version
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -162,5 +165,7 @@ def run(config: IndexUpdateConfig) -> dict:
         inputs={"from_index_version": index.version_dir, "from_table_version": start - 1},
     )
     version_dir = write_version(config.index, index.index, ids, meta, record)
-    print(f"index updated to table version {target}: +{added} vectors, -{len(doomed)} vectors, now {meta['count']} -> {version_dir}")
+    logger.info(
+        "index updated to table version %s: +%d vectors, -%d vectors, now %d -> %s", target, added, len(doomed), meta["count"], version_dir
+    )
     return meta

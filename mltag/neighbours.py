@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import faiss
@@ -78,6 +79,13 @@ def neighbours_of_all(index: EmbeddingIndex, k: int, batch: int = 4096):
         neighbour_ids[start : start + len(chunk)] = found
         neighbour_sims[start : start + len(chunk)] = sims
     return index.ids.column("faiss_id").to_numpy(), neighbour_ids, neighbour_sims, stats
+
+
+def log_short_rows(logger: logging.Logger, stats: dict, k: int, total: int) -> None:
+    """Logs ``describe_short_rows``'s line, if any: a warning where rows were scored over fewer than
+    k neighbours, information where searching every list was enough."""
+    if note := describe_short_rows(stats, k, total):
+        logger.log(logging.WARNING if stats["short"] else logging.INFO, note)
 
 
 def describe_short_rows(stats: dict, k: int, total: int) -> str | None:

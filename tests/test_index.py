@@ -257,3 +257,17 @@ def test_every_index_version_and_search_output_records_its_config_and_versions(t
     record = read_provenance(tmp_path / "found.provenance.json")
     assert record["config_hash"] == config_hash(search) and record["model_version"] == "v1" and record["table_version"] == 0
     assert record["index_version"].endswith("v000002")
+
+
+def test_status_goes_to_stderr_and_the_search_answer_to_stdout(clustered, capsys):
+    from mltag import log
+    from mltag.index import SearchConfig, run_search
+
+    log.configure()
+    tmp_path, _, _ = clustered
+    build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "idx")))
+    captured = capsys.readouterr()
+    assert captured.out == "" and "I mltag.index_build: index: 59 vectors (1 error rows skipped)" in captured.err
+    run_search(SearchConfig(index=str(tmp_path / "idx"), listing_id="L12", k=3))
+    captured = capsys.readouterr()
+    assert captured.out.startswith("listings most similar to L12:\nrank  similarity") and captured.err == ""

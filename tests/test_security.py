@@ -572,8 +572,9 @@ def _ivf_index_dir(directory: Path, n: int = 40, dim: int = 16, nlist: int = 16)
 
 
 def test_ivf_with_small_lists_gives_finite_exact_anomaly_scores(tmp_path, capsys):
-    from mltag import anomalies, duplicates
+    from mltag import anomalies, duplicates, log
 
+    log.configure()  # status lines go to stderr through the mltag logger
     x = _ivf_index_dir(tmp_path / "idx")
     index = faiss.read_index(str(tmp_path / "idx" / "index.faiss"))
     index.nprobe = 1
@@ -582,7 +583,7 @@ def test_ivf_with_small_lists_gives_finite_exact_anomaly_scores(tmp_path, capsys
 
     k = 10
     table = anomalies.run(anomalies.AnomalyConfig(index=str(tmp_path / "idx"), out=str(tmp_path / "a.parquet"), k=k, contamination=0.1))
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     scores = np.array(table.sort_by("listing_id").column("score").to_pylist())
     assert np.isfinite(scores).all() and scores.max() <= 2.0
     exact = np.sort(1.0 - x @ x.T, axis=1)[:, k]  # brute force: column 0 is the listing itself
@@ -596,12 +597,14 @@ def test_ivf_with_small_lists_gives_finite_exact_anomaly_scores(tmp_path, capsys
 
 
 def test_an_index_smaller_than_k_reports_the_short_rows(tmp_path, capsys):
-    from mltag import anomalies
+    from mltag import anomalies, log
 
+    log.configure()
     _ivf_index_dir(tmp_path / "idx", n=6, nlist=2)
     table = anomalies.run(anomalies.AnomalyConfig(index=str(tmp_path / "idx"), out=str(tmp_path / "a.parquet"), k=10))
     assert np.isfinite(table.column("score").to_numpy()).all()
-    assert "6 of 6 listings have fewer than k=10 neighbours" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "W mltag.anomalies: " in err and "6 of 6 listings have fewer than k=10 neighbours" in err  # a warning: scores over fewer
 
 
 # ---- the report page --------------------------------------------------------------------------------
