@@ -9,10 +9,12 @@ from pathlib import Path
 # Runnable from a plain checkout too (ray job submit --working-dir . ships the source, not an install).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mltag import log
 from mltag.cluster import on_worker
 from mltag.config import parse_config
 from mltag.index_build import IndexConfig, run
 
 if __name__ == "__main__":
+    log.configure()
     # The driver stays small: the index (every embedding) is built on a worker.
     on_worker(run, parse_config(IndexConfig, sys.argv[1:], prog="jobs/build_index.py"))

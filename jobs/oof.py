@@ -9,8 +9,10 @@ from pathlib import Path
 # Runnable from a plain checkout too (ray job submit --working-dir . ships the source, not an install).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mltag import log
 from mltag.config import parse_config
 from mltag.oof import OofConfig, run
 
 if __name__ == "__main__":
+    log.configure()
     run(parse_config(OofConfig, sys.argv[1:], prog="jobs/oof.py"))
