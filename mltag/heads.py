@@ -34,13 +34,10 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -132,22 +129,6 @@ def _read_weights(data: bytes, weights_file: str) -> tuple[np.ndarray, np.ndarra
     return tensors["weight"].astype(np.float32), tensors["bias"].astype(np.float32)
 
 
-def _version(weights: bytes, spec: HeadSpec) -> str:
-    meta = asdict(spec)
-    meta.pop("version", None)
-    meta.pop("extra", None)
-    h = hashlib.sha256(weights)
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    return h.hexdigest()[:12]
-
-
-def _write_synced(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_head(linear: LinearHead, spec: HeadSpec, out_dir: str) -> HeadSpec:
     """Writes the head under ``out_dir`` (local or s3) and returns its spec with its version.
     Locally a new directory is renamed into place whole; in an existing one the weights are
@@ -159,30 +140,10 @@ def save_head(linear: LinearHead, spec: HeadSpec, out_dir: str) -> HeadSpec:
             f"head weights {linear.weight.shape}, {len(spec.thresholds)} thresholds for {len(spec.tags)} tags of dim {spec.embedding_dim}"
         )
     weights, spec.weights_file = _weights_bytes(linear)
-    spec.version = _version(weights, spec)
+    spec.version = storage.content_version(weights, asdict(spec))
     meta = json.dumps(asdict(spec), indent=2, default=float).encode()
-    if storage.is_remote(out_dir):
-        storage.write_bytes(storage.join(out_dir, spec.weights_file), weights)
-        storage.write_bytes(storage.join(out_dir, META_FILE), meta)
-        return spec
-    out = storage.filesystem_for(out_dir)[1]
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.staging-", dir=os.path.dirname(out))
-    try:
-        _write_synced(os.path.join(staging, spec.weights_file), weights)
-        _write_synced(os.path.join(staging, META_FILE), meta)
-        if not os.path.isdir(out) or not os.listdir(out):
-            try:
-                os.rename(staging, out)  # atomic; replaces an empty directory
-                return spec
-            except OSError:  # created meanwhile: replace file by file below
-                pass
-        os.makedirs(out, exist_ok=True)
-        os.replace(os.path.join(staging, spec.weights_file), os.path.join(out, spec.weights_file))
-        os.replace(os.path.join(staging, META_FILE), os.path.join(out, META_FILE))
-        return spec
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    storage.publish_files(out_dir, [(spec.weights_file, weights), (META_FILE, meta)])  # head.json last
+    return spec
 
 
 def load_spec(head_dir: str) -> HeadSpec:
@@ -200,7 +161,7 @@ def load_head(head_dir: str) -> tuple[LinearHead, HeadSpec]:
         data = storage.read_bytes(storage.join(head_dir, spec.weights_file))
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"the head at {head_dir} has no {spec.weights_file}") from exc
-    actual = _version(data, spec)
+    actual = storage.content_version(data, asdict(spec))
     if actual != spec.version:
         raise HeadIntegrityError(
             f"refusing the head at {head_dir}: {spec.weights_file} and {META_FILE} do not match (content hash {actual}, "

@@ -21,12 +21,8 @@ Example:
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -147,59 +143,19 @@ def normalise(pixels: torch.Tensor, mean, std, channels_last: bool = True) -> to
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
-def _version(weights: bytes, spec: TaggerSpec) -> str:
-    meta = spec.to_json()
-    meta.pop("version", None)
-    meta.pop("extra", None)  # metrics describe the model, they do not change it
-    h = hashlib.sha256(weights)
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    return h.hexdigest()[:12]
-
-
-def _write_synced(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_tagger(model: Tagger, spec: TaggerSpec, out_dir: str) -> TaggerSpec:
     """Saves weights + spec under ``out_dir`` (local or s3) and returns the spec with its version.
-
-    Locally both files are written to a staging directory beside ``out_dir`` first: a new
-    directory is renamed into place whole; in an existing one (which may hold other files, such
-    as calibration reports) the weights are replaced, then tagger.json. On S3 the weights are
-    written first and tagger.json last. A reader between the two steps sees a version mismatch,
-    which ``load_tagger`` refuses, never a silently mixed model."""
+    Published with ``storage.publish_files``: a reader between the two files sees a version
+    mismatch, which ``load_tagger`` refuses, never a silently mixed model."""
     buf = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, buf)
     weights = buf.getvalue()
     spec.embedding_dim = model.embedding_dim
-    spec.version = _version(weights, spec)
+    spec.version = storage.content_version(weights, spec.to_json())
     meta = json.dumps(spec.to_json(), indent=2).encode()
-    if storage.is_remote(out_dir):
-        storage.write_bytes(storage.join(out_dir, WEIGHTS_FILE), weights)
-        storage.write_bytes(storage.join(out_dir, META_FILE), meta)  # last: it names the weights' version
-        return spec
-    out = storage.filesystem_for(out_dir)[1]
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.staging-", dir=os.path.dirname(out))
-    try:
-        _write_synced(os.path.join(staging, WEIGHTS_FILE), weights)
-        _write_synced(os.path.join(staging, META_FILE), meta)
-        if not os.path.isdir(out) or not os.listdir(out):
-            try:
-                os.rename(staging, out)  # atomic; replaces an empty directory
-                return spec
-            except OSError:  # created meanwhile by someone else: replace file by file below
-                pass
-        os.makedirs(out, exist_ok=True)
-        os.replace(os.path.join(staging, WEIGHTS_FILE), os.path.join(out, WEIGHTS_FILE))
-        os.replace(os.path.join(staging, META_FILE), os.path.join(out, META_FILE))
-        return spec
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    storage.publish_files(out_dir, [(WEIGHTS_FILE, weights), (META_FILE, meta)])  # tagger.json last: it names the version
+    return spec
 
 
 def load_spec(model_dir: str) -> TaggerSpec:
@@ -214,7 +170,7 @@ def load_spec(model_dir: str) -> TaggerSpec:
 
 def verify_weights(weights: bytes, spec: TaggerSpec, model_dir: str) -> None:
     """Raises ModelIntegrityError unless ``weights`` and ``spec`` hash to ``spec.version``."""
-    actual = _version(weights, spec)
+    actual = storage.content_version(weights, spec.to_json())
     if actual != spec.version:
         raise ModelIntegrityError(
             f"refusing to load the tagger at {model_dir}: {WEIGHTS_FILE} and {META_FILE} do not match "

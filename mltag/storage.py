@@ -13,8 +13,12 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import posixpath
+import shutil
+import tempfile
 
 import fsspec
 import pyarrow.fs as pafs
@@ -113,11 +117,55 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     fs, path = filesystem_for(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    _write_synced(tmp, data)
+    os.replace(tmp, path)
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def publish_files(out_dir: str, files: list[tuple[str, bytes]]) -> None:
+    """Writes a small versioned directory (a model, a head) so that a reader never takes a half
+    for a whole. ``files`` are written in order; the last one names the others' version (its
+    metadata), so a reader in between sees a version mismatch and refuses, never a silent mix.
+
+    Locally the files go to a staging directory beside ``out_dir`` first: a new directory is
+    renamed into place whole; an existing one (which may hold other files, such as calibration
+    reports) has the files replaced one by one, in order. On S3 each file is one PUT, in order."""
+    if is_remote(out_dir):
+        for name, data in files:
+            write_bytes(join(out_dir, name), data)
+        return
+    out = filesystem_for(out_dir)[1]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.staging-", dir=os.path.dirname(out))
+    try:
+        for name, data in files:
+            _write_synced(os.path.join(staging, name), data)
+        if not os.path.isdir(out) or not os.listdir(out):
+            try:
+                os.rename(staging, out)  # atomic; replaces an empty directory
+                return
+            except OSError:  # created meanwhile by someone else: replace file by file below
+                pass
+        os.makedirs(out, exist_ok=True)
+        for name, _ in files:
+            os.replace(os.path.join(staging, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def content_version(payload: bytes, meta: dict) -> str:
+    """A 12-hex-digit version that changes whenever the payload or the metadata does. ``version``
+    and ``extra`` (metrics: they describe the artefact, they do not change it) are left out."""
+    meta = {k: v for k, v in meta.items() if k not in ("version", "extra")}
+    h = hashlib.sha256(payload)
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()[:12]
 
 
 def absolute(uri: str) -> str:
