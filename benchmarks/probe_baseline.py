@@ -5,7 +5,7 @@ download) pooled features at 224 px of every photo of ../shared/data/ccp-fashion
 and cached as .npy; then
   - scikit-learn: StandardScaler + one LogisticRegression (lbfgs) per tag, C chosen on `val`
     from a grid (one C for every tag by val macro mAP; per-tag C by each tag's val AP as a second row);
-  - mltag.linear_probe (the `cpu-fast` recipe, and what `mltag train-head` fits): the same
+  - mltag.tagger.linear_probe (the `cpu-fast` recipe, and what `mltag train-head` fits): the same
     model family, fitted jointly by L-BFGS, L2 chosen on `val` the same two ways.
 Both fit on `train` only (val chooses, test judges). Reported on `test`: macro and micro mAP
 over the vocabulary's tags (leaves and their groups, as `mltag eval` scores them), and per-tag AP
@@ -35,8 +35,8 @@ RARE_TRAIN_IMAGES = 60  # a tag with fewer training images than this is "rare"
 
 def load_ccp(data: str = DATA, limit: int = 0):
     """(manifest table, vocabulary, labels (N, T) closed upward, split per row)."""
-    from mltag.catalog import read_manifest
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.catalog import read_manifest
+    from mltag.data.vocabulary import Vocabulary
 
     manifest = read_manifest(os.path.join(data, "manifest.csv"), require_tags=True)
     if limit:
@@ -48,7 +48,7 @@ def load_ccp(data: str = DATA, limit: int = 0):
 
 def lite0_features(uris: list[str], img_size: int = 224, cache_dir: str = "", batch: int = 32) -> tuple[np.ndarray, float, bool]:
     """Pooled EfficientNet-Lite0 ImageNet features, decoded and resized as `mltag tag` does
-    (``mltag.images.load_image``), so they are the embeddings a tag table would hold. Cached by
+    (``mltag.data.images.load_image``), so they are the embeddings a tag table would hold. Cached by
     image list and size. Returns (features, seconds spent computing them, whether cached)."""
     cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "mltag-bench")
     key = hashlib.sha256("\n".join(uris).encode()).hexdigest()[:12]
@@ -57,8 +57,8 @@ def lite0_features(uris: list[str], img_size: int = 224, cache_dir: str = "", ba
         return np.load(cache), 0.0, True
     import torch
 
-    from mltag.images import load_image
-    from mltag.model import Tagger, backbone_normalisation, normalise
+    from mltag.data.images import load_image
+    from mltag.tagger.model import Tagger, backbone_normalisation, normalise
 
     started = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -93,7 +93,7 @@ def sklearn_probe(x_train, y_train, x_val, y_val, x_test, grid=C_GRID) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from mltag.metrics import mean_average_precision, per_tag_average_precision
+    from mltag.maths.metrics import mean_average_precision, per_tag_average_precision
 
     scaler = StandardScaler().fit(x_train)
     xt, xv, xs = scaler.transform(x_train), scaler.transform(x_val), scaler.transform(x_test)
@@ -128,7 +128,7 @@ def sklearn_probe(x_train, y_train, x_val, y_val, x_test, grid=C_GRID) -> dict:
 
 
 def split_figures(y_test, scores, rare: np.ndarray) -> dict:
-    from mltag.metrics import mean_average_precision, per_tag_average_precision
+    from mltag.maths.metrics import mean_average_precision, per_tag_average_precision
 
     maps = mean_average_precision(y_test, scores)
     ap = per_tag_average_precision(y_test, scores)
@@ -142,8 +142,8 @@ def split_figures(y_test, scores, rare: np.ndarray) -> dict:
 
 
 def run(img_size: int = 224, limit: int = 0, cache_dir: str = "", data: str = DATA, save_results: bool = True) -> dict:
-    from mltag.linear_probe import DEFAULT_L2_GRID, fit_probe
-    from mltag.metrics import chance_mean_average_precision
+    from mltag.maths.metrics import chance_mean_average_precision
+    from mltag.tagger.linear_probe import DEFAULT_L2_GRID, fit_probe
 
     started = time.time()
     manifest, vocab, y, split = load_ccp(data, limit)

@@ -45,8 +45,8 @@ PLAIN = r'''
 same model and writes Parquet, one file per chunk."""
 import os, sys, numpy as np, pyarrow as pa, pyarrow.parquet as pq, torch
 from multiprocessing import Pool
-from mltag.images import load_image
-from mltag.model import load_tagger, normalise
+from mltag.data.images import load_image
+from mltag.tagger.model import load_tagger, normalise
 
 MODEL, OUT = sys.argv[2], sys.argv[3]
 

@@ -44,7 +44,7 @@ BATCHING = {"on": {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}, "off": 
 def lite0_model(work: str) -> str:
     import torch
 
-    from mltag.model import Tagger, TaggerSpec, save_tagger
+    from mltag.tagger.model import Tagger, TaggerSpec, save_tagger
 
     torch.manual_seed(0)
     names = [f"tag{i}" for i in range(15)]
@@ -128,14 +128,14 @@ def main() -> None:
         printed = re.search(r"\(([\d.]+) images/s\)", tag["output"])
         tag_rate = float(printed.group(1)) if printed else tag_rows / tag["wall_s"]
         print(f"mltag tag: {tag_rows} rows, {tag_rate:.1f} images/s ({tag['wall_s']:.1f} s as a process)")
-        from mltag.index import IndexConfig, build_index
+        from mltag.search import IndexConfig, build_index
 
         build_index(IndexConfig(tag_table=table, out=os.path.join(work, "index")))
 
         import ray
         from ray import serve
 
-        from mltag.serve import ServeConfig, run
+        from mltag.stages.serve import ServeConfig, run
 
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         cells = []

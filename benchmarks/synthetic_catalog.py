@@ -30,7 +30,7 @@ def tiny_model(work: str) -> str:
     """An untrained timm test_efficientnet tagger over 15 tags at 64 px, saved under ``work``."""
     import torch
 
-    from mltag.model import Tagger, TaggerSpec, save_tagger
+    from mltag.tagger.model import Tagger, TaggerSpec, save_tagger
 
     torch.manual_seed(0)
     names = [f"tag{i}" for i in range(15)]

@@ -69,7 +69,7 @@ def full_snapshot_copy(table_uri: str, version: int, tagged_files: list[str], un
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mltag import delta_table
+    from mltag.table import delta_table
 
     started = time.time()
     os.makedirs(out_dir)
@@ -96,8 +96,8 @@ def main() -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from mltag import delta_table, tag_table
-    from mltag.reindex import ReindexConfig, run
+    from mltag.stages.reindex import ReindexConfig, run
+    from mltag.table import delta_table, tag_table
 
     work = args.work or tempfile.mkdtemp(prefix="table-bench-")
     print(f"work dir {work}", flush=True)

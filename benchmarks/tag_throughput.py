@@ -1,7 +1,7 @@
 """Tagging throughput: `mltag tag` against the plain script a user would write, and against what
 the machine can do, on real listing photos.
 
-Every pipeline uses mltag's own decode (``mltag.images.load_image``: Pillow draft mode, EXIF
+Every pipeline uses mltag's own decode (``mltag.data.images.load_image``: Pillow draft mode, EXIF
 orientation, the same resize), the same saved model, batch size and thread count. Two workloads:
 
   forward-bound  EfficientNet-Lite0 at 224 px (on CPU the model is the bound);
@@ -11,7 +11,7 @@ For each, in one run:
   * decode-only capacity (all cores fetch + decode) and model-only capacity (forward on decoded
     tensors, all cores), and the bound of sharing the cores: 1 / (1/forward + 1/decode);
   * A B A B A B on the first --ab-images photos: the plain script (a DataLoader with
-    num_workers = cores, then the model) and the mltag pipeline (``mltag.tag.build_pipeline``,
+    num_workers = cores, then the model) and the mltag pipeline (``mltag.stages.tag.build_pipeline``,
     the very chain `mltag tag` runs), both consumed batch by batch. Steady state is images/s
     between the 10th and 90th percentile of per-batch timestamps; start-up (process start to the
     first batch) is reported on its own. Median and spread over the three pairs;
@@ -49,8 +49,8 @@ num_workers = cores, the model, Parquet at the end. Prints per-batch timestamps 
 import json, os, sys, time
 T0 = time.time()
 import numpy as np, pyarrow as pa, pyarrow.parquet as pq, torch
-from mltag.images import load_image
-from mltag.model import load_tagger, normalise
+from mltag.data.images import load_image
+from mltag.tagger.model import load_tagger, normalise
 
 manifest, model_dir, out, batch, cores = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 table = pq.read_table(manifest)
@@ -88,8 +88,8 @@ MLTAG_PIPELINE = r'''
 import json, os, sys, time
 T0 = time.time()
 import ray
-from mltag.catalog import manifest_dataset
-from mltag.tag import TagConfig, build_pipeline
+from mltag.data.catalog import manifest_dataset
+from mltag.stages.tag import TagConfig, build_pipeline
 
 manifest, model_dir, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ray.init(address="local", log_to_driver=False)
@@ -103,7 +103,7 @@ print("TIMES " + json.dumps({"start": T0, "batches": times}))
 
 
 def _decode(args):
-    from mltag.images import load_image
+    from mltag.data.images import load_image
 
     uri, size = args
     return load_image(uri, size)[1] is None
@@ -121,7 +121,7 @@ def decode_capacity(uris: list[str], size: int, cores: int) -> float:
 def model_capacity(model_dir: str, n: int, batch: int, cores: int) -> float:
     import torch
 
-    from mltag.model import load_tagger, normalise
+    from mltag.tagger.model import load_tagger, normalise
 
     torch.set_num_threads(cores)
     model, spec = load_tagger(model_dir)
@@ -152,8 +152,8 @@ def spread(values: list[float]) -> str:
 def one_workload(name: str, manifest, args, work: str, cores: int) -> tuple[str, dict]:
     import pyarrow.parquet as pq
 
-    from mltag.model import Tagger, TaggerSpec, backbone_normalisation, save_tagger
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.tagger.model import Tagger, TaggerSpec, backbone_normalisation, save_tagger
 
     backbone, pretrained = WORKLOADS[name]
     tags = sorted({t for ts in manifest.column("tags").to_pylist() for t in (ts or [])}) if "tags" in manifest.column_names else ["tag"]
@@ -285,7 +285,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="use only the first N photos end to end (0: all)")
     args = parser.parse_args()
 
-    from mltag.catalog import read_manifest
+    from mltag.data.catalog import read_manifest
 
     cores = os.cpu_count()
     manifest = read_manifest(args.manifest)

@@ -63,8 +63,8 @@ def main() -> None:
 
     import ray
 
-    from mltag.sample import build_sample_catalog
-    from mltag.train import TrainConfig, run
+    from mltag.stages.sample import build_sample_catalog
+    from mltag.stages.train import TrainConfig, run
 
     ray.init(address="local", num_cpus=os.cpu_count())
     work = tempfile.mkdtemp(prefix="mltag-quality-")

@@ -29,11 +29,11 @@ def plain_pytorch_loop(manifest: str, img_size: int, epochs: int, batch_size: in
     """What a user would write without mltag: decode everything, then a torch loop."""
     import torch
 
-    from mltag.catalog import read_manifest, select_split
-    from mltag.images import load_image
-    from mltag.losses import MultiLabelLoss
-    from mltag.model import Tagger, backbone_normalisation, normalise
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.catalog import read_manifest, select_split
+    from mltag.data.images import load_image
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.tagger.losses import MultiLabelLoss
+    from mltag.tagger.model import Tagger, backbone_normalisation, normalise
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def plain_pytorch_loop(manifest: str, img_size: int, epochs: int, batch_size: in
 
 
 def mltag_train(manifest: str, work: str, img_size: int, epochs: int, batch_size: int, workers: int, threads: int) -> float:
-    from mltag.train import TrainConfig, run
+    from mltag.stages.train import TrainConfig, run
 
     spec = run(
         TrainConfig(
@@ -99,7 +99,7 @@ def main() -> None:
 
     import ray
 
-    from mltag.sample import build_sample_catalog
+    from mltag.stages.sample import build_sample_catalog
 
     cpus = os.cpu_count()
     work = tempfile.mkdtemp(prefix="mltag-throughput-")

@@ -9,10 +9,10 @@ from pathlib import Path
 # Runnable from a plain checkout too (ray job submit --working-dir . ships the source, not an install).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mltag import log
-from mltag.cluster import on_worker
 from mltag.config import parse_config
-from mltag.index_build import IndexConfig, run
+from mltag.runtime import log
+from mltag.runtime.cluster import on_worker
+from mltag.stages.index_build import IndexConfig, run
 
 if __name__ == "__main__":
     log.configure()

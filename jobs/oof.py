@@ -9,9 +9,9 @@ from pathlib import Path
 # Runnable from a plain checkout too (ray job submit --working-dir . ships the source, not an install).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mltag import log
 from mltag.config import parse_config
-from mltag.oof import OofConfig, run
+from mltag.runtime import log
+from mltag.stages.oof import OofConfig, run
 
 if __name__ == "__main__":
     log.configure()

@@ -10,9 +10,9 @@ from pathlib import Path
 # Runnable from a plain checkout too (ray job submit --working-dir . ships the source, not an install).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mltag import log
 from mltag.config import parse_config
-from mltag.tag import TagConfig, run
+from mltag.runtime import log
+from mltag.stages.tag import TagConfig, run
 
 if __name__ == "__main__":
     log.configure()

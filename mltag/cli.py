@@ -42,7 +42,7 @@ class Stage:
     def load(self) -> tuple[type, Callable]:
         config_cls, run = _resolve(self.config), _resolve(self.run)
         if self.on_worker:
-            from mltag.cluster import on_worker
+            from mltag.runtime.cluster import on_worker
 
             run = functools.partial(on_worker, run)
         return config_cls, run
@@ -55,86 +55,106 @@ def _resolve(target: str):
 
 STAGES: dict[str, Stage] = {
     "sample": Stage(
-        "mltag.sample:SampleConfig", "mltag.sample:run", "Build the offline sample catalog (real photos + real handwritten digits)."
+        "mltag.stages.sample:SampleConfig",
+        "mltag.stages.sample:run",
+        "Build the offline sample catalog (real photos + real handwritten digits).",
     ),
     "train": Stage(
-        "mltag.train:TrainConfig", "mltag.train:run", "Train a multi-label tagger with Ray Train (TorchTrainer fed by Ray Data)."
+        "mltag.stages.train:TrainConfig",
+        "mltag.stages.train:run",
+        "Train a multi-label tagger with Ray Train (TorchTrainer fed by Ray Data).",
     ),
     "eval": Stage(
-        "mltag.evaluate:EvalConfig", "mltag.evaluate:run", "Evaluate a tagger on a labelled manifest: metrics JSON and a per-tag Parquet."
+        "mltag.stages.evaluate:EvalConfig",
+        "mltag.stages.evaluate:run",
+        "Evaluate a tagger on a labelled manifest: metrics JSON and a per-tag Parquet.",
     ),
     "calibrate": Stage(
-        "mltag.calibrate:CalibrateConfig",
-        "mltag.calibrate:run",
+        "mltag.stages.calibrate:CalibrateConfig",
+        "mltag.stages.calibrate:run",
         "Choose per-tag thresholds on a validation split and save them with the model.",
     ),
     "report": Stage(
-        "mltag.report:ReportConfig",
-        "mltag.report:run",
+        "mltag.stages.report:ReportConfig",
+        "mltag.stages.report:run",
         "Write an HTML report (PNG figures + metrics table) for a trained and evaluated tagger.",
     ),
     "tag": Stage(
-        "mltag.tag:TagConfig", "mltag.tag:run", "Tag every image of a catalog manifest into the Delta tag table (one commit per run)."
+        "mltag.stages.tag:TagConfig",
+        "mltag.stages.tag:run",
+        "Tag every image of a catalog manifest into the Delta tag table (one commit per run).",
     ),
     "reindex": Stage(
-        "mltag.reindex:ReindexConfig",
-        "mltag.reindex:run",
+        "mltag.stages.reindex:ReindexConfig",
+        "mltag.stages.reindex:run",
         "Nightly incremental re-index: tag only new, changed or transiently failed images; one MERGE.",
     ),
-    "history": Stage("mltag.history:HistoryConfig", "mltag.history:run", "List a tag table's versions with each run's metadata."),
+    "history": Stage(
+        "mltag.stages.history:HistoryConfig", "mltag.stages.history:run", "List a tag table's versions with each run's metadata."
+    ),
     "index": Stage(
-        "mltag.index_build:IndexConfig",
-        "mltag.index_build:run",
+        "mltag.stages.index_build:IndexConfig",
+        "mltag.stages.index_build:run",
         "Build a FAISS similarity index from a committed tag table.",
         on_worker=True,
     ),
     "index-update": Stage(
-        "mltag.index_update:IndexUpdateConfig",
-        "mltag.index_update:run",
+        "mltag.stages.index_update:IndexUpdateConfig",
+        "mltag.stages.index_update:run",
         "Bring an index to a newer version of its tag table, or remove listings, without a rebuild.",
         on_worker=True,
     ),
     "search": Stage(
-        "mltag.index_search:SearchConfig", "mltag.index_search:run", "Find the listings most similar to a listing id or an image."
+        "mltag.stages.index_search:SearchConfig",
+        "mltag.stages.index_search:run",
+        "Find the listings most similar to a listing id or an image.",
     ),
     "anomalies": Stage(
-        "mltag.anomalies:AnomalyConfig",
-        "mltag.anomalies:run",
+        "mltag.stages.anomalies:AnomalyConfig",
+        "mltag.stages.anomalies:run",
         "Score every listing by its kNN distance and write the outlier table.",
         on_worker=True,
     ),
     "duplicates": Stage(
-        "mltag.duplicates:DuplicatesConfig",
-        "mltag.duplicates:run",
+        "mltag.stages.duplicates:DuplicatesConfig",
+        "mltag.stages.duplicates:run",
         "Group near-duplicate listings by embedding similarity.",
         on_worker=True,
     ),
     "serve": Stage(
-        "mltag.serve:ServeConfig",
-        "mltag.serve:run",
+        "mltag.stages.serve:ServeConfig",
+        "mltag.stages.serve:run",
         "Serve tagging and similar-listing search over HTTP with Ray Serve, with model chaining and a review page.",
     ),
     "split": Stage(
-        "mltag.folds:SplitConfig", "mltag.folds:run", "Assign every listing a stratified cross-validation fold (a `fold` column)."
+        "mltag.stages.folds:SplitConfig",
+        "mltag.stages.folds:run",
+        "Assign every listing a stratified cross-validation fold (a `fold` column).",
     ),
-    "oof": Stage("mltag.oof:OofConfig", "mltag.oof:run", "Out-of-fold scores: one training run per fold, each scoring its held-out fold."),
+    "oof": Stage(
+        "mltag.stages.oof:OofConfig",
+        "mltag.stages.oof:run",
+        "Out-of-fold scores: one training run per fold, each scoring its held-out fold.",
+    ),
     "curate": Stage(
-        "mltag.curate:CurateConfig",
-        "mltag.curate:run",
+        "mltag.stages.curate:CurateConfig",
+        "mltag.stages.curate:run",
         "Curate a labelled catalog: pseudo-labels, tag pruning and merging, a label-issue review queue.",
     ),
     "train-head": Stage(
-        "mltag.train_head:TrainHeadConfig",
-        "mltag.train_head:run",
+        "mltag.stages.train_head:TrainHeadConfig",
+        "mltag.stages.train_head:run",
         "Fit a head for new tags on the embeddings stored in a tag table (no image is read).",
     ),
     "apply-head": Stage(
-        "mltag.apply_head:ApplyHeadConfig",
-        "mltag.apply_head:run",
+        "mltag.stages.apply_head:ApplyHeadConfig",
+        "mltag.stages.apply_head:run",
         "Add a fitted head's scores and tags to every row of a tag table (one new table version).",
     ),
     "demo": Stage(
-        "mltag.demo:DemoConfig", "mltag.demo:run", "Run sample -> train -> tag -> index -> search end to end on a local Ray instance."
+        "mltag.stages.demo:DemoConfig",
+        "mltag.stages.demo:run",
+        "Run sample -> train -> tag -> index -> search end to end on a local Ray instance.",
     ),
 }
 
@@ -154,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(stage if stage in STAGES else None).parse_args(argv)
-    from mltag import log
+    from mltag.runtime import log
 
     log.configure()
     config_cls, run = STAGES[args.stage].load()
@@ -163,9 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"mltag {args.stage}: {exc}", file=sys.stderr)
         return 2
-    from mltag.delta_table import TableConflictError, TableNotFoundError
-    from mltag.heads import HeadMismatchError
-    from mltag.tag import ErrorGateError
+    from mltag.stages.tag import ErrorGateError
+    from mltag.table.delta_table import TableConflictError, TableNotFoundError
+    from mltag.tagger.heads import HeadMismatchError
 
     try:
         run(config)

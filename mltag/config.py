@@ -116,7 +116,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     records, so ``--config runs/eval/provenance.json`` repeats that run."""
     path = str(path)
     if "://" in path:
-        from mltag import storage  # fsspec and pyarrow: only when a config lives remotely
+        from mltag.data import storage  # fsspec and pyarrow: only when a config lives remotely
 
         text = storage.read_bytes(path).decode()
     else:
@@ -191,7 +191,7 @@ def config_hash(config: Any) -> str:
 def save_config(config: Any, path: str | Path) -> None:
     """Saves the resolved config as YAML beside a stage's outputs, local or a URI (it loads back
     with --config)."""
-    from mltag import storage  # fsspec and pyarrow: kept out of `mltag --help`
+    from mltag.data import storage  # fsspec and pyarrow: kept out of `mltag --help`
 
     storage.write_bytes_atomic(str(path), yaml.safe_dump(config_dict(config), sort_keys=False).encode())
 
@@ -253,7 +253,7 @@ def save_provenance(uri: str, config: Any, **record: Any) -> str:
     Example:
         >>> save_provenance("runs/eval/provenance.json", config, model_version=spec.version)  # doctest: +SKIP
     """
-    from mltag import storage  # fsspec and pyarrow: kept out of `mltag --help`
+    from mltag.data import storage  # fsspec and pyarrow: kept out of `mltag --help`
 
     storage.write_bytes_atomic(uri, (json.dumps(provenance(config, **record), indent=2, default=str) + "\n").encode())
     return uri

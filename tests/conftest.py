@@ -25,7 +25,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_catalog(tmp_path_factory):
     """48 real sample-catalog JPEGs (64 px) with manifest and vocabulary."""
-    from mltag.sample import build_sample_catalog
+    from mltag.stages.sample import build_sample_catalog
 
     return build_sample_catalog(str(tmp_path_factory.mktemp("catalog")), n_images=48, size=64, seed=0)
 
@@ -33,8 +33,8 @@ def tiny_catalog(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_catalog):
     """An untrained but real, saved tagger (timm test_efficientnet) over the sample vocabulary."""
-    from mltag.model import Tagger, TaggerSpec, save_tagger
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.tagger.model import Tagger, TaggerSpec, save_tagger
 
     torch.manual_seed(0)
     vocab = Vocabulary.load(tiny_catalog["vocabulary"])

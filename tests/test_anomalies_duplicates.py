@@ -7,18 +7,19 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from mltag import anomalies, duplicates, tag_table
-from mltag.catalog import read_manifest
-from mltag.delta_table import write_table
-from mltag.duplicates import duplicate_groups
-from mltag.embed import tag_images
-from mltag.index import IndexConfig, build_index
+from mltag.data.catalog import read_manifest
+from mltag.search import IndexConfig, build_index
+from mltag.stages import anomalies, duplicates
+from mltag.stages.duplicates import duplicate_groups
+from mltag.table import tag_table
+from mltag.table.delta_table import write_table
+from mltag.tagger.embed import tag_images
 
 
 @pytest.fixture(scope="module")
 def lite0_model(tmp_path_factory, tiny_catalog):
-    from mltag.model import Tagger, TaggerSpec, save_tagger
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.tagger.model import Tagger, TaggerSpec, save_tagger
 
     vocab = Vocabulary.load(tiny_catalog["vocabulary"])
     out = str(tmp_path_factory.mktemp("lite0"))
@@ -80,7 +81,7 @@ def test_planted_noise_images_rank_as_the_top_anomalies(tiny_catalog, lite0_mode
 def test_reposted_photos_group_together_and_distinct_ones_do_not(lite0_model, tmp_path):
     from sklearn.datasets import load_sample_image
 
-    from mltag.sample import build_sample_catalog
+    from mltag.stages.sample import build_sample_catalog
 
     # Distinct listings: the two real photographs whole, and composite listing photos.
     catalog = build_sample_catalog(str(tmp_path / "catalog"), n_images=8, size=224, seed=7)

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mltag import tag_table
-from mltag.vocabulary import Vocabulary
+from mltag.data.vocabulary import Vocabulary
+from mltag.table import tag_table
 
 
 def _reference(n, ok, scores, embeddings, names, thresholds, ancestors, max_tags, errors):

@@ -3,10 +3,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mltag.augment import augment_batch, colour_jitter, random_resized_crop
-from mltag.images import pixels_from_arrow, pixels_to_arrow
-from mltag.model import Tagger
-from mltag.train_loop import build_optimizer, freeze_backbone, warmup_cosine
+from mltag.data.augment import augment_batch, colour_jitter, random_resized_crop
+from mltag.data.images import pixels_from_arrow, pixels_to_arrow
+from mltag.tagger.model import Tagger
+from mltag.tagger.train_loop import build_optimizer, freeze_backbone, warmup_cosine
 
 
 def _batch(n=4, size=32):

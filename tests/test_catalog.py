@@ -2,8 +2,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mltag.catalog import ManifestError, read_manifest, select_split
-from mltag.vocabulary import Vocabulary, VocabularyError
+from mltag.data.catalog import ManifestError, read_manifest, select_split
+from mltag.data.vocabulary import Vocabulary, VocabularyError
 
 
 def _csv(tmp_path, text, name="manifest.csv"):

@@ -1,10 +1,10 @@
-"""mltag.cluster: the one place a use_gpu setting is resolved and Ray is joined."""
+"""mltag.runtime.cluster: the one place a use_gpu setting is resolved and Ray is joined."""
 
 from __future__ import annotations
 
 import pytest
 
-from mltag.cluster import GPU_SETTINGS, cluster_cpus, cluster_gpus, init_ray, wants_gpu
+from mltag.runtime.cluster import GPU_SETTINGS, cluster_cpus, cluster_gpus, init_ray, wants_gpu
 
 
 @pytest.mark.parametrize("setting, expected", [("true", True), ("false", False), ("TRUE", True), (True, True), (False, False)])

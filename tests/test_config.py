@@ -1,8 +1,8 @@
 import pytest
 
 from mltag.config import ConfigError, config_from_dict, parse_config, save_config
-from mltag.tag import TagConfig
-from mltag.train import TrainConfig
+from mltag.stages.tag import TagConfig
+from mltag.stages.train import TrainConfig
 
 
 def test_layers_defaults_then_yaml_then_flags(tmp_path):
@@ -47,10 +47,10 @@ def test_saved_config_loads_back(tmp_path):
 @pytest.mark.parametrize(
     "name, module, cls",
     [
-        ("demo.yaml", "mltag.demo", "DemoConfig"),
-        ("tag_production.yaml", "mltag.tag", "TagConfig"),
-        ("train_production.yaml", "mltag.train", "TrainConfig"),
-        ("nightly_production.yaml", "mltag.reindex", "ReindexConfig"),
+        ("demo.yaml", "mltag.stages.demo", "DemoConfig"),
+        ("tag_production.yaml", "mltag.stages.tag", "TagConfig"),
+        ("train_production.yaml", "mltag.stages.train", "TrainConfig"),
+        ("nightly_production.yaml", "mltag.stages.reindex", "ReindexConfig"),
     ],
 )
 def test_every_shipped_config_loads_into_its_stage(name, module, cls):
@@ -74,7 +74,7 @@ def test_provenance_records_the_config_its_hash_and_the_versions_and_loads_back_
     record = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert uri == str(tmp_path / "out" / "provenance.json")
     assert record["config_hash"] == config_hash(config) and record["model_version"] == "m1" and record["table_version"] == 4
-    assert record["config_class"] == "mltag.train.TrainConfig" and record["index"] == "x" and record["config"]["epochs"] == 3
+    assert record["config_class"] == "mltag.stages.train.TrainConfig" and record["index"] == "x" and record["config"]["epochs"] == 3
     # The record is a config file too: --config repeats the run it describes.
     assert parse_config(TrainConfig, ["--config", uri]) == config
 

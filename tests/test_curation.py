@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mltag.curate import CurateConfig, run
-from mltag.hierarchy_checks import missing_parents, parents_never_alone
-from mltag.label_issues import precision_at, review_queue
-from mltag.pseudo_labels import pseudo_labels
-from mltag.tag_merges import merge_columns, merge_groups, merged_vocabulary, related_pairs, without_tags, wordnet_pairs
-from mltag.tag_pruning import correlation_matrix, rare_tags, uncorrelated_tags
-from mltag.vocabulary import Vocabulary
+from mltag.data.vocabulary import Vocabulary
+from mltag.maths.hierarchy_checks import missing_parents, parents_never_alone
+from mltag.maths.label_issues import precision_at, review_queue
+from mltag.maths.pseudo_labels import pseudo_labels
+from mltag.maths.tag_merges import merge_columns, merge_groups, merged_vocabulary, related_pairs, without_tags, wordnet_pairs
+from mltag.maths.tag_pruning import correlation_matrix, rare_tags, uncorrelated_tags
+from mltag.stages.curate import CurateConfig, run
 
 # Tags a, b, c, d; six images.
 HUMAN = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]], bool)
@@ -84,7 +84,7 @@ def test_rare_and_uncorrelated_tags_match_a_hand_computation():
 
 
 def test_wordnet_merges_offline_and_never_across_the_hierarchy(monkeypatch):
-    from mltag.wordnet import WordNet
+    from mltag.data.wordnet import WordNet
 
     def no_network(*args, **kwargs):
         raise AssertionError("WordNet must not touch the network")
@@ -157,7 +157,7 @@ def test_review_queue_finds_planted_label_noise_far_above_the_noise_rate():
 def oof_for_tiny_catalog(tiny_catalog, tmp_path):
     """Synthetic out-of-fold scores for the 48-image sample catalog: the labels seen through an
     imperfect model, with the label `odd` of every 8th image scored against it."""
-    from mltag.catalog import read_manifest
+    from mltag.data.catalog import read_manifest
 
     vocab = Vocabulary.load(tiny_catalog["vocabulary"])
     manifest = read_manifest(tiny_catalog["manifest"], require_tags=True)
@@ -182,7 +182,7 @@ def oof_for_tiny_catalog(tiny_catalog, tmp_path):
 
 
 def test_curate_writes_every_output_reproducibly_and_keeps_human_labels(tiny_catalog, oof_for_tiny_catalog, tmp_path):
-    from mltag.catalog import read_manifest
+    from mltag.data.catalog import read_manifest
 
     vocab = Vocabulary.load(tiny_catalog["vocabulary"])
     counts = vocab.encode(read_manifest(tiny_catalog["manifest"]).column("tags").to_pylist()).sum(axis=0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mltag.device_decode import decode_on_device
-from mltag.images import ImageLoadError, decode_image, fetch_batch, probe_image
+from mltag.data.device_decode import decode_on_device
+from mltag.data.images import ImageLoadError, decode_image, fetch_batch, probe_image
 
 
 def _encode(array, fmt, **kw):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mltag.device_decode import decode_on_device, exif_orientation
-from mltag.images import decode_image
+from mltag.data.device_decode import decode_on_device, exif_orientation
+from mltag.data.images import decode_image
 
 SIZE = 32
 

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mltag import tag_table
-from mltag.catalog import read_manifest
+from mltag.data.catalog import read_manifest
+from mltag.table import tag_table
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -155,7 +155,7 @@ def test_eval_metrics_match_sklearn_on_the_pipelines_scores(pipeline):
     import numpy as np
     from sklearn import metrics as skm
 
-    from mltag.embed import tag_images
+    from mltag.tagger.embed import tag_images
 
     work = pipeline["work"]
     log = run_entrypoint(

@@ -11,16 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mltag import tag_table
 from mltag.config import config_hash
-from mltag.delta_table import write_table
+from mltag.table import tag_table
+from mltag.table.delta_table import write_table
 
 TAGS = ["a", "b", "c"]
 
 
 @pytest.fixture()
 def tiny_model(tmp_path):
-    from mltag.model import Tagger, TaggerSpec, save_tagger
+    from mltag.tagger.model import Tagger, TaggerSpec, save_tagger
 
     torch.manual_seed(0)
     spec = save_tagger(
@@ -40,7 +40,7 @@ def labelled(n: int = 30, seed: int = 0):
 
 
 def test_eval_from_a_tag_table_writes_metrics_and_its_provenance(tmp_path, tiny_model):
-    from mltag.evaluate import EvalConfig, run
+    from mltag.stages.evaluate import EvalConfig, run
 
     model, spec = tiny_model
     y, scores = labelled()
@@ -61,9 +61,9 @@ def test_eval_from_a_tag_table_writes_metrics_and_its_provenance(tmp_path, tiny_
 
 
 def test_calibrate_writes_the_new_model_version_and_its_provenance_beside_the_thresholds(tmp_path, tiny_model, monkeypatch):
-    from mltag import predict
-    from mltag.calibrate import CalibrateConfig, run
-    from mltag.model import load_spec
+    from mltag.stages import predict
+    from mltag.stages.calibrate import CalibrateConfig, run
+    from mltag.tagger.model import load_spec
 
     model, spec = tiny_model
     y, scores = labelled(seed=1)

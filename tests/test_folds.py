@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mltag.catalog import ManifestError, read_manifest, train_val_split
-from mltag.folds import SplitConfig, assign_folds, extend_folds, fold_report, run, stratified_folds
+from mltag.data.catalog import ManifestError, read_manifest, train_val_split
+from mltag.stages.folds import SplitConfig, assign_folds, extend_folds, fold_report, run, stratified_folds
 
 K = 5
 

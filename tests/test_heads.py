@@ -12,16 +12,16 @@ import pyarrow.csv as pacsv
 import pytest
 import torch
 
-from mltag import delta_table, tag_table
-from mltag.apply_head import ApplyHeadConfig, output_schema
-from mltag.apply_head import run as apply_head
-from mltag.catalog import read_manifest
 from mltag.cli import main as cli_main
-from mltag.heads import HeadMismatchError, head_columns, load_head, load_spec, save_head
-from mltag.linear_probe import LinearHead
-from mltag.train_head import TrainHeadConfig, label_matrix
-from mltag.train_head import run as train_head
-from mltag.vocabulary import Vocabulary
+from mltag.data.catalog import read_manifest
+from mltag.data.vocabulary import Vocabulary
+from mltag.stages.apply_head import ApplyHeadConfig, output_schema
+from mltag.stages.apply_head import run as apply_head
+from mltag.stages.train_head import TrainHeadConfig, label_matrix
+from mltag.stages.train_head import run as train_head
+from mltag.table import delta_table, tag_table
+from mltag.tagger.heads import HeadMismatchError, head_columns, load_head, load_spec, save_head
+from mltag.tagger.linear_probe import LinearHead
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +34,9 @@ def tagged(ray_local, tiny_catalog, tiny_model_dir, tmp_path_factory):
     Its rows are what `mltag tag` writes (its decode stage and its inference actor, run here in
     process on 25-image batches), committed as one version: the Ray Data pipeline itself is
     tested elsewhere, and skipping its start-up keeps this file fast."""
-    from mltag.images import decode_batch
-    from mltag.model import load_spec
-    from mltag.tag import TaggerActor
+    from mltag.data.images import decode_batch
+    from mltag.stages.tag import TaggerActor
+    from mltag.tagger.model import load_spec
 
     work = tmp_path_factory.mktemp("heads")
     catalog = read_manifest(tiny_catalog["manifest"])
@@ -80,8 +80,8 @@ def _scene_head(tagged, **overrides) -> str:
 
 def _reference_scores(model_dir: str, head_dir: str, uris: list[str]) -> np.ndarray:
     """The full model on the images, its own head replaced by the fitted one (an nn.Linear)."""
-    from mltag.images import load_image
-    from mltag.model import load_tagger, normalise
+    from mltag.data.images import load_image
+    from mltag.tagger.model import load_tagger, normalise
 
     model, spec = load_tagger(model_dir)
     linear, head_spec = load_head(head_dir)
@@ -172,7 +172,7 @@ def test_a_head_of_another_model_version_is_refused(tagged):
 
 def test_head_columns_leave_error_rows_and_other_models_rows_null():
     linear = LinearHead(np.array([[1.0, -1.0]], np.float32), np.array([0.5], np.float32), np.array([0.1]))
-    from mltag.heads import HeadSpec
+    from mltag.tagger.heads import HeadSpec
 
     spec = HeadSpec("h", {"tags": ["a"]}, "m1", 2, [0.5], version="v")
     batch = pa.table(
@@ -189,7 +189,7 @@ def test_head_columns_leave_error_rows_and_other_models_rows_null():
 
 
 def test_a_name_clashing_with_other_columns_is_refused():
-    from mltag.heads import HeadSpec
+    from mltag.tagger.heads import HeadSpec
 
     spec = HeadSpec("tags", {"tags": ["a"]}, "m", 2, [0.5])
     schema = pa.schema([("listing_id", pa.string()), ("tags_scores", pa.float32())])

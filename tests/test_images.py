@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from mltag.images import decode_batch, load_image, pixels_from_arrow, pixels_to_arrow
+from mltag.data.images import decode_batch, load_image, pixels_from_arrow, pixels_to_arrow
 
 
 def _save(tmp_path, name, image, fmt, **kwargs):

@@ -2,9 +2,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mltag import tag_table
-from mltag.delta_table import TableNotFoundError, write_table
-from mltag.index import EmbeddingIndex, IndexConfig, build_index, l2_normalise
+from mltag.search import EmbeddingIndex, IndexConfig, build_index, l2_normalise
+from mltag.table import tag_table
+from mltag.table.delta_table import TableNotFoundError, write_table
 
 
 def write_committed_table(directory, embeddings, errors, files=2):
@@ -85,7 +85,7 @@ def test_as_of_indexes_an_older_version(tmp_path):
 
 def merge_into(directory, upserts: pa.Table, deleted_ids: list[str], model_version: str = "v1"):
     """One MERGE commit, as the nightly re-index makes: rows upserted, listings deleted."""
-    from mltag import delta_table
+    from mltag.table import delta_table
 
     dt = delta_table.open_table(str(directory))
     schema = upserts.schema.append(pa.field("_action", pa.string()))
@@ -111,7 +111,7 @@ def merge_into(directory, upserts: pa.Table, deleted_ids: list[str], model_versi
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
 def test_update_applies_exactly_what_changed_between_table_versions(tmp_path, factory):
-    from mltag.index import IndexUpdateConfig, update_index
+    from mltag.search import IndexUpdateConfig, update_index
 
     rng = np.random.default_rng(3)
     first = rng.normal(size=(30, 8)).astype(np.float32)
@@ -144,14 +144,14 @@ def test_update_applies_exactly_what_changed_between_table_versions(tmp_path, fa
 
 def test_update_takes_listings_to_remove_from_its_one_config():
     from mltag.config import parse_config
-    from mltag.index import IndexUpdateConfig
+    from mltag.search import IndexUpdateConfig
 
     assert parse_config(IndexUpdateConfig, ["--remove-ids", "L1,L2"]).remove_ids == ["L1", "L2"]
     assert parse_config(IndexUpdateConfig, []).remove_ids == []
 
 
 def test_update_refuses_a_table_tagged_by_another_model(tmp_path):
-    from mltag.index import IndexUpdateConfig, update_index
+    from mltag.search import IndexUpdateConfig, update_index
 
     rng = np.random.default_rng(4)
     write_committed_table(tmp_path / "t", rng.normal(size=(10, 8)).astype(np.float32), [None] * 10)
@@ -168,8 +168,8 @@ def test_update_refuses_a_table_tagged_by_another_model(tmp_path):
 
 @pytest.mark.parametrize("step", ["index.faiss", "ids.parquet", "index.json", "rename"])
 def test_a_crash_at_any_step_leaves_the_previous_index_searchable_and_a_rerun_converges(tmp_path, step, monkeypatch):
-    from mltag import index_build, index_update
-    from mltag.index import IndexUpdateConfig, update_index
+    from mltag.search import IndexUpdateConfig, update_index
+    from mltag.stages import index_build, index_update
 
     rng = np.random.default_rng(5)
     first = rng.normal(size=(20, 8)).astype(np.float32)
@@ -234,8 +234,8 @@ def read_provenance(path):
 
 def test_every_index_version_and_search_output_records_its_config_and_versions(tmp_path):
     from mltag.config import config_hash
-    from mltag.embedding_index import current_version_dir
-    from mltag.index import IndexUpdateConfig, SearchConfig, run_search, update_index
+    from mltag.search import IndexUpdateConfig, SearchConfig, run_search, update_index
+    from mltag.search.embedding_index import current_version_dir
 
     rng = np.random.default_rng(6)
     write_committed_table(tmp_path / "t", rng.normal(size=(12, 8)).astype(np.float32), [None] * 12)
@@ -243,7 +243,11 @@ def test_every_index_version_and_search_output_records_its_config_and_versions(t
     build_index(build)
     record = read_provenance(f"{current_version_dir(str(tmp_path / 'idx'))}/provenance.json")
     assert record["config_hash"] == config_hash(build) and record["config"]["tag_table"] == str(tmp_path / "t")
-    assert record["model_version"] == "v1" and record["table_version"] == 0 and record["config_class"] == "mltag.index_build.IndexConfig"
+    assert (
+        record["model_version"] == "v1"
+        and record["table_version"] == 0
+        and record["config_class"] == "mltag.stages.index_build.IndexConfig"
+    )
 
     update = IndexUpdateConfig(index=str(tmp_path / "idx"), remove_ids=["L3"])
     update_index(update)
@@ -260,14 +264,14 @@ def test_every_index_version_and_search_output_records_its_config_and_versions(t
 
 
 def test_status_goes_to_stderr_and_the_search_answer_to_stdout(clustered, capsys):
-    from mltag import log
-    from mltag.index import SearchConfig, run_search
+    from mltag.runtime import log
+    from mltag.search import SearchConfig, run_search
 
     log.configure()
     tmp_path, _, _ = clustered
     build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "idx")))
     captured = capsys.readouterr()
-    assert captured.out == "" and "I mltag.index_build: index: 59 vectors (1 error rows skipped)" in captured.err
+    assert captured.out == "" and "I mltag.stages.index_build: index: 59 vectors (1 error rows skipped)" in captured.err
     run_search(SearchConfig(index=str(tmp_path / "idx"), listing_id="L12", k=3))
     captured = capsys.readouterr()
     assert captured.out.startswith("listings most similar to L12:\nrank  similarity") and captured.err == ""

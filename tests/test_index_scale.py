@@ -10,9 +10,18 @@ import pytest
 from scipy import stats
 from test_index import write_committed_table
 
-from mltag import anomalies, duplicates, index_build, index_training, neighbours
-from mltag.duplicates import duplicate_groups
-from mltag.index import EmbeddingIndex, IndexConfig, build_index, l2_normalise, train_sample_size, uniform_sample_positions
+from mltag.search import (
+    EmbeddingIndex,
+    IndexConfig,
+    build_index,
+    index_training,
+    l2_normalise,
+    neighbours,
+    train_sample_size,
+    uniform_sample_positions,
+)
+from mltag.stages import anomalies, duplicates, index_build
+from mltag.stages.duplicates import duplicate_groups
 
 
 # ---- the training sample ---------------------------------------------------------------------------

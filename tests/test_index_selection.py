@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from test_index import write_committed_table
 
-from mltag.index import EmbeddingIndex, IndexConfig, build_index, exact_neighbours, l2_normalise, recall_at_k
-from mltag.index_selection import choose_index, parse_bytes
+from mltag.search import EmbeddingIndex, IndexConfig, build_index, exact_neighbours, l2_normalise, recall_at_k
+from mltag.search.index_selection import choose_index, parse_bytes
 
 GiB = 2**30
 
@@ -85,7 +85,7 @@ def test_nprobe_tuning_stops_where_recall_stops_growing(clustered):
     for recall it cannot get, and what it keeps is as good as scanning every list."""
     import faiss
 
-    from mltag.index import PLATEAU_GAIN, tune_nprobe
+    from mltag.search import PLATEAU_GAIN, tune_nprobe
 
     _, vectors = clustered
     index = faiss.index_factory(vectors.shape[1], "IVF64,PQ2", faiss.METRIC_INNER_PRODUCT)
@@ -106,7 +106,7 @@ def test_refine_stage_reranks_exactly_and_refuses_removal_clearly(clustered):
     re-ranks candidates with the raw vectors (its k_factor saved with the index) and reaches it."""
     import faiss
 
-    from mltag.index import REFINE_K_FACTOR, IndexUpdateConfig, update_index
+    from mltag.search import REFINE_K_FACTOR, IndexUpdateConfig, update_index
 
     tmp_path, vectors = clustered
     meta = build_index(

@@ -135,7 +135,7 @@ def test_tagging_job_submitted_to_a_real_head(ray_head, tiny_catalog, tiny_model
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-5000:]
     assert "succeeded" in logs.lower() and "tag table: 48 rows" in logs
-    from mltag import tag_table
+    from mltag.table import tag_table
 
     meta = tag_table.run_metadata(str(out))
     assert meta["rows"] == meta["manifest_rows"] == 48 and meta["errors"] == 0 and meta["snapshot"] == "2026-11-23"

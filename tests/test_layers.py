@@ -13,18 +13,24 @@ import pytest
 from mltag.cli import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE_MATHS = ("mltag.metrics", "mltag.thresholds", "mltag.losses", "mltag.resampling", "mltag.index_selection")
+PURE_MATHS = (
+    "mltag.maths.metrics",
+    "mltag.maths.thresholds",
+    "mltag.tagger.losses",
+    "mltag.maths.resampling",
+    "mltag.search.index_selection",
+)
 FAISS_MODULES = (
-    "mltag.index",
-    "mltag.embedding_index",
-    "mltag.index_training",
-    "mltag.index_tuning",
-    "mltag.index_build",
-    "mltag.index_search",
-    "mltag.index_update",
-    "mltag.neighbours",
-    "mltag.anomalies",
-    "mltag.duplicates",
+    "mltag.search",
+    "mltag.search.embedding_index",
+    "mltag.search.index_training",
+    "mltag.search.index_tuning",
+    "mltag.stages.index_build",
+    "mltag.stages.index_search",
+    "mltag.stages.index_update",
+    "mltag.search.neighbours",
+    "mltag.stages.anomalies",
+    "mltag.stages.duplicates",
 )
 
 
@@ -91,8 +97,14 @@ def test_the_pure_maths_reaches_no_stage(module):
 
 def test_stages_share_helpers_through_lower_modules_not_through_each_other():
     graph = import_graph()
-    assert "mltag.anomalies" not in graph["mltag.duplicates"] and "mltag.duplicates" not in graph["mltag.anomalies"]
-    assert "mltag.evaluate" not in graph["mltag.calibrate"] | graph["mltag.thresholds"] | graph["mltag.curate"] | graph["mltag.oof"]
+    assert (
+        "mltag.stages.anomalies" not in graph["mltag.stages.duplicates"]
+        and "mltag.stages.duplicates" not in graph["mltag.stages.anomalies"]
+    )
+    assert (
+        "mltag.stages.evaluate"
+        not in graph["mltag.stages.calibrate"] | graph["mltag.maths.thresholds"] | graph["mltag.stages.curate"] | graph["mltag.stages.oof"]
+    )
 
 
 @pytest.mark.parametrize("module", FAISS_MODULES)
@@ -103,7 +115,53 @@ def test_faiss_modules_load_no_torch_or_timm(module):
 
 
 def test_mltag_index_re_exports_each_stage_run_under_its_old_name():
-    from mltag import index, index_build, index_search, index_update
+    from mltag import search as index
+    from mltag.stages import index_build, index_search, index_update
 
     assert index.build_index is index_build.run and index.update_index is index_update.run and index.run_search is index_search.run
-    assert STAGES["index"].run == "mltag.index_build:run" and STAGES["index-update"].run == "mltag.index_update:run"
+    assert STAGES["index"].run == "mltag.stages.index_build:run" and STAGES["index-update"].run == "mltag.stages.index_update:run"
+
+
+# The package's layers, in the order data flows (mltag/__init__.py and the README draw the same).
+LAYERS = ("runtime", "data", "config", "maths", "table", "tagger", "search", "stages", "cli")
+
+
+def layer_of(module: str) -> str:
+    return module.split(".")[1]
+
+
+def test_each_layer_imports_only_the_layers_before_it():
+    upward = sorted(
+        f"{source} -> {target}"
+        for source, targets in import_graph().items()
+        if source != "mltag"
+        for target in targets
+        if LAYERS.index(layer_of(target)) > LAYERS.index(layer_of(source))
+    )
+    assert upward == []
+
+
+def test_every_module_sits_in_a_layer():
+    assert {layer_of(m) for m in import_graph() if m != "mltag"} == set(LAYERS)
+
+
+def test_the_old_flat_module_names_still_import_as_the_same_modules():
+    code = (
+        "import mltag.tag, mltag.stages.tag, mltag.model, mltag.tagger.model\n"
+        "from mltag.index import build_index\n"
+        "from mltag.stages.index_build import run\n"
+        "assert mltag.tag is mltag.stages.tag and mltag.model is mltag.tagger.model and build_index is run\n"
+        "assert mltag.stages.tag.__spec__.name == 'mltag.stages.tag'\n"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_readme_layout_names_every_module_and_folder():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Architecture and layout") :]
+    layout = layout[: layout.index("\n## ", 3)]
+    files = {p.name for p in (ROOT / "mltag").rglob("*.py") if p.name != "__init__.py"}
+    folders = {f"{p.name}/" for p in (ROOT / "mltag").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert {name for name in files | folders if name not in layout} == set()

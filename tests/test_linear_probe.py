@@ -6,7 +6,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from mltag.linear_probe import fit_head, fit_probe, positive_weights, sigmoid
+from mltag.tagger.linear_probe import fit_head, fit_probe, positive_weights, sigmoid
 
 
 def _data(seed, n=600, dim=24, tags=5, noise=1.0, scales=True):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mltag.losses import asymmetric_loss, bce_loss, focal_loss, make_loss
+from mltag.tagger.losses import asymmetric_loss, bce_loss, focal_loss, make_loss
 
 
 def _random(seed=0, n=6, t=5):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mltag.metrics import (
+from mltag.maths.metrics import (
     average_precision,
     chance_mean_average_precision,
     hamming_loss,
@@ -78,7 +78,7 @@ def test_chance_map_is_what_random_scores_get():
 def test_precision_recall_f1_match_sklearn(seed):
     y, s = _data(seed)
     pred = (s > 0.75).astype(int)
-    ours = __import__("mltag.metrics", fromlist=["x"]).precision_recall_f1(y, pred)
+    ours = __import__("mltag.maths.metrics", fromlist=["x"]).precision_recall_f1(y, pred)
     p, r, f, support = skm.precision_recall_fscore_support(y, pred, zero_division=0)
     np.testing.assert_allclose(ours["precision"], p)
     np.testing.assert_allclose(ours["recall"], r)
@@ -89,7 +89,7 @@ def test_precision_recall_f1_match_sklearn(seed):
 
 
 def test_level_accuracy_on_a_flat_single_label_set_is_top1_and_balanced_accuracy():
-    from mltag.metrics import level_accuracy
+    from mltag.maths.metrics import level_accuracy
 
     rng = np.random.default_rng(4)
     labels = rng.integers(0, 4, 200)
@@ -101,8 +101,8 @@ def test_level_accuracy_on_a_flat_single_label_set_is_top1_and_balanced_accuracy
 
 
 def test_level_accuracy_collapses_a_small_taxonomy_by_hand():
-    from mltag.metrics import level_accuracy
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.maths.metrics import level_accuracy
 
     # plant > tree > {forest}, plant > flower; animal > dog
     vocab = Vocabulary.from_dict(

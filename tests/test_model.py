@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from mltag.model import Tagger, TaggerSpec, load_spec, load_tagger, normalise, save_tagger, set_thresholds
-from mltag.vocabulary import Vocabulary
+from mltag.data.vocabulary import Vocabulary
+from mltag.tagger.model import Tagger, TaggerSpec, load_spec, load_tagger, normalise, save_tagger, set_thresholds
 
 VOCAB = Vocabulary.from_dict({"tags": ["a", {"name": "b", "parent": "a"}, "c"]})
 

@@ -60,7 +60,7 @@ def test_split_oof_curate_from_the_command_line(ray_local, tiny_catalog, tmp_pat
 
 
 def test_folds_combine_into_one_sorted_table_and_a_cv_map_with_its_spread(tmp_path):
-    from mltag.oof import OofConfig, cross_validated_map, oof_table, train_config_for_fold
+    from mltag.stages.oof import OofConfig, cross_validated_map, oof_table, train_config_for_fold
 
     parts = [
         {"fold": 1, "ids": ["b", "a"], "uris": ["/b.jpg", "/a.jpg"], "scores": np.array([[0.1, 0.2], [0.3, 0.4]]), "model_version": "m1"},
@@ -82,7 +82,7 @@ def test_folds_combine_into_one_sorted_table_and_a_cv_map_with_its_spread(tmp_pa
 
 @pytest.mark.slow
 def test_curate_with_a_model_scores_the_manifest_itself(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
-    from mltag.curate import CurateConfig, run
+    from mltag.stages.curate import CurateConfig, run
 
     summary = run(CurateConfig(manifest=tiny_catalog["manifest"], model=tiny_model_dir, out=str(tmp_path), thumbnails=False))
     assert summary["images_scored"] == 48 and summary["scores"].startswith("model (in-sample")

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mltag import delta_table, tag_table
-from mltag.catalog import read_manifest
-from mltag.index import EmbeddingIndex, IndexConfig, build_index
-from mltag.reindex import ReindexConfig, plan, run
+from mltag.data.catalog import read_manifest
+from mltag.search import EmbeddingIndex, IndexConfig, build_index
+from mltag.stages.reindex import ReindexConfig, plan, run
+from mltag.table import delta_table, tag_table
 
 pytestmark = pytest.mark.slow
 
@@ -189,8 +189,8 @@ def test_three_nights(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
 def test_a_new_model_retags_everything_in_one_overwrite(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
     import torch
 
-    from mltag.model import Tagger, TaggerSpec, save_tagger
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.tagger.model import Tagger, TaggerSpec, save_tagger
 
     manifest = tmp_path / "m.parquet"
     pq.write_table(read_manifest(tiny_catalog["manifest"]).slice(0, 12), manifest)

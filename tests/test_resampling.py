@@ -2,8 +2,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mltag.resampling import repeat_counts, repeat_factors, tag_repeat_factors
-from mltag.train_loop import resampled_batches
+from mltag.maths.resampling import repeat_counts, repeat_factors, tag_repeat_factors
+from mltag.tagger.train_loop import resampled_batches
 
 
 def _labels(seed=0, n=300, t=6):

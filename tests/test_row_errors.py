@@ -4,7 +4,7 @@ network conditions count as transient."""
 import pyarrow as pa
 import pytest
 
-from mltag.row_errors import REASONS, TRANSIENT, error_reason, is_transient, reason_column, transient_mask
+from mltag.table.row_errors import REASONS, TRANSIENT, error_reason, is_transient, reason_column, transient_mask
 
 
 @pytest.mark.parametrize(

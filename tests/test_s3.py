@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mltag import delta_table, tag_table
+from mltag.table import delta_table, tag_table
 
 pytestmark = pytest.mark.s3
 
@@ -52,7 +52,7 @@ def s3_server():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from mltag import storage
+    from mltag.data import storage
 
     storage._filesystem.cache_clear()  # pick up the endpoint
     yield env
@@ -92,7 +92,7 @@ def s3_catalog(s3_server, tiny_catalog):
 
 
 def test_fetch_from_s3_missing_key_and_bucket(s3_catalog):
-    from mltag.images import load_image
+    from mltag.data.images import load_image
 
     pixels, error = load_image("s3://catalog/listings/images/000000.jpg", 32)
     assert error is None and pixels.shape == (32, 32, 3)
@@ -101,7 +101,7 @@ def test_fetch_from_s3_missing_key_and_bucket(s3_catalog):
 
 
 def test_manifest_on_s3_resolves_relative_uris(s3_catalog):
-    from mltag.catalog import read_manifest
+    from mltag.data.catalog import read_manifest
 
     uris = read_manifest(s3_catalog).column("image_uri").to_pylist()
     assert uris[0] == "s3://catalog/listings/images/000000.jpg"
@@ -114,7 +114,7 @@ def test_tag_job_reads_and_writes_s3_and_a_failed_rerun_changes_nothing(s3_serve
     import sys
     from pathlib import Path
 
-    from mltag import storage
+    from mltag.data import storage
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
@@ -201,7 +201,7 @@ def test_training_checkpoints_to_s3_storage(s3_server, tiny_catalog, tmp_path):
     import sys
     from pathlib import Path
 
-    from mltag import storage
+    from mltag.data import storage
 
     storage._filesystem.cache_clear()
     fs, _ = storage.filesystem_for("s3://")
@@ -248,9 +248,9 @@ def test_provenance_and_configs_are_written_to_and_read_from_s3(s3_server):
 
     import boto3
 
-    from mltag import storage
     from mltag.config import config_hash, load_yaml, save_config, save_provenance
-    from mltag.index_build import IndexConfig
+    from mltag.data import storage
+    from mltag.stages.index_build import IndexConfig
 
     boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket="provenance")
     config = IndexConfig(tag_table="s3://provenance/tags", out="runs/index")

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mltag.sample import build_sample_catalog, sample_vocabulary
+from mltag.stages.sample import build_sample_catalog, sample_vocabulary
 
 
 def _digest(directory):

@@ -11,8 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from mltag import tag_table
-from mltag.catalog import read_manifest
+from mltag.data.catalog import read_manifest
+from mltag.table import tag_table
 
 pytestmark = pytest.mark.slow
 ROWS = 20_000
@@ -42,12 +42,12 @@ def big_catalog(tiny_catalog, tmp_path_factory):
 def test_twenty_thousand_rows_through_every_streaming_stage(ray_local, big_catalog, tiny_model_dir, tmp_path):
     import pyarrow.csv  # noqa: F401 (the fixture writes CSV)
 
-    from mltag import anomalies, duplicates
-    from mltag.index import EmbeddingIndex, IndexConfig, IndexUpdateConfig, build_index, update_index
-    from mltag.reindex import ReindexConfig
-    from mltag.reindex import run as reindex
-    from mltag.tag import TagConfig
-    from mltag.tag import run as tag
+    from mltag.search import EmbeddingIndex, IndexConfig, IndexUpdateConfig, build_index, update_index
+    from mltag.stages import anomalies, duplicates
+    from mltag.stages.reindex import ReindexConfig
+    from mltag.stages.reindex import run as reindex
+    from mltag.stages.tag import TagConfig
+    from mltag.stages.tag import run as tag
 
     table_uri, index_dir = str(tmp_path / "t"), str(tmp_path / "index")
     meta = tag(

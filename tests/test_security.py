@@ -23,9 +23,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mltag.identifiers import IDENTIFIER_PATTERN, validate_identifier
-from mltag.images import HEIF_PLUGIN, decode_batch, fetch_batch, pixels_from_arrow
-from mltag.uri_policy import FetchPolicy, redact_uri
+from mltag.data.identifiers import IDENTIFIER_PATTERN, validate_identifier
+from mltag.data.images import HEIF_PLUGIN, decode_batch, fetch_batch, pixels_from_arrow
+from mltag.data.uri_policy import FetchPolicy, redact_uri
 
 SECRETS = ("deadbeefsignature", "AKIAEXAMPLEKEY", "hunter2")
 PRESIGNED_QUERY = (
@@ -265,7 +265,7 @@ def test_fetch_batch_applies_the_same_format_policy(tmp_path):
 
 
 def test_decode_on_device_never_decodes_a_format_the_policy_refuses(tmp_path):
-    from mltag.device_decode import decode_on_device
+    from mltag.data.device_decode import decode_on_device
 
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), "red").save(buf, "JPEG")
@@ -303,7 +303,7 @@ def test_ordinary_identifiers_pass(value):
 
 def test_training_name_is_validated_with_the_config():
     from mltag.config import ConfigError, config_from_dict
-    from mltag.train import TrainConfig
+    from mltag.stages.train import TrainConfig
 
     with pytest.raises(ValueError, match="name '../../shared' is not a valid identifier"):
         config_from_dict(TrainConfig, {"manifest": "m.parquet", "name": "../../shared"})
@@ -327,7 +327,7 @@ def _plant(directory: Path, marker: Path) -> None:
 
 
 def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
-    from mltag.train_state import UnsafeCheckpointError, load_training_state
+    from mltag.tagger.train_state import UnsafeCheckpointError, load_training_state
 
     marker = tmp_path / "pwned"
     _plant(tmp_path, marker)
@@ -342,7 +342,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
 def test_checkpoint_state_round_trips_with_rng_states(tmp_path):
     import random
 
-    from mltag.train_state import capture_rng, load_training_state, restore_rng, save_training_state
+    from mltag.tagger.train_state import capture_rng, load_training_state, restore_rng, save_training_state
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -392,7 +392,7 @@ def _inputs(**overrides):
     ],
 )
 def test_resume_decision(record, exists, current, resume, outcome):
-    from mltag.train import RunInputsChanged, resume_decision
+    from mltag.stages.train import RunInputsChanged, resume_decision
 
     if outcome in ("start", "resume"):
         assert resume_decision(record, exists, current, resume, "/runs/x") == outcome
@@ -402,9 +402,9 @@ def test_resume_decision(record, exists, current, resume, outcome):
 
 
 def test_placement_fields_do_not_change_a_runs_inputs(tiny_catalog):
-    from mltag.catalog import read_manifest
-    from mltag.train import TrainConfig, run_inputs
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.catalog import read_manifest
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.stages.train import TrainConfig, run_inputs
 
     manifest, vocab = read_manifest(tiny_catalog["manifest"], require_tags=True), Vocabulary.load(tiny_catalog["vocabulary"])
     a = run_inputs(TrainConfig(manifest="a", out="x", num_workers=1, epochs=2), manifest, vocab)
@@ -417,8 +417,8 @@ def test_placement_fields_do_not_change_a_runs_inputs(tiny_catalog):
 @pytest.fixture(scope="module")
 def finished_run(ray_local, tiny_catalog, tmp_path_factory):
     """One real, tiny training run (1 epoch), finished and exported."""
-    from mltag.catalog import read_manifest
-    from mltag.train import TrainConfig, run
+    from mltag.data.catalog import read_manifest
+    from mltag.stages.train import TrainConfig, run
 
     work = tmp_path_factory.mktemp("guarded")
     manifest = read_manifest(tiny_catalog["manifest"], require_tags=True)  # absolute image URIs
@@ -442,8 +442,8 @@ def finished_run(ray_local, tiny_catalog, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_finished_run_is_not_re_exported_unless_asked(finished_run, capsys):
-    from mltag import log
-    from mltag.train import TrainConfig, run
+    from mltag.runtime import log
+    from mltag.stages.train import TrainConfig, run
 
     log.configure()  # as the CLI does: the notice goes to stderr through the mltag logger
     weights = Path(finished_run["common"]["out"]) / "model" / "weights.pt"
@@ -457,7 +457,7 @@ def test_a_finished_run_is_not_re_exported_unless_asked(finished_run, capsys):
 
 @pytest.mark.slow
 def test_a_rerun_with_other_inputs_is_refused(finished_run):
-    from mltag.train import RunInputsChanged, TrainConfig, run
+    from mltag.stages.train import RunInputsChanged, TrainConfig, run
 
     manifest = finished_run["manifest"]
     pq.write_table(manifest.slice(0, manifest.num_rows - 1), finished_run["work"] / "changed.parquet")  # one listing fewer
@@ -473,8 +473,8 @@ def test_a_rerun_with_other_inputs_is_refused(finished_run):
 
 @pytest.mark.slow
 def test_real_checkpoints_hold_only_tensors_and_a_planted_one_is_refused(finished_run, tmp_path):
-    from mltag.train import TrainConfig, run
-    from mltag.train_state import UnsafeCheckpointError
+    from mltag.stages.train import TrainConfig, run
+    from mltag.tagger.train_state import UnsafeCheckpointError
 
     run_dir = finished_run["work"] / "out" / "ray_train" / "guarded"
     states = sorted(run_dir.glob("checkpoint_*/state.pt"))
@@ -498,7 +498,7 @@ def test_real_checkpoints_hold_only_tensors_and_a_planted_one_is_refused(finishe
 # ---- model directories ------------------------------------------------------------------------------
 @pytest.fixture()
 def saved_model(tmp_path):
-    from mltag.model import Tagger, TaggerSpec, save_tagger
+    from mltag.tagger.model import Tagger, TaggerSpec, save_tagger
 
     torch.manual_seed(0)
     out = tmp_path / "model"
@@ -511,7 +511,7 @@ def saved_model(tmp_path):
 
 
 def test_a_tampered_model_is_refused_at_load(saved_model):
-    from mltag.model import ModelIntegrityError, load_spec, load_tagger
+    from mltag.tagger.model import ModelIntegrityError, load_spec, load_tagger
 
     out, spec = saved_model
     state = torch.load(out / "weights.pt", weights_only=True)
@@ -523,7 +523,7 @@ def test_a_tampered_model_is_refused_at_load(saved_model):
 
 
 def test_a_tampered_tagger_json_is_refused_too(saved_model):
-    from mltag.model import ModelIntegrityError, load_tagger
+    from mltag.tagger.model import ModelIntegrityError, load_tagger
 
     out, _ = saved_model
     meta = json.loads((out / "tagger.json").read_text())
@@ -534,7 +534,7 @@ def test_a_tampered_tagger_json_is_refused_too(saved_model):
 
 
 def test_saving_stages_and_keeps_other_files(saved_model):
-    from mltag.model import load_tagger, set_thresholds
+    from mltag.tagger.model import load_tagger, set_thresholds
 
     out, spec = saved_model
     (out / "thresholds.json").write_text("{}")  # written by calibrate beside the model
@@ -572,7 +572,8 @@ def _ivf_index_dir(directory: Path, n: int = 40, dim: int = 16, nlist: int = 16)
 
 
 def test_ivf_with_small_lists_gives_finite_exact_anomaly_scores(tmp_path, capsys):
-    from mltag import anomalies, duplicates, log
+    from mltag.runtime import log
+    from mltag.stages import anomalies, duplicates
 
     log.configure()  # status lines go to stderr through the mltag logger
     x = _ivf_index_dir(tmp_path / "idx")
@@ -597,14 +598,15 @@ def test_ivf_with_small_lists_gives_finite_exact_anomaly_scores(tmp_path, capsys
 
 
 def test_an_index_smaller_than_k_reports_the_short_rows(tmp_path, capsys):
-    from mltag import anomalies, log
+    from mltag.runtime import log
+    from mltag.stages import anomalies
 
     log.configure()
     _ivf_index_dir(tmp_path / "idx", n=6, nlist=2)
     table = anomalies.run(anomalies.AnomalyConfig(index=str(tmp_path / "idx"), out=str(tmp_path / "a.parquet"), k=10))
     assert np.isfinite(table.column("score").to_numpy()).all()
     err = capsys.readouterr().err
-    assert "W mltag.anomalies: " in err and "6 of 6 listings have fewer than k=10 neighbours" in err  # a warning: scores over fewer
+    assert "W mltag.stages.anomalies: " in err and "6 of 6 listings have fewer than k=10 neighbours" in err  # a warning: scores over fewer
 
 
 # ---- the report page --------------------------------------------------------------------------------
@@ -619,10 +621,10 @@ HOSTILE_TAGS = [
 
 @pytest.mark.slow
 def test_hostile_tag_names_are_escaped_in_the_rendered_report(tmp_path):
-    from mltag import report
-    from mltag.evaluate import compute_metrics
-    from mltag.model import Tagger, TaggerSpec, save_tagger
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.stages import report
+    from mltag.stages.evaluate import compute_metrics
+    from mltag.tagger.model import Tagger, TaggerSpec, save_tagger
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
@@ -699,7 +701,7 @@ def test_hostile_tag_names_are_escaped_in_the_rendered_report(tmp_path):
 )
 def test_tag_configs_refuse_path_escapes_and_bad_policies_before_any_work(field, value, match):
     from mltag.config import config_from_dict
-    from mltag.tag import TagConfig
+    from mltag.stages.tag import TagConfig
 
     with pytest.raises(ValueError, match=match):
         config_from_dict(TagConfig, {"manifest": "m.parquet", "model": "model", field: value})
@@ -709,7 +711,7 @@ def test_the_tag_table_stores_uris_without_their_query_strings():
     import numpy as np
     import pyarrow as pa
 
-    from mltag import tag_table
+    from mltag.table import tag_table
 
     batch = pa.table({"listing_id": ["a"], "image_uri": ["https://b.s3.amazonaws.com/a.jpg?X-Amz-Signature=SECRET&X-Amz-Credential=K"]})
     row = tag_table.assemble(batch, np.array([0]), np.zeros((1, 2), np.float32), np.ones((1, 3), np.float32), [[]], "v", [None])

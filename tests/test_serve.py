@@ -23,7 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
-from mltag import tag_table
+from mltag.table import tag_table
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 
 def _save_model(out, names, img_size, seed, backbone="test_efficientnet", pretrained="none"):
-    from mltag.model import Tagger, TaggerSpec, save_tagger
+    from mltag.tagger.model import Tagger, TaggerSpec, save_tagger
 
     torch.manual_seed(seed)
     spec = TaggerSpec(backbone=backbone, vocabulary={"tags": list(names)}, img_size=img_size)
@@ -49,15 +49,15 @@ def _save_model(out, names, img_size, seed, backbone="test_efficientnet", pretra
 def served(ray_local, tiny_catalog, tmp_path_factory):
     from ray import serve
 
-    from mltag import anomalies, duplicates
-    from mltag.catalog import read_manifest
-    from mltag.embed import tag_images
-    from mltag.index import IndexConfig, build_index
-    from mltag.model import set_thresholds
-    from mltag.serve import ServeConfig, run
-    from mltag.tag import TagConfig
-    from mltag.tag import run as tag_run
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.catalog import read_manifest
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.search import IndexConfig, build_index
+    from mltag.stages import anomalies, duplicates
+    from mltag.stages.serve import ServeConfig, run
+    from mltag.stages.tag import TagConfig
+    from mltag.stages.tag import run as tag_run
+    from mltag.tagger.embed import tag_images
+    from mltag.tagger.model import set_thresholds
 
     work = tmp_path_factory.mktemp("serve")
     manifest = read_manifest(tiny_catalog["manifest"])
@@ -204,7 +204,7 @@ def test_scores_equal_batch_tagging_within_1e5_also_when_requests_are_batched(se
 
 
 def test_similar_by_listing_id_matches_the_index_searched_in_process(served):
-    from mltag.index import EmbeddingIndex
+    from mltag.search import EmbeddingIndex
 
     listing = served["ids"][7]
     answer = requests.post(served["url"] + "similar", json={"listing_id": listing, "k": 4}, timeout=30).json()
@@ -404,13 +404,13 @@ def test_duplicates_page_groups_the_reposted_photo_with_its_original(served, bro
 def test_serve_config_yaml_is_a_valid_serve_deploy_file_for_this_application(served):
     from ray.serve.schema import ServeDeploySchema
 
-    from mltag.serve import build_app
+    from mltag.stages.serve import build_app
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "serve_config.yaml")) as f:
         config = ServeDeploySchema.model_validate(yaml.safe_load(f))
     (app,) = config.applications
-    assert app.import_path == "mltag.serve:build_app"
+    assert app.import_path == "mltag.stages.serve:build_app"
     # The same args build the application here once the paths point at real outputs.
     args = dict(app.args)
     args.update(

@@ -2,8 +2,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mltag import tag_table
-from mltag.vocabulary import Vocabulary
+from mltag.data.vocabulary import Vocabulary
+from mltag.table import tag_table
 
 
 def test_decide_tags_applies_thresholds_and_closes_upward():
@@ -55,7 +55,7 @@ def test_error_rows_carry_their_reason_code():
 
 
 def test_the_table_round_trips_through_delta_and_keeps_its_embeddings(tmp_path):
-    from mltag.delta_table import write_table
+    from mltag.table.delta_table import write_table
 
     batch = pa.table({"listing_id": ["a", "b"], "image_uri": ["u1", "u2"]})
     emb = np.array([[0.5, -1.25, 3.0]], np.float32)

@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mltag import delta_table, tag_table
-from mltag.catalog import read_manifest
 from mltag.cli import main as cli_main
-from mltag.sharded_run import RUNS_DIR
-from mltag.tag import TagConfig, run
+from mltag.data.catalog import read_manifest
+from mltag.stages.tag import TagConfig, run
+from mltag.table import delta_table, tag_table
+from mltag.table.sharded_run import RUNS_DIR
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_a_driver_killed_at_60_percent_resumes_only_the_unfinished_shards(tiny_c
     assert (  # status is logged, to stderr: stdout is for a command's answer, and tagging has none
         "resuming run tag-" in result.stderr
         and f"{finished_before} of 20 shards already done, tagging {20 - finished_before}" in result.stderr
-        and "mltag.tag: tag table: 960 rows" in result.stderr
+        and "mltag.stages.tag: tag table: 960 rows" in result.stderr
         and "resuming" not in result.stdout
     )
     rows = tag_table.read_rows(out)

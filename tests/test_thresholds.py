@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mltag.thresholds import choose_threshold, choose_thresholds
+from mltag.maths.thresholds import choose_threshold, choose_thresholds
 
 
 def _tag(seed, n=400, ties=False):

@@ -29,7 +29,7 @@ def state_api_of_this_cluster(ray_local, monkeypatch):
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_local, state_api_of_this_cluster, tiny_catalog, tmp_path):
-    from mltag.train import TrainConfig, build_trainer, export_best
+    from mltag.stages.train import TrainConfig, build_trainer, export_best
 
     config = TrainConfig(
         manifest=tiny_catalog["manifest"],
@@ -68,7 +68,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, state_api_of_this_clus
 
 
 def test_rerunning_the_same_name_resumes_instead_of_starting_over(ray_local, tiny_catalog, tmp_path):
-    from mltag.train import TrainConfig, run
+    from mltag.stages.train import TrainConfig, run
 
     common = dict(
         manifest=tiny_catalog["manifest"],

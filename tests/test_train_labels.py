@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mltag.resampling import (
+from mltag.data.vocabulary import Vocabulary, VocabularyError
+from mltag.maths.resampling import (
     TagIndex,
     repeat_factors,
     repeat_factors_from_tags,
@@ -15,9 +16,8 @@ from mltag.resampling import (
     tag_repeat_factors,
     tag_repeat_factors_from_counts,
 )
-from mltag.train import label_counts, labelled_table, positive_weights, positive_weights_from_counts
-from mltag.train_loop import batch_arrays
-from mltag.vocabulary import Vocabulary, VocabularyError
+from mltag.stages.train import label_counts, labelled_table, positive_weights, positive_weights_from_counts
+from mltag.tagger.train_loop import batch_arrays
 
 
 def _dense_positive_weights(labels: np.ndarray) -> list[float]:
@@ -113,7 +113,7 @@ def test_labelled_table_carries_tags_not_a_label_matrix():
 
 
 def test_batch_arrays_encode_the_batch_tags():
-    from mltag.images import pixels_to_arrow
+    from mltag.data.images import pixels_to_arrow
 
     vocab = Vocabulary.from_dict({"tags": [{"name": "forest", "parent": "tree", "synonyms": ["woods"]}, "tree", "sky"]})
     rows = [["woods"], None, ["sky", "tree", "sky"], []]
@@ -141,8 +141,8 @@ def test_unknown_tags_are_refused_naming_the_row_as_encode_does():
 def test_training_with_resampling_and_balanced_weights_encodes_labels_per_batch(ray_local, tiny_catalog, tmp_path):
     """A real (1 epoch) run: tags travel with the rows through Ray Data and resampling, and the
     loop gets pos weights and the effective epoch length from the streamed counts."""
-    from mltag import catalog
-    from mltag.train import TrainConfig, build_trainer, export_best
+    from mltag.data import catalog
+    from mltag.stages.train import TrainConfig, build_trainer, export_best
 
     config = TrainConfig(
         manifest=tiny_catalog["manifest"],

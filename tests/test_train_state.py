@@ -12,9 +12,9 @@ import pytest
 import torch
 from timm.utils import ModelEmaV3
 
-from mltag.model import Tagger
-from mltag.train_loop import LoopConfig, build_optimizer, new_state
-from mltag.train_state import STATE_META_FILE, TrainState
+from mltag.tagger.model import Tagger
+from mltag.tagger.train_loop import LoopConfig, build_optimizer, new_state
+from mltag.tagger.train_state import STATE_META_FILE, TrainState
 
 
 def _trained_state(ema_decay: float = 0.9) -> TrainState:
@@ -142,9 +142,9 @@ def test_new_state_schedules_the_whole_run(ema_decay):
 
 
 def test_loop_config_is_built_from_train_config_field_by_field(tiny_catalog):
-    from mltag.catalog import read_manifest
-    from mltag.train import TrainConfig, label_counts, loop_config
-    from mltag.vocabulary import Vocabulary
+    from mltag.data.catalog import read_manifest
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.stages.train import TrainConfig, label_counts, loop_config
 
     vocab = Vocabulary.load(tiny_catalog["vocabulary"])
     config = TrainConfig(manifest=tiny_catalog["manifest"], backbone="test_efficientnet", lr=0.003, torch_threads=0, cpus_per_worker=3)

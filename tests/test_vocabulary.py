@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mltag import tag_table
-from mltag.resampling import TagIndex
-from mltag.vocabulary import Vocabulary, VocabularyError
+from mltag.data.vocabulary import Vocabulary, VocabularyError
+from mltag.maths.resampling import TagIndex
+from mltag.table import tag_table
 
 
 def _random_vocabulary(rng: np.random.Generator, n_tags: int) -> Vocabulary:

@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from mltag.weights import WeightsError, convert_lite0_state_dict, lite0_package_weights, timm_pretrained_kwargs
+from mltag.tagger.weights import WeightsError, convert_lite0_state_dict, lite0_package_weights, timm_pretrained_kwargs
 
 # Lite0's stages: (repeats, first stride). Kernel sizes and channels are read from the tensors.
 LITE0_STAGES = [(1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1)]
@@ -88,7 +88,7 @@ def test_pretrained_settings():
 
 def test_tagger_from_a_local_weights_file_gets_a_fresh_head(tmp_path):
     """timm loads a file with another classifier size, dropping only the classifier."""
-    from mltag.model import Tagger
+    from mltag.tagger.model import Tagger
 
     donor = timm.create_model("test_resnet", pretrained=False, num_classes=1000)
     path = tmp_path / "donor.pth"

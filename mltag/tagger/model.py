@@ -1,0 +1,215 @@
+"""The tagger: a timm backbone, global pooling (avg or max), and a sigmoid multi-label head.
+
+``forward`` returns ``(logits, embedding)``: the logits feed the losses and the tag scores, and
+the pooled backbone features are the embedding written to the tag table and indexed by FAISS.
+
+A trained tagger is saved as one directory, everything needed to use it elsewhere:
+  ``weights.pt``   the state dict
+  ``tagger.json``  backbone, pooling, image size, normalisation, vocabulary, thresholds, version
+The version is a content hash of both, so any change of weights or settings is a new version, and
+``load_tagger`` refuses a directory whose weights do not hash to its version (tampered with, or
+half-written). Saving is all-or-nothing locally (a staging directory renamed into place); on S3,
+which has no rename, the weights go first and ``tagger.json`` last.
+
+Example:
+    >>> model = Tagger("test_efficientnet", num_tags=5)
+    >>> logits, embedding = model(torch.zeros(2, 3, 64, 64))
+    >>> logits.shape, embedding.shape
+    (torch.Size([2, 5]), torch.Size([2, 256]))
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+
+from mltag.data import storage
+from mltag.data.vocabulary import Vocabulary
+from mltag.tagger.weights import timm_pretrained_kwargs
+
+POOLINGS = ("avg", "max", "avgmax")
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "tagger.json"
+
+
+class ModelIntegrityError(ValueError):
+    """A tagger directory whose weights do not match the version in its tagger.json."""
+
+
+def check_backbone(name: str) -> None:
+    """Raises ValueError unless ``name`` is a timm model, with or without a pretrained tag
+    (``resnet50`` or ``resnet50.a1_in1k``). The tag picks that weights' normalisation
+    (``backbone_normalisation``); weights still come only from ``pretrained`` (none, a file...),
+    never downloaded because of the name.
+
+    Example:
+        >>> check_backbone("test_efficientnet.r160_in1k")
+    """
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm backbone {name!r} (see timm.list_models())")
+    architecture, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(name):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{architecture}.*")]
+        raise ValueError(f"timm backbone {architecture!r} has no pretrained tag {tag!r}; choose one of: {', '.join(tags) or '(none)'}")
+
+
+class Tagger(nn.Module):
+    def __init__(self, backbone: str, num_tags: int, pooling: str = "avg", pretrained: str = "none", drop_rate: float = 0.0):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
+        check_backbone(backbone)
+        # num_classes=0 leaves timm's pooled features as the output; the head is ours.
+        self.backbone = timm.create_model(
+            backbone, num_classes=0, global_pool=pooling, drop_rate=drop_rate, **timm_pretrained_kwargs(backbone, pretrained)
+        )
+        self.embedding_dim = int(self.backbone.num_features)
+        self.head = nn.Linear(self.embedding_dim, num_tags)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.backbone(x)
+        return self.head(embedding), embedding
+
+
+@dataclass
+class TaggerSpec:
+    """Everything except the weights that defines a trained tagger (``tagger.json``).
+
+    ``vocabulary`` is a ``Vocabulary``, parsed once; the mapping tagger.json holds (or any
+    ``Vocabulary.from_dict`` input) is accepted too and parsed here. ``to_json`` writes the
+    mapping back as it was given: the model version hashes the vocabulary as tagger.json spells
+    it, and a model saved with bare tag names must keep its version."""
+
+    backbone: str
+    vocabulary: Vocabulary
+    pooling: str = "avg"
+    img_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    thresholds: list[float] | None = None  # per tag, vocabulary order; None means 0.5 for all
+    embedding_dim: int = 0
+    version: str = ""
+    extra: dict = field(default_factory=dict)  # training metrics, config hash, ...
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vocabulary, Vocabulary):
+            spelling = self.vocabulary.to_dict()
+        else:
+            spelling = copy.deepcopy(self.vocabulary)
+            self.vocabulary = Vocabulary.from_dict(spelling)
+        # Not a field: kept beside the Vocabulary it spells, so a vocabulary assigned later is
+        # written (and hashed) as its own to_dict().
+        self._vocabulary_spelling = (self.vocabulary, spelling)
+
+    @property
+    def vocab(self) -> Vocabulary:
+        """The vocabulary (the name callers used when ``vocabulary`` was a mapping)."""
+        return self.vocabulary
+
+    def to_json(self) -> dict:
+        """tagger.json's content: every field, the vocabulary as the mapping it was given as."""
+        meta = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        vocab, spelling = self._vocabulary_spelling
+        meta["vocabulary"] = copy.deepcopy(spelling) if vocab is self.vocabulary else self.vocabulary.to_dict()
+        return meta
+
+    def threshold_array(self) -> np.ndarray:
+        n = len(self.vocabulary)
+        return np.full(n, 0.5, np.float32) if self.thresholds is None else np.asarray(self.thresholds, np.float32)
+
+
+def backbone_normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std the backbone's pretrained weights expect (timm's pretrained config)."""
+    cfg = timm.get_pretrained_cfg(backbone)
+    if cfg is None:
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def normalise(pixels: torch.Tensor, mean, std, channels_last: bool = True) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW normalised, done on the model's device (cheap there, not on CPU)."""
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def save_tagger(model: Tagger, spec: TaggerSpec, out_dir: str) -> TaggerSpec:
+    """Saves weights + spec under ``out_dir`` (local or s3) and returns the spec with its version.
+    Published with ``storage.publish_files``: a reader between the two files sees a version
+    mismatch, which ``load_tagger`` refuses, never a silently mixed model."""
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, buf)
+    weights = buf.getvalue()
+    spec.embedding_dim = model.embedding_dim
+    spec.version = storage.content_version(weights, spec.to_json())
+    meta = json.dumps(spec.to_json(), indent=2).encode()
+    storage.publish_files(out_dir, [(WEIGHTS_FILE, weights), (META_FILE, meta)])  # tagger.json last: it names the version
+    return spec
+
+
+def load_spec(model_dir: str) -> TaggerSpec:
+    """tagger.json alone (cheap: the weights are neither read nor checked; ``load_tagger`` does)."""
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(model_dir, META_FILE)))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no trained tagger at {model_dir} (missing {META_FILE})") from exc
+    meta["mean"], meta["std"] = tuple(meta["mean"]), tuple(meta["std"])
+    return TaggerSpec(**meta)
+
+
+def verify_weights(weights: bytes, spec: TaggerSpec, model_dir: str) -> None:
+    """Raises ModelIntegrityError unless ``weights`` and ``spec`` hash to ``spec.version``."""
+    actual = storage.content_version(weights, spec.to_json())
+    if actual != spec.version:
+        raise ModelIntegrityError(
+            f"refusing to load the tagger at {model_dir}: {WEIGHTS_FILE} and {META_FILE} do not match "
+            f"(content hash {actual}, recorded version {spec.version or '(none)'}); the directory was modified "
+            f"or is half-written. Re-export or re-save the model to make it consistent."
+        )
+
+
+def load_tagger(model_dir: str, device: str | torch.device = "cpu") -> tuple[Tagger, TaggerSpec]:
+    """Rebuilds the tagger (through timm.create_model, no download) and loads its weights, after
+    checking they hash to the recorded version (ModelIntegrityError otherwise) and with
+    ``weights_only=True``: the file is tensors, never code."""
+    spec = load_spec(model_dir)
+    try:
+        weights = storage.read_bytes(storage.join(model_dir, WEIGHTS_FILE))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"the tagger at {model_dir} has no {WEIGHTS_FILE}") from exc
+    verify_weights(weights, spec, model_dir)
+    model = Tagger(spec.backbone, len(spec.vocabulary), spec.pooling, pretrained="none")
+    state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), spec
+
+
+def set_thresholds(model_dir: str, thresholds: list[float]) -> TaggerSpec:
+    """Stores calibrated per-tag thresholds with the model (this is a new model version)."""
+    model, spec = load_tagger(model_dir)
+    if len(thresholds) != len(spec.vocabulary):
+        raise ValueError(f"{len(thresholds)} thresholds for {len(spec.vocabulary)} tags")
+    spec.thresholds = [float(t) for t in thresholds]
+    return save_tagger(model, spec, model_dir)
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    """The torch device of a process that was (or was not) given a GPU: whether to use one is
+    decided once, for the cluster, by ``mltag.runtime.cluster.wants_gpu``; this only names the device,
+    and refuses a GPU that torch cannot see."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("use_gpu is true but torch sees no CUDA device")
+    return torch.device("cuda")
