@@ -11,7 +11,7 @@ For each, in one run:
   * decode-only capacity (all cores fetch + decode) and model-only capacity (forward on decoded
     tensors, all cores), and the bound of sharing the cores: 1 / (1/forward + 1/decode);
   * A B A B A B on the first --ab-images photos: the plain script (a DataLoader with
-    num_workers = cores, then the model) and the mltag pipeline (``mltag.stages.tag.build_pipeline``,
+    num_workers = cores, then the model) and the mltag pipeline (``mltag.tagging.pipeline.build_pipeline``,
     the very chain `mltag tag` runs), both consumed batch by batch. Steady state is images/s
     between the 10th and 90th percentile of per-batch timestamps; start-up (process start to the
     first batch) is reported on its own. Median and spread over the three pairs;
@@ -89,7 +89,7 @@ import json, os, sys, time
 T0 = time.time()
 import ray
 from mltag.data.catalog import manifest_dataset
-from mltag.stages.tag import TagConfig, build_pipeline
+from mltag.tagging.pipeline import TagConfig, build_pipeline
 
 manifest, model_dir, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ray.init(address="local", log_to_driver=False)

@@ -8,6 +8,7 @@ The package, in the order data flows (each layer imports only the layers above i
   ``maths``    metrics, thresholds, resampling, curation maths (pure numpy)
   ``table``    the tag table: row contract, Delta transactions, resumable shards
   ``tagger``   the timm model, losses, training state and loop, linear heads
+  ``tagging``  the Ray Data tagging pipeline and its actor, a run's commit, chained specialists
   ``search``   the FAISS embedding index
   ``stages``   one module per ``mltag`` subcommand: ``run(config)``
   ``cli``      the ``mltag`` command
@@ -31,9 +32,10 @@ _GROUPS = {
     "table": "tag_table delta_table table_files sharded_run row_errors",
     "maths": "metrics thresholds resampling hierarchy_checks label_issues pseudo_labels tag_merges tag_pruning",
     "tagger": "model weights losses train_state train_loop linear_probe heads embed",
+    "tagging": "chain predict",
     "search": "embedding_index index_training index_tuning index_selection neighbours",
     "stages": "anomalies apply_head calibrate curate demo duplicates evaluate folds history index_build index_search "
-    "index_update oof reindex report sample serve tag train train_head curation_report predict chain",
+    "index_update oof reindex report sample serve tag train train_head curation_report",
 }
 # old flat name -> where the module lives now; ``mltag.index`` was the search facade
 MOVED = {f"mltag.{m}": f"mltag.{group}.{m}" for group, ms in _GROUPS.items() for m in ms.split()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mltag.stages.chain import Chain, ChainError, Specialist, load_chain, nest, resize_pixels, specialists_column, tag_entries
+from mltag.tagging.chain import Chain, ChainError, Specialist, load_chain, nest, resize_pixels, specialists_column, tag_entries
 
 
 def test_chain_file_resolves_models_next_to_it_and_checks_the_vocabulary(tmp_path):

@@ -61,9 +61,9 @@ def test_eval_from_a_tag_table_writes_metrics_and_its_provenance(tmp_path, tiny_
 
 
 def test_calibrate_writes_the_new_model_version_and_its_provenance_beside_the_thresholds(tmp_path, tiny_model, monkeypatch):
-    from mltag.stages import predict
     from mltag.stages.calibrate import CalibrateConfig, run
     from mltag.tagger.model import load_spec
+    from mltag.tagging import predict
 
     model, spec = tiny_model
     y, scores = labelled(seed=1)

@@ -35,8 +35,8 @@ def tagged(ray_local, tiny_catalog, tiny_model_dir, tmp_path_factory):
     process on 25-image batches), committed as one version: the Ray Data pipeline itself is
     tested elsewhere, and skipping its start-up keeps this file fast."""
     from mltag.data.images import decode_batch
-    from mltag.stages.tag import TaggerActor
     from mltag.tagger.model import load_spec
+    from mltag.tagging.pipeline import TaggerActor
 
     work = tmp_path_factory.mktemp("heads")
     catalog = read_manifest(tiny_catalog["manifest"])

@@ -164,7 +164,7 @@ def test_killed_inference_actor_loses_and_duplicates_nothing(ray_local, tiny_cat
 def test_decode_and_inference_are_separate_operators(ray_local, tiny_catalog, tiny_model_dir, decode_on):
     """Ray Data fuses adjacent maps with equal resources; a decode fused into the actor would take
     turns with the model. The optimised physical plan must keep them apart."""
-    from mltag.stages.tag import build_pipeline, physical_plan
+    from mltag.tagging.pipeline import build_pipeline, physical_plan
 
     config = TagConfig(manifest=tiny_catalog["manifest"], model=tiny_model_dir, decode_on=decode_on)
     plan = physical_plan(build_pipeline(config, read_manifest(tiny_catalog["manifest"])))

@@ -1,6 +1,6 @@
 """``mltag calibrate``: choose per-tag thresholds on a validation split and save them with the model.
 
-The stage scores the split with the model (``mltag.stages.predict``), chooses each tag's threshold with
+The stage scores the split with the model (``mltag.tagging.predict``), chooses each tag's threshold with
 the pure functions of ``mltag.maths.thresholds``, and writes the thresholds into the model directory:
 a new model version, with ``thresholds.json`` (the choice, per tag), ``thresholds.parquet`` and
 ``thresholds.provenance.json`` (the resolved config, its hash, the old and new model versions)
@@ -49,8 +49,8 @@ class CalibrateConfig:
 
 def run(config: CalibrateConfig) -> list[TagThreshold]:
     # Imported when it runs: the model brings torch and timm, the prediction Ray Data.
-    from mltag.stages.predict import predict
     from mltag.tagger.model import load_spec, set_thresholds
+    from mltag.tagging.predict import predict
 
     spec = load_spec(config.model)
     y, scores, _ = predict(config.manifest, config.model, config.split, config.batch_size, config.num_actors)

@@ -149,8 +149,8 @@ def load_scores(config: CurateConfig, manifest: pa.Table, vocab: Vocabulary) -> 
         row_versions = table.column("model_version").to_pylist()
         source = "oof"
     else:
-        from mltag.stages.predict import predict_rows
         from mltag.tagger.model import load_spec
+        from mltag.tagging.predict import predict_rows
 
         spec = load_spec(config.model)
         if list(spec.vocab.names) != names:

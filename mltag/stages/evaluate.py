@@ -35,11 +35,11 @@ from mltag.maths.metrics import (
     precision_recall_f1,
     top_k_accuracy,
 )
-
-# predict_rows is re-exported for callers of its former home here (mltag.stages.evaluate.predict_rows).
-from mltag.stages.predict import predict, predict_rows, stored_scores  # noqa: F401
 from mltag.table.tag_table import decide_tags
 from mltag.tagger.model import load_spec
+
+# predict_rows is re-exported for callers of its former home here (mltag.stages.evaluate.predict_rows).
+from mltag.tagging.predict import predict, predict_rows, stored_scores  # noqa: F401
 
 logger = logging.getLogger(__name__)
 

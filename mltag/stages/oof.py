@@ -114,7 +114,7 @@ def oof_table(parts: list[dict]) -> pa.Table:
 def run(config: OofConfig) -> dict:
     from mltag.data.vocabulary import Vocabulary
     from mltag.stages import train
-    from mltag.stages.predict import predict_rows
+    from mltag.tagging.predict import predict_rows
 
     manifest = catalog.read_manifest(config.manifest, require_tags=True)
     if FOLD_COLUMN not in manifest.column_names:

@@ -36,8 +36,12 @@ from mltag.data.fingerprints import FINGERPRINTS, fingerprint_batch
 from mltag.data.identifiers import validate_identifier
 from mltag.data.uri_policy import DEFAULT_SCHEMES
 from mltag.runtime.cluster import init_ray, on_worker
-from mltag.stages.tag import (
-    TagConfig,
+from mltag.table import delta_table, tag_table
+from mltag.table.row_errors import TRANSIENT
+from mltag.table.sharded_run import KEY_COLUMNS, Plan, Totals
+from mltag.table.tag_table import redact_uri_column
+from mltag.tagger.model import load_spec
+from mltag.tagging.commits import (
     check_error_gate,
     commit_metadata,
     commit_run_files,
@@ -45,13 +49,8 @@ from mltag.stages.tag import (
     manifest_signature,
     merge_tagged,
     open_run,
-    tag_shards,
 )
-from mltag.table import delta_table, tag_table
-from mltag.table.row_errors import TRANSIENT
-from mltag.table.sharded_run import KEY_COLUMNS, Plan, Totals
-from mltag.table.tag_table import redact_uri_column
-from mltag.tagger.model import load_spec
+from mltag.tagging.pipeline import TagConfig, tag_shards
 
 logger = logging.getLogger(__name__)
 

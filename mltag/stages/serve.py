@@ -13,10 +13,10 @@ Three deployments, one application (``build_app``, also the ``import_path`` of s
                the review page, its JSON and thumbnails of indexed listings. Bad input is a 4xx
                JSON ``{"error": code, "message": text}`` naming the problem, never a 500.
   TaggerModel  the general tagger, batched with ``@serve.batch``. It runs batch tagging's own
-               inference actor (``mltag.stages.tag.TaggerActor``: normalisation, forward pass, autocast,
+               inference actor (``mltag.tagging.pipeline.TaggerActor``: normalisation, forward pass, autocast,
                ``tag_table.chosen_tags``), so a photo gets the scores ``mltag tag`` gives it.
                Autoscales between min and max replicas; takes a GPU share when the cluster has GPUs.
-  Specialists  the chain's specialist taggers (``mltag.stages.chain``), loaded on first use with
+  Specialists  the chain's specialist taggers (``mltag.tagging.chain``), loaded on first use with
                ``@serve.multiplexed`` and batched per model; called only when a trigger fires,
                on the general model's pixels resized to their size, as ``mltag tag --chain`` does.
 
@@ -48,8 +48,8 @@ from mltag.config import config_dict, config_from_dict
 from mltag.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, fetch_bytes
 from mltag.data.uri_policy import DEFAULT_SCHEMES, FetchPolicy, redact_text
 from mltag.runtime.cluster import GPU_SETTINGS, alive_nodes, cluster_cpus, init_ray, wants_gpu
-from mltag.stages.chain import Chain, load_chain, nest, resize_pixels, tag_entries, tag_pixels
 from mltag.table.row_errors import error_reason
+from mltag.tagging.chain import Chain, load_chain, nest, resize_pixels, tag_entries, tag_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class TaggerModel:
     """The general tagger; requests are batched (``max_batch_size`` 1: one forward pass a request)."""
 
     def __init__(self, model_dir: str, use_gpu: bool, threads: int, threshold: float, max_tags: int, max_batch_size: int, wait_s: float):
-        from mltag.stages.tag import TaggerActor
+        from mltag.tagging.pipeline import TaggerActor
 
         self.tagger = TaggerActor(model_dir, use_gpu, threads, threshold, max_tags)
         self.tag.set_max_batch_size(max_batch_size)
@@ -196,7 +196,7 @@ class Specialists:
 
     @serve.multiplexed(max_num_models_per_replica=SPECIALISTS_PER_REPLICA)
     async def model(self, name: str):
-        from mltag.stages.tag import TaggerActor
+        from mltag.tagging.pipeline import TaggerActor
 
         specialist = self.chain.specialist(name)
         self.loads[name] += 1

@@ -244,7 +244,7 @@ def specialists_column(
 
 
 def tag_pixels(tagger, images: np.ndarray | list[np.ndarray]) -> list[dict]:
-    """Tags decoded images (uint8, size x size x 3) with a ``mltag.stages.tag.TaggerActor``, the batch
+    """Tags decoded images (uint8, size x size x 3) with a ``mltag.tagging.pipeline.TaggerActor``, the batch
     path's own inference and tag choice; one dict a row: scores, embedding, tags, model_version."""
     from mltag.data.images import pixels_to_arrow
     from mltag.table import tag_table

@@ -41,7 +41,7 @@ def predict_rows(table: pa.Table, model_dir: str, batch_size: int = 64, num_acto
     image_uris) for the rows that could be decoded, in pipeline order."""
     # The pipeline itself lives with the tag stage (imported here, when it runs: it brings Ray
     # Data, torch and timm); scoring labelled rows is the same pipeline with the labels carried.
-    from mltag.stages.tag import TagConfig, build_pipeline
+    from mltag.tagging.pipeline import TagConfig, build_pipeline
 
     spec = load_spec(model_dir)
     vocab = spec.vocab
