@@ -94,12 +94,20 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def config_from_dict(cls: type[C], values: dict[str, Any], base: C | None = None) -> C:
-    """Builds ``cls`` from ``values`` over ``base`` (or the defaults); unknown keys are errors."""
+    """Builds ``cls`` from ``values`` over ``base`` (or the defaults); unknown keys are errors.
+    A ``preset`` among the values (for a class with ``PRESETS``) sets its fields first, under the
+    other values."""
     types_ = _field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}; valid keys: {', '.join(sorted(types_))}")
     current = dataclasses.asdict(base) if base is not None else {}
+    preset = values.get("preset") if "preset" in types_ else None
+    if preset:  # defaults -> the preset -> the YAML file and flags (``values``)
+        presets = getattr(cls, "PRESETS", {})
+        if preset not in presets:
+            raise ConfigError(f"unknown preset {preset!r} for {cls.__name__}; choose one of: {', '.join(presets)}")
+        current.update({k: coerce(k, v, types_[k]) for k, v in presets[preset].items()})
     current.update({k: coerce(k, v, types_[k]) for k, v in values.items()})
     try:
         config = cls(**current)

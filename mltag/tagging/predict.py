@@ -39,8 +39,20 @@ def predict_rows(table: pa.Table, model_dir: str, batch_size: int = 64, num_acto
     """Runs the tagging pipeline (Ray Data) over the labelled rows of ``table`` (a manifest read
     by ``catalog.read_manifest``). Returns (y_true 0/1 closed upward, scores, listing_ids,
     image_uris) for the rows that could be decoded, in pipeline order."""
-    # The pipeline itself lives with the tag stage (imported here, when it runs: it brings Ray
-    # Data, torch and timm); scoring labelled rows is the same pipeline with the labels carried.
+    labels, scores, _, ids, uris = pipeline_rows(table, model_dir, batch_size, num_actors, manifest_uri, embeddings=False)
+    return labels, scores, ids, uris
+
+
+def embed_rows(table: pa.Table, model_dir: str, batch_size: int = 64, num_actors: int = 0):
+    """Like ``predict_rows``, with the pooled embeddings: (y_true, embeddings, listing_ids) for the
+    rows that could be decoded. What a linear probe fits on."""
+    labels, _, embeddings, ids, _ = pipeline_rows(table, model_dir, batch_size, num_actors, embeddings=True)
+    return labels, embeddings, ids
+
+
+def pipeline_rows(table: pa.Table, model_dir: str, batch_size: int, num_actors: int, manifest_uri: str = "", *, embeddings: bool):
+    """(y_true, scores, embeddings or None, listing_ids, image_uris) of the decodable rows."""
+    # The pipeline brings Ray Data, torch and timm: imported when it runs.
     from mltag.tagging.pipeline import TagConfig, build_pipeline
 
     spec = load_spec(model_dir)
@@ -50,7 +62,7 @@ def predict_rows(table: pa.Table, model_dir: str, batch_size: int = 64, num_acto
         raise catalog.ManifestError(f"manifest tags not in the model's vocabulary: {sorted(bad)[:10]}")
     init_ray()
     config = TagConfig(manifest=manifest_uri, model=model_dir, batch_size=batch_size, num_actors=num_actors)
-    ids, uris, labels, scores = [], [], [], []
+    ids, uris, labels, scores, vectors = [], [], [], [], []
     for batch in build_pipeline(config, table).iter_batches(batch_format="pyarrow", batch_size=None):
         ok = batch.filter(pc.is_null(batch.column("error")))
         if ok.num_rows == 0:
@@ -59,9 +71,11 @@ def predict_rows(table: pa.Table, model_dir: str, batch_size: int = 64, num_acto
         uris += ok.column("image_uri").to_pylist()
         labels.append(vocab.encode(ok.column("true_tags").to_pylist()))
         scores.append(list_matrix(ok.column("scores")))
+        if embeddings:
+            vectors.append(list_matrix(ok.column("embedding")))
     if not scores:
         raise ValueError("no image of the split could be decoded")
-    return np.concatenate(labels), np.concatenate(scores), ids, uris
+    return np.concatenate(labels), np.concatenate(scores), (np.concatenate(vectors) if embeddings else None), ids, uris
 
 
 def stored_scores(manifest_uri: str, table_uri: str, as_of: str, spec, split: str = "val"):
