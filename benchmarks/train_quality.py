@@ -7,6 +7,11 @@ best epoch: picking the best on validation would flatter every variant), mean +-
     python benchmarks/train_quality.py                 # 5 variants x 3 seeds
     python benchmarks/train_quality.py --seeds 1 --epochs 2 --n-images 200   # smoke run
 
+``--mode recipes``: `mltag train` recipes (presets, then one change at a time) on ccp-fashion,
+judged on its test split beside that baseline (benchmarks/recipe_screen.py).
+
+    python benchmarks/train_quality.py --mode recipes --variants cpu-fast,cpu
+
 ``--mode baseline``: the baseline a user would write on the real photos of ccp-fashion (frozen
 ImageNet Lite0 features + scikit-learn logistic regression, C chosen on val) beside mltag's
 linear probe on the same features (benchmarks/probe_baseline.py).
@@ -43,10 +48,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--mode",
-        choices=("sample", "baseline"),
+        choices=("sample", "baseline", "recipes"),
         default="sample",
-        help="sample: recipe options on the sample catalog; baseline: probes on ccp-fashion",
+        help="sample: recipe options on the sample catalog; baseline: probes on ccp-fashion; recipes: mltag train on ccp-fashion",
     )
+    parser.add_argument("--variants", default="", help="recipes: comma-separated labels of recipe_screen.VARIANTS (default: all)")
+    parser.add_argument("--work", default="", help="recipes: where the runs go (default: a temp dir)")
     parser.add_argument("--n-images", type=int, default=600)
     parser.add_argument("--img-size", type=int, default=None, help="default: 96 (sample), 224 (baseline)")
     parser.add_argument("--limit", type=int, default=0, help="baseline: first N photos only (smoke runs; results not saved)")
@@ -58,6 +65,16 @@ def main() -> None:
         from probe_baseline import run as run_baseline
 
         run_baseline(img_size=args.img_size or 224, limit=args.limit, cache_dir=args.cache_dir)
+        return
+    if args.mode == "recipes":
+        from recipe_screen import VARIANTS
+        from recipe_screen import run as run_recipes
+
+        chosen = [v.strip() for v in args.variants.split(",") if v.strip()] or list(VARIANTS)
+        unknown = [v for v in chosen if v not in VARIANTS]
+        if unknown:
+            parser.error(f"unknown variant(s) {unknown}; choose from: {', '.join(VARIANTS)}")
+        run_recipes(chosen, work=args.work)
         return
     args.img_size = args.img_size or 96
 

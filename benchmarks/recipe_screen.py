@@ -1,0 +1,115 @@
+"""mltag's training recipes on ccp-fashion's real photos, judged on its test split beside the probe
+baseline (benchmarks/probe_baseline.py).
+
+Each variant is one `mltag train` process (its own Ray instance, the same 2-core budget), then
+`mltag eval --split test`: macro and micro mAP, and the mean AP of the rarest tags (fewer than
+60 training images, the baseline's list). Training time is wall time of the train process.
+
+    python benchmarks/train_quality.py --mode recipes                        # every variant below
+    python benchmarks/train_quality.py --mode recipes --variants cpu-fast,cpu
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DATA = os.path.join(ROOT, "..", "shared", "data", "ccp-fashion")
+MLTAG = [sys.executable, "-m", "mltag.cli"]
+
+# label -> `mltag train` flags. Screening changes one thing at a time from the `cpu` preset.
+VARIANTS = {
+    "cpu-fast": ["--preset", "cpu-fast"],
+    "cpu": ["--preset", "cpu"],
+    "cpu, random head (plain fine-tuning)": ["--preset", "cpu", "--head-init", "random"],
+    "cpu, bce": ["--preset", "cpu", "--loss", "bce"],
+    "cpu, max pooling": ["--preset", "cpu", "--pooling", "max"],
+    "cpu, 160 px": ["--preset", "cpu", "--img-size", "160"],
+    "cpu, resampling t=0.1": ["--preset", "cpu", "--repeat-threshold", "0.1"],
+    "cpu, backbone lr x1": ["--preset", "cpu", "--backbone-lr-scale", "1.0"],
+}
+
+
+def _run(cmd: list[str], log: str) -> float:
+    started = time.time()
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}); see {log}")
+    return time.time() - started
+
+
+def rare_tags() -> list[str]:
+    path = os.path.join(HERE, "results", "train_quality_baseline.json")
+    return json.load(open(path))["rare_tags"] if os.path.exists(path) else []
+
+
+def run(variants: list[str], data: str = DATA, work: str = "") -> dict:
+    from results import save
+
+    work = work or tempfile.mkdtemp(prefix="mltag-recipes-")
+    manifest = os.path.join(data, "manifest.csv")
+    rare = rare_tags()
+    rows = {}
+    for label in variants:
+        out = os.path.join(work, label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""))
+        os.makedirs(out, exist_ok=True)
+        train_s = _run(MLTAG + ["train", "--manifest", manifest, "--out", out, "--name", "recipe"] + VARIANTS[label], f"{out}/train.log")
+        eval_dir = os.path.join(out, "eval_test")
+        _run(MLTAG + ["eval", "--manifest", manifest, "--model", f"{out}/model", "--split", "test", "--out", eval_dir], f"{out}/eval.log")
+        metrics = json.load(open(os.path.join(eval_dir, "metrics.json")))
+        per_tag = _per_tag_ap(eval_dir)
+        rare_ap = [per_tag[t] for t in rare if t in per_tag and np.isfinite(per_tag[t])]
+        rows[label] = {
+            "flags": VARIANTS[label],
+            "train_s": train_s,
+            "macro_map": metrics["map_macro"],
+            "micro_map": metrics["map_micro"],
+            "rare_map": float(np.mean(rare_ap)) if rare_ap else float("nan"),
+            "val_map": json.load(open(f"{out}/model/tagger.json"))["extra"].get("val_map"),
+        }
+        r = rows[label]
+        print(
+            f"{label:<40} test macro {r['macro_map']:.4f} micro {r['micro_map']:.4f} rare {r['rare_map']:.4f}  train {train_s / 60:.1f} min",
+            flush=True,
+        )
+    baseline = _baseline_rows()
+    lines = ["| recipe | test macro mAP | test micro mAP | rare-tag mean AP | training (min, 2 cores) |", "|---|---|---|---|---|"]
+    for label, r in baseline.items():
+        lines.append(f"| baseline: {label} | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | (features only) |")
+    for label, r in rows.items():
+        lines.append(
+            f"| `{' '.join(r['flags'])}` ({label}) | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | {r['train_s'] / 60:.1f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    save(
+        "train_quality_recipes",
+        {"rows": rows, "rare_tags": rare},
+        "ccp-fashion, judged on its test split (411 photos); each recipe trains on `train` and chooses on `val` "
+        "(`mltag train`, then `mltag eval --split test`), one seed. Baseline rows: benchmarks/probe_baseline.py on the same "
+        f"split. `python benchmarks/train_quality.py --mode recipes --variants {','.join(variants)}`.\n\n{table}",
+    )
+    return rows
+
+
+def _per_tag_ap(eval_dir: str) -> dict[str, float]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(os.path.join(eval_dir, "per_tag.parquet"))
+    return dict(zip(table.column("tag").to_pylist(), table.column("ap").to_pylist()))
+
+
+def _baseline_rows() -> dict:
+    path = os.path.join(HERE, "results", "train_quality_baseline.json")
+    if not os.path.exists(path):
+        return {}
+    return {k: v for k, v in json.load(open(path))["results"].items() if "one" in k}
