@@ -64,8 +64,8 @@ def test_nprobe_is_tuned_to_the_target_recall(clustered):
 
 def test_auto_picks_product_quantisation_under_a_small_budget(clustered):
     tmp_path, vectors = clustered
-    meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "pq"), max_index_memory="200KB", target_recall=0.5))
-    assert "PQ" in meta["factory"] and meta["count"] == 4000
+    meta = build_index(IndexConfig(tag_table=str(tmp_path / "tags"), out=str(tmp_path / "pq"), max_index_memory="80KB", target_recall=0.5))
+    assert "PQ8x8" in meta["factory"] and meta["count"] == 4000 and "78.1 KiB" in meta["reason"]
     index = EmbeddingIndex.load(str(tmp_path / "pq"))
     hits = sum(index.search_listing(f"L{i}", k=5).column("listing_id").to_pylist().count(f"L{i}") for i in range(50))
     assert hits >= 45  # a compressed index still finds the listing itself

@@ -61,12 +61,20 @@ def choose_index(n: int, dim: int, max_memory_bytes: int) -> IndexChoice:
         reduced -= reduced % m
         return IndexChoice(
             f"OPQ{m}_{reduced},{coarse},PQ{m}x8",
-            f"{n} vectors x {raw} B do not fit {max_memory_bytes / 2**30:.1f} GiB: product quantisation to {m} B a vector",
+            f"{n} vectors x {raw} B do not fit {format_bytes(max_memory_bytes)}: product quantisation to {m} B a vector",
             per_vector,
             nlist,
             True,
         )
     raise ValueError(f"{n} vectors cannot fit {max_memory_bytes} bytes even at 8 bytes a vector; raise --max-index-memory")
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB': a budget as a person reads it, however small or large."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} B"
 
 
 def parse_bytes(text: str) -> int:
