@@ -1,4 +1,4 @@
-"""The nightly re-index over three nights of a changing catalog: one MERGE commit a night that
+"""The nightly re-index over two nights of a changing catalog and a repeated night: one MERGE commit a night that
 tags only what changed, leaves the rest untouched, retries a transient failure, drops repeated
 rows, and time-travels back to any night."""
 
@@ -108,7 +108,7 @@ class FlakyImageServer:
         self.healthy = True
 
 
-def test_three_nights(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
+def test_two_nights_and_a_repeat(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
     catalog = tmp_path / "catalog"
     shutil.copytree(tiny_catalog["out"], catalog)
     day1 = read_manifest(str(catalog / "manifest.parquet")).select(["listing_id", "image_uri", "tags"])
@@ -169,17 +169,10 @@ def test_three_nights(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
     assert len(listed) == len(set(listed)) == 50 and ids[2] not in listed and "FLAKY" in listed and "N2" in listed
     assert index.meta["table_version"] == 1
 
-    # Night 3: one more photo replaced and one listing gone.
-    time.sleep(0.01)
-    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(uris[10], "JPEG")
-    night3 = night2.filter(pa.compute.not_equal(night2.column("listing_id"), ids[20]))
-    third = night(night3, "2026-11-22", index=index_dir)
-    assert (third["new"], third["changed"], third["retry"], third["deleted"]) == (0, 1, 0, 1)
-    assert tag_table.read_rows(table_uri).num_rows == 49 == len(EmbeddingIndex.load(index_dir))
-
-    # The same night again: nothing to do, nothing doubled.
-    again = night(night3, "2026-11-22", index=index_dir)
-    assert again["committed"] is False and delta_table.latest_version(table_uri) == 2
+    # The same night again: nothing to do, nothing doubled, the index untouched.
+    again = night(night2, "2026-11-21", index=index_dir)
+    assert again["committed"] is False and delta_table.latest_version(table_uri) == 1
+    assert tag_table.read_rows(table_uri).num_rows == 50 == len(EmbeddingIndex.load(index_dir))
     # Time travel: as of night 1 is night 1, exactly.
     assert tag_table.read_rows(table_uri, as_of="2026-11-20").sort_by("listing_id").equals(after_night1.sort_by("listing_id"))
     assert tag_table.read_rows(table_uri, as_of="2026-11-21").num_rows == 50

@@ -36,8 +36,10 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, state_api_of_this_clus
         out=str(tmp_path),
         backbone="test_efficientnet",
         img_size=64,
-        epochs=6,
+        epochs=3,
         batch_size=8,
+        augment=False,
+        hflip=False,
         max_failures=2,
         name="killed",
     )
@@ -62,7 +64,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, state_api_of_this_clus
     assert "result" in outcome, "training did not finish after the worker was killed"
     spec = export_best(outcome["result"], config, vocab, mean, std, str(tmp_path))
     history = spec.extra["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]  # each epoch once, none skipped
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # each epoch once, none skipped
     assert spec.extra["restarts"] == 1  # the run was restarted once, from a checkpoint
     assert history[0]["restarts"] == 0 and history[-1]["restarts"] == 1
 
