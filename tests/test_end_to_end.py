@@ -216,8 +216,19 @@ def test_report_renders_its_figures_in_a_headless_browser(pipeline):
     if not (work / "eval" / "metrics.json").exists():
         pytest.skip("needs the eval test's output")
     run_entrypoint(
-        "-m", "mltag.cli", "report", "--model", str(work / "train" / "model"), "--eval", str(work / "eval"), "--out", str(work / "report")
-    )
+        "-m", "mltag.cli", "report", "--model", str(work / "train" / "model"), "--eval", str(work / "eval"), "--out", str(work / "report"),
+        "--baseline-eval", str(work / "eval"), "--rare-below", "1000",
+    )  # fmt: skip
+    page = (work / "report" / "report.html").read_text()
+    counts = json.loads((work / "train" / "model" / "tagger.json").read_text())["extra"]["train_tag_counts"]
+    rare = [t for t, c in counts.items() if c < 1000]
+    assert rare and 'id="rare-tags"' in page  # every tag is "rare" below 1000: each row with its AP twice
+    for row in pq.read_table(work / "eval" / "per_tag.parquet").to_pylist():
+        if row["support"] > 0 and row["tag"] in rare:
+            assert (
+                f"<td>{row['tag']}</td><td>{counts[row['tag']]}</td><td>{row['support']}</td><td>{row['ap']:.3f}</td><td>{row['ap']:.3f}</td>"
+                in page
+            )
     for name in ("training_curves.png", "pr_curves.png", "per_tag_ap.png", "confusion_l1.png"):
         assert (work / "report" / name).stat().st_size > 5000
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -76,3 +76,18 @@ def test_calibrate_writes_the_new_model_version_and_its_provenance_beside_the_th
     assert record["config_hash"] == config_hash(config) and record["model_version"] == new_version
     assert record["previous_model_version"] == spec.version
     assert json.loads((tmp_path / "model" / "thresholds.json").read_text())["config_hash"] == config_hash(config)
+
+
+def test_rare_tag_rows_keep_tags_under_the_bar_that_the_split_holds_rarest_first():
+    from mltag.stages.report import rare_tag_rows
+
+    per_tag = [
+        {"tag": "a", "support": 3, "ap": 0.5},
+        {"tag": "b", "support": 0, "ap": float("nan")},  # not in the evaluated split
+        {"tag": "c", "support": 7, "ap": 0.9},
+        {"tag": "d", "support": 2, "ap": 0.1},  # common: above the bar
+        {"tag": "e", "support": 1, "ap": 0.2},  # no training count recorded
+    ]
+    rows = rare_tag_rows(per_tag, {"a": 40, "b": 5, "c": 12, "d": 60}, 60, {"a": 0.4, "c": 0.95})
+    assert [(r["tag"], r["train"], r["baseline_ap"]) for r in rows] == [("c", 12, 0.95), ("a", 40, 0.4)]
+    assert [r["baseline_ap"] for r in rare_tag_rows(per_tag, {"a": 1}, 60, None)] == [None]

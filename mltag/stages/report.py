@@ -40,6 +40,10 @@ class ReportConfig:
     eval: str = ""  # `mltag eval` output directory
     out: str = "runs/report"  # report directory (report.html + PNGs)
     curves: int = 3  # how many worst and best tags get PR curves
+    baseline_eval: str = (
+        ""  # another `mltag eval` directory on the same split (e.g. of <train out>/probe/model): its AP per tag beside this one's
+    )
+    rare_below: int = 60  # the rarest tags: fewer training images than this (the model records its training counts)
 
     def validate(self) -> None:
         if not self.model or not self.eval:
@@ -132,6 +136,45 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
+def rare_tag_rows(per_tag: list[dict], train_counts: dict[str, int], rare_below: int, baseline: dict[str, float] | None) -> list[dict]:
+    """The tags with fewer than ``rare_below`` training images (rarest first) that the evaluated
+    split holds, with this model's AP and the baseline's (pure)."""
+    rows = [
+        {
+            "tag": r["tag"],
+            "train": train_counts[r["tag"]],
+            "support": r["support"],
+            "ap": r["ap"],
+            "baseline_ap": (baseline or {}).get(r["tag"]),
+        }
+        for r in per_tag
+        if r["tag"] in train_counts and train_counts[r["tag"]] < rare_below and r["support"] > 0
+    ]
+    return sorted(rows, key=lambda r: (r["train"], r["tag"]))
+
+
+def _rare_section(rows: list[dict], rare_below: int, baseline: bool, recorded: bool) -> str:
+    title = f"<h2>Rarest tags (fewer than {rare_below} training images)</h2>"
+    if not recorded:
+        return title + "<p>This model records no training counts per tag (trained before mltag 0.1's export recorded them).</p>"
+    if not rows:
+        return title + "<p>None in the evaluated split.</p>"
+    mean = lambda key: float(np.nanmean([r[key] for r in rows if r[key] is not None]))  # noqa: E731
+    head = "<tr><th>tag</th><th>training images</th><th>support</th><th>AP</th>" + ("<th>baseline AP</th>" if baseline else "") + "</tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(r['tag'])}</td><td>{r['train']}</td><td>{r['support']}</td><td>{r['ap']:.3f}</td>"
+        + (f"<td>{r['baseline_ap']:.3f}</td>" if baseline and r["baseline_ap"] is not None else "<td></td>" if baseline else "")
+        + "</tr>"
+        for r in rows
+    )
+    total = (
+        f"<tr><th>mean</th><td></td><td></td><td>{mean('ap'):.3f}</td>"
+        + (f"<td>{mean('baseline_ap'):.3f}</td>" if baseline else "")
+        + "</tr>"
+    )
+    return f'{title}<table id="rare-tags">{head}{body}{total}</table>'
+
+
 def run(config: ReportConfig) -> str:
     spec = load_spec(config.model)
     with open(os.path.join(config.eval, "metrics.json")) as f:
@@ -146,6 +189,12 @@ def run(config: ReportConfig) -> str:
     plot_training_curves(spec.extra.get("history", []), os.path.join(config.out, FIGURES[0]))
     plot_pr_curves(labels, scores, per_tag, config.curves, os.path.join(config.out, FIGURES[1]))
     plot_per_tag_ap(per_tag, os.path.join(config.out, FIGURES[2]))
+    train_counts = spec.extra.get("train_tag_counts") or {}
+    baseline = None
+    if config.baseline_eval:
+        base = pq.read_table(os.path.join(config.baseline_eval, "per_tag.parquet"))
+        baseline = dict(zip(base.column("tag").to_pylist(), base.column("ap").to_pylist()))
+    rare = rare_tag_rows(per_tag.to_pylist(), train_counts, config.rare_below, baseline)
     l1 = metrics["levels"]["L1"]
     plot_confusion(np.asarray(l1["confusion"]), l1["classes"], os.path.join(config.out, FIGURES[3]))
 
@@ -183,6 +232,7 @@ th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left}} figure{{display:i
 <h1>mltag report: {html.escape(spec.backbone)} ({html.escape(spec.version)})</h1>
 <h2>Metrics</h2>{_table(summary)}
 <h2>Figures</h2>{figures}
+{_rare_section(rare, config.rare_below, baseline is not None, bool(train_counts))}
 <h2>Per tag (worst AP first)</h2>
 <table><tr><th>tag</th><th>level</th><th>support</th><th>AP</th><th>threshold</th><th>precision</th><th>recall</th><th>F1</th></tr>{tag_rows}</table>
 <script>

@@ -475,7 +475,7 @@ def fit_probe_head(config: TrainConfig, vocab: Vocabulary, manifest: pa.Table, o
     return record
 
 
-def export_probe(config: TrainConfig, probe: dict, out: str) -> TaggerSpec:
+def export_probe(config: TrainConfig, probe: dict, out: str, train_counts: dict[str, int]) -> TaggerSpec:
     """``epochs: 0``: the frozen backbone with the probe's head is the model (preset cpu-fast)."""
     from mltag.tagger.model import load_tagger
 
@@ -485,6 +485,7 @@ def export_probe(config: TrainConfig, probe: dict, out: str) -> TaggerSpec:
         "val_map": probe["val_map"],
         "probe": probe,
         "history": [],
+        "train_tag_counts": train_counts,
         "config_hash": config_hash(config),
         "train_config": dict(vars(config)),
     }
@@ -610,7 +611,7 @@ def run(config: TrainConfig) -> TaggerSpec:
     if config.epochs == 0:  # the probe alone: no Ray Train run, nothing to resume
         if not storage.is_remote(out):
             save_config(config, os.path.join(out, "config.yaml"))
-        return export_probe(config, fit_probe_head(config, vocab, manifest, out), out)
+        return export_probe(config, fit_probe_head(config, vocab, manifest, out), out, train_tag_counts(config, vocab, manifest))
     inputs = run_inputs(config, manifest, vocab)
     run_dir = storage.join(_storage_path(config), config.name)
     record_uri = storage.join(run_dir, RUN_RECORD)
@@ -664,13 +665,24 @@ def run(config: TrainConfig) -> TaggerSpec:
             probe = fit_probe_head(config, vocab, manifest, out)
         trainer, vocab, mean, std = build_trainer(config, manifest=manifest, vocab=vocab, start_from=probe["model"] if probe else "")
         result = trainer.fit()
-    spec = export_best(result, config, vocab, mean, std, out)
+    spec = export_best(result, config, vocab, mean, std, out, train_tag_counts(config, vocab, manifest))
     record["finished"] = {"epochs": len(spec.extra.get("history") or []), "model_version": spec.version, "model": model_dir}
     storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
     return spec
 
 
-def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: str) -> TaggerSpec:
+def train_tag_counts(config: TrainConfig, vocab: Vocabulary, manifest: pa.Table | None = None) -> dict[str, int]:
+    """Training images per tag (closed upward), recorded with the model: the report lists the
+    rarest tags by it."""
+    manifest = manifest if manifest is not None else catalog.read_manifest(config.manifest, require_tags=True)
+    train_table, _ = catalog.train_val_split(manifest, config.val_fold)
+    counts, _ = label_counts(train_table, vocab)
+    return {name: int(c) for name, c in zip(vocab.names, counts)}
+
+
+def export_best(
+    result, config: TrainConfig, vocab: Vocabulary, mean, std, out: str, train_counts: dict[str, int] | None = None
+) -> TaggerSpec:
     """Loads the best checkpoint of a finished run and saves it as a tagger directory (EMA
     weights when EMA is on: they are the ones validation scored)."""
     from timm.utils import ModelEmaV3
@@ -700,6 +712,7 @@ def export_best(result, config: TrainConfig, vocab: Vocabulary, mean, std, out: 
             "restarts": latest.restarts,
             "config_hash": config_hash(config),
             "train_config": dict(vars(config)),
+            "train_tag_counts": train_counts if train_counts is not None else train_tag_counts(config, vocab),
             **({"probe": _read_record(storage.join(out, PROBE_DIR, "probe.json"))} if config.head_init == "probe" else {}),
         },
     )

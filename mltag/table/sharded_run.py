@@ -99,7 +99,7 @@ def _write_group(group: pa.Table, directory: str, dedupe: bool) -> pa.Table:
 
 
 def _group_by_shard(ds, n_shards: int, directory: str, dedupe: bool) -> list[dict]:
-    import ray
+    from mltag.runtime.cluster import cluster_cpus
 
     if n_shards == 1:
         # One shard holds at most shard_rows rows (by construction of n_shards): bounded, so it is
@@ -112,7 +112,7 @@ def _group_by_shard(ds, n_shards: int, directory: str, dedupe: bool) -> list[dic
 
     # Shuffle partitions: no more than shards, nor than the cluster has CPUs (Ray's default of 200
     # partitions costs more in start-up than a small run spends in work).
-    partitions = max(1, min(n_shards, int(ray.cluster_resources().get("CPU", 1))))
+    partitions = max(1, min(n_shards, cluster_cpus()))
     grouped = ds.map_batches(
         add_shard_column, fn_kwargs={"n_shards": n_shards}, batch_format="pyarrow", udf_modifying_row_count=False
     ).groupby(SHARD_COLUMN, num_partitions=partitions)
