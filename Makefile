@@ -29,13 +29,10 @@ browser:
 
 # Lint and format are checked first (ruff, configured in pyproject.toml), then the suite.
 # pytest exits 5 when it collects no test: that is a failure here, never a pass.
-# Two workers, a test file each at a time (a file's module fixtures are built once): a Ray test
-# spends most of its time waiting on process start-up and scheduling, so two share the cores well.
-TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info
