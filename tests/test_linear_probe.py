@@ -116,3 +116,17 @@ def test_a_tag_without_positives_or_negatives_gets_its_smoothed_prevalence():
     np.testing.assert_allclose(head.scores(x[:3])[:, 1:3], [[0.5 / 201, 200.5 / 201]] * 3, rtol=1e-5)
     others = fit_head(x, y[:, [0, 3, 4]], l2=1e-2)  # the other tags are fitted as if alone
     np.testing.assert_allclose(head.logits(x)[:, [0, 3, 4]], others.logits(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_grid_walk_stops_past_the_peak_and_keeps_the_full_walks_choice():
+    x, y = _data(9, n=900, dim=60, noise=1.5)
+    grid = (30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5)
+    full = fit_probe(x[:300], y[:300], x[300:600], y[300:600], grid=grid, patience=0)
+    early = fit_probe(x[:300], y[:300], x[300:600], y[300:600], grid=grid, patience=2)
+    peak = int(np.nanargmax(full.val_map))
+    if all(np.diff(full.val_map[peak:]) <= 0):  # unimodal past the peak: the early walk finds the same value
+        assert early.l2 == full.l2 and np.array_equal(early.head.weight, full.head.weight)
+    fitted = np.isfinite(early.val_map)
+    assert len(early.val_map) == len(grid) and fitted.sum() < len(grid)  # it stopped before the end
+    assert np.allclose(np.asarray(early.val_map)[fitted], np.asarray(full.val_map)[fitted])
+    assert not fitted[fitted.argmin() :].any()  # once stopped, nothing after is fitted

@@ -214,6 +214,7 @@ def fit_probe(
     balance: float = 0.0,
     selection: str = "global",
     max_iter: int = 500,
+    patience: int = 2,
 ) -> ProbeFit:
     """Fits the head at every L2 strength of ``grid`` (strongest first, each warm-started from the
     previous) and keeps the one with the best validation macro mAP (ties: the stronger).
@@ -221,7 +222,12 @@ def fit_probe(
     ``selection`` "per_tag" keeps, for each tag, the strength with its own best validation AP
     (the loss is separable, so this is exactly per-tag model selection); a tag with no validation
     positive takes the global choice. Per-tag choice is noisy where validation positives are few.
-    Without validation rows the grid must hold one value."""
+    Without validation rows the grid must hold one value.
+
+    With ``global`` selection the walk down the grid stops once ``patience`` successive values
+    score below the best so far (their val mAP and the rest are NaN): weaker regularisation costs
+    the most L-BFGS iterations, and on real photos validation mAP falls steadily past its peak
+    (ccp-fashion: the best of 10 values was the strongest; the full grid took 14x scikit-learn's time)."""
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection {selection!r}; choose one of: {', '.join(SELECTIONS)}")
     grid = sorted({float(v) for v in grid}, reverse=True)
@@ -236,8 +242,15 @@ def fit_probe(
     z_val = (np.asarray(x_val, np.float64) - mean) / scale if has_val else None
     pw = positive_weights(y_train, balance) if balance else None
     fits, val_map, iterations, per_tag_ap = [], [], [], []
-    init = None
+    init, stopped = None, False
     for l2 in grid:
+        if not stopped and selection == "global" and has_val and patience > 0 and len(val_map) > patience:
+            stopped = max(val_map[-patience:]) < max(val_map)  # past the peak for `patience` values
+        if stopped:
+            val_map.append(float("nan"))
+            iterations.append(0)
+            fits.append(fits[-1])
+            continue
         w, b, n_iter = fit_logistic(z, y_train, l2, pw, init=init, max_iter=max_iter)
         init = (w, b)
         fits.append((w, b))
