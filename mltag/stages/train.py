@@ -455,7 +455,7 @@ def fit_probe_head(config: TrainConfig, vocab: Vocabulary, manifest: pa.Table, o
         "val_map": fit.val_map[best],
         "l2": fit.l2,
         "grid": fit.grid,
-        "grid_val_map": fit.val_map,
+        "grid_val_map": [v if np.isfinite(v) else None for v in fit.val_map],  # None: not fitted (past the peak); JSON has no NaN
         "train_rows": int(len(x_train)),
         "val_rows": int(len(x_val)),
         "embed_seconds": round(embedded, 1),
