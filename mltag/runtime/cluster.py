@@ -20,8 +20,9 @@ GPU_SETTINGS = ("auto", "true", "false")  # the values of every stage's use_gpu
 def init_ray(local_cpus: int | None = None) -> None:
     """Joins the cluster named by RAY_ADDRESS, or a cluster already running on this machine
     (`ray start --head`), or else starts a local instance of its own; nothing if this process
-    already has. A local instance of our own starts without the dashboard (a second of start-up
-    and a process per run); start a cluster with `ray start --head` to watch runs in it.
+    already has. A local instance of our own starts with the dashboard: Ray Train's placement-group
+    cleaner polls the State API, which the dashboard serves, and without it logs a failure every
+    second of a training run.
 
     ``local_cpus`` asks for a local instance of our own whatever RAY_ADDRESS says, with that many
     CPUs (0: all of this machine's): for runs that are single-machine by design (``mltag demo``).
@@ -62,7 +63,7 @@ def _start_local(**options) -> None:
     auth_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
     auth_logger.addFilter(_drop_token_auth_default_notice)
     try:
-        ray.init(address="local", include_dashboard=False, **options)
+        ray.init(address="local", include_dashboard=True, **options)
     finally:
         auth_logger.removeFilter(_drop_token_auth_default_notice)
 
