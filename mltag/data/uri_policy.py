@@ -65,6 +65,16 @@ class FetchPolicy:
         if not self.fetch_timeout_s > 0:
             raise ValueError(f"fetch_timeout_s must be positive, got {self.fetch_timeout_s!r}")
 
+    @classmethod
+    def from_settings(cls, schemes: str, allow_private_networks: bool, roots: str, fetch_timeout_s: float) -> FetchPolicy:
+        """The policy from a config's flat settings, lists written comma-separated as on the
+        command line (``--allowed-schemes file,s3``): the tag and serve configs share it."""
+
+        def split(text: str) -> tuple[str, ...]:
+            return tuple(p.strip() for p in str(text).split(",") if p.strip())
+
+        return cls(split(schemes), allow_private_networks, split(roots), fetch_timeout_s)
+
 
 DEFAULT_POLICY = FetchPolicy()
 

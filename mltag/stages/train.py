@@ -387,7 +387,12 @@ def start_model(config: TrainConfig, vocab: Vocabulary) -> tuple[Tagger, TaggerS
     """The run's starting point (pretrained backbone, a fresh head) and its spec."""
     mean, std = backbone_normalisation(config.backbone)
     model = Tagger(config.backbone, len(vocab), config.pooling, config.pretrained)
-    spec = TaggerSpec(
+    return model, tagger_spec(config, vocab, mean, std)
+
+
+def tagger_spec(config: TrainConfig, vocab: Vocabulary, mean, std, extra: dict | None = None) -> TaggerSpec:
+    """What a model trained with this config is: every exported tagger's spec is built here."""
+    return TaggerSpec(
         backbone=config.backbone,
         vocabulary=vocab.to_dict(),
         pooling=config.pooling,
@@ -395,8 +400,8 @@ def start_model(config: TrainConfig, vocab: Vocabulary) -> tuple[Tagger, TaggerS
         mean=tuple(mean),
         std=tuple(std),
         thresholds=[config.threshold] * len(vocab),
+        extra=extra or {},
     )
-    return model, spec
 
 
 def fit_probe_head(config: TrainConfig, vocab: Vocabulary, manifest: pa.Table, out: str) -> dict:
@@ -443,11 +448,7 @@ def fit_probe_head(config: TrainConfig, vocab: Vocabulary, manifest: pa.Table, o
     y_val, x_val, _ = embed_rows(val_table, start_dir)
     embedded = time.time() - started
     fit = fit_probe(x_train, y_train, x_val, y_val)
-    import torch
-
-    with torch.no_grad():
-        model.head.weight.copy_(torch.from_numpy(fit.head.weight))
-        model.head.bias.copy_(torch.from_numpy(fit.head.bias))
+    model.set_head(fit.head.weight, fit.head.bias)
     best = int(np.nanargmax(fit.val_map))
     record = {
         "inputs_sha256": key,
@@ -696,14 +697,11 @@ def export_best(
         latest = TrainState(model).load(d, rng=False)
     with best_ckpt.as_directory() as d:
         best = TrainState(model, ema=ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None).load(d, rng=False)
-    spec = TaggerSpec(
-        backbone=config.backbone,
-        vocabulary=vocab.to_dict(),
-        pooling=config.pooling,
-        img_size=config.img_size,
-        mean=tuple(mean),
-        std=tuple(std),
-        thresholds=[config.threshold] * len(vocab),
+    spec = tagger_spec(
+        config,
+        vocab,
+        mean,
+        std,
         extra={
             "best_epoch": best.epochs_done,
             "val_map": best_metrics.get("val_map"),

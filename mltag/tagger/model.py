@@ -77,6 +77,14 @@ class Tagger(nn.Module):
         embedding = self.backbone(x)
         return self.head(embedding), embedding
 
+    @torch.no_grad()
+    def set_head(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Puts a head fitted elsewhere (the linear probe, on cached embeddings) on this backbone."""
+        if weight.shape != tuple(self.head.weight.shape) or bias.shape != tuple(self.head.bias.shape):
+            raise ValueError(f"head of shape {weight.shape} does not fit this tagger's {tuple(self.head.weight.shape)}")
+        self.head.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)))
+        self.head.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)))
+
 
 @dataclass
 class TaggerSpec:

@@ -105,13 +105,7 @@ class TagConfig:
         self.fetch_policy()  # a bad scheme or timeout stops here
 
     def fetch_policy(self) -> FetchPolicy:
-        split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
-        return FetchPolicy(
-            allowed_schemes=split(self.allowed_schemes),
-            allow_private_networks=self.allow_private_networks,
-            allowed_roots=split(self.allowed_roots),
-            fetch_timeout_s=self.fetch_timeout_s,
-        )
+        return FetchPolicy.from_settings(self.allowed_schemes, self.allow_private_networks, self.allowed_roots, self.fetch_timeout_s)
 
     def result_fields(self) -> dict:
         """The settings that change the rows a run writes (not how fast it writes them)."""
