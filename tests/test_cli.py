@@ -31,3 +31,17 @@ def test_stage_help_is_its_config_docstring_and_its_entry_point_resolves(name):
     assert callable(_resolve(stage.run))
     parser = build_parser(name)
     assert parser.parse_args([name]).stage == name
+
+
+def test_every_stage_help_imports_neither_torch_nor_timm():
+    # `mltag tag --help` once took 12 s: the stage modules imported the model (timm, torch) at the
+    # top. Configs and run planning stay light; the network loads where it runs.
+    code = (
+        "import sys\nfrom mltag.cli import STAGES, main\n"
+        "for name in STAGES:\n"
+        "    try:\n        main([name, '--help'])\n    except SystemExit:\n        pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+    assert out.count("usage: mltag") == len(STAGES)

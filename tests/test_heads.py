@@ -36,7 +36,7 @@ def tagged(ray_local, tiny_catalog, tiny_model_dir, tmp_path_factory):
     tested elsewhere, and skipping its start-up keeps this file fast."""
     from mltag.data.images import decode_batch
     from mltag.tagger.model import load_spec
-    from mltag.tagging.pipeline import TaggerActor
+    from mltag.tagging.actor import TaggerActor
 
     work = tmp_path_factory.mktemp("heads")
     catalog = read_manifest(tiny_catalog["manifest"])

@@ -149,7 +149,7 @@ def load_scores(config: CurateConfig, manifest: pa.Table, vocab: Vocabulary) -> 
         row_versions = table.column("model_version").to_pylist()
         source = "oof"
     else:
-        from mltag.tagger.model import load_spec
+        from mltag.tagger.spec import load_spec
         from mltag.tagging.predict import predict_rows
 
         spec = load_spec(config.model)

@@ -36,7 +36,7 @@ from mltag.maths.metrics import (
     top_k_accuracy,
 )
 from mltag.table.tag_table import decide_tags
-from mltag.tagger.model import load_spec
+from mltag.tagger.spec import load_spec
 
 # predict_rows is re-exported for callers of its former home here (mltag.stages.evaluate.predict_rows).
 from mltag.tagging.predict import predict, predict_rows, stored_scores  # noqa: F401

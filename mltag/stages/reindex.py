@@ -40,7 +40,7 @@ from mltag.table import delta_table, tag_table
 from mltag.table.row_errors import TRANSIENT
 from mltag.table.sharded_run import KEY_COLUMNS, Plan, Totals
 from mltag.table.tag_table import redact_uri_column
-from mltag.tagger.model import load_spec
+from mltag.tagger.spec import load_spec
 from mltag.tagging.commits import (
     check_error_gate,
     commit_metadata,

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from mltag.maths.metrics import precision_recall_curve
 from mltag.table.tag_table import list_matrix
-from mltag.tagger.model import load_spec
+from mltag.tagger.spec import load_spec
 
 logger = logging.getLogger(__name__)
 

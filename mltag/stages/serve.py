@@ -13,7 +13,7 @@ Three deployments, one application (``build_app``, also the ``import_path`` of s
                the review page, its JSON and thumbnails of indexed listings. Bad input is a 4xx
                JSON ``{"error": code, "message": text}`` naming the problem, never a 500.
   TaggerModel  the general tagger, batched with ``@serve.batch``. It runs batch tagging's own
-               inference actor (``mltag.tagging.pipeline.TaggerActor``: normalisation, forward pass, autocast,
+               inference actor (``mltag.tagging.actor.TaggerActor``: normalisation, forward pass, autocast,
                ``tag_table.chosen_tags``), so a photo gets the scores ``mltag tag`` gives it.
                Autoscales between min and max replicas; takes a GPU share when the cluster has GPUs.
   Specialists  the chain's specialist taggers (``mltag.tagging.chain``), loaded on first use with
@@ -160,7 +160,7 @@ class TaggerModel:
     """The general tagger; requests are batched (``max_batch_size`` 1: one forward pass a request)."""
 
     def __init__(self, model_dir: str, use_gpu: bool, threads: int, threshold: float, max_tags: int, max_batch_size: int, wait_s: float):
-        from mltag.tagging.pipeline import TaggerActor
+        from mltag.tagging.actor import TaggerActor
 
         self.tagger = TaggerActor(model_dir, use_gpu, threads, threshold, max_tags)
         self.tag.set_max_batch_size(max_batch_size)
@@ -190,7 +190,7 @@ class Specialists:
 
     @serve.multiplexed(max_num_models_per_replica=SPECIALISTS_PER_REPLICA)
     async def model(self, name: str):
-        from mltag.tagging.pipeline import TaggerActor
+        from mltag.tagging.actor import TaggerActor
 
         specialist = self.chain.specialist(name)
         self.loads[name] += 1
@@ -339,7 +339,7 @@ def _page(route: str) -> HTMLResponse:
 @serve.ingress(api)
 class Gateway:
     def __init__(self, tagger, specialists, settings: dict):
-        from mltag.tagger.model import load_spec
+        from mltag.tagger.spec import load_spec
 
         self.config = config_from_dict(ServeConfig, settings)
         self.policy = self.config.fetch_policy()
@@ -608,7 +608,7 @@ def _threads(config: ServeConfig, use_gpu: bool) -> int:
 def build_app(args: dict):
     """The Serve application for ``args`` (ServeConfig keys): ``mltag serve`` calls it, and
     ``serve deploy serve_config.yaml`` imports it (``import_path: mltag.stages.serve:build_app``)."""
-    from mltag.tagger.model import load_spec
+    from mltag.tagger.spec import load_spec
 
     config = args if isinstance(args, ServeConfig) else config_from_dict(ServeConfig, dict(args or {}))
     spec = load_spec(config.model)  # a missing model stops here, before any replica starts
@@ -658,7 +658,7 @@ def build_app(args: dict):
 def run(config: ServeConfig) -> str:
     """Starts the application on the current Ray cluster (a local one by default); returns its
     URL. With ``blocking`` it serves until interrupted, then shuts Serve down."""
-    from mltag.tagger.model import load_spec
+    from mltag.tagger.spec import load_spec
 
     load_spec(config.model)  # a wrong --model stops here, before Ray starts
     init_ray()

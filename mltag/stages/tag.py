@@ -25,7 +25,7 @@ from mltag.data.fingerprints import fingerprint_batch
 from mltag.runtime.cluster import init_ray
 from mltag.table import delta_table, tag_table
 from mltag.table.sharded_run import ShardedRun
-from mltag.tagger.model import load_spec
+from mltag.tagger.spec import load_spec
 from mltag.tagging.commits import (
     ErrorGateError,
     check_error_gate,
@@ -36,11 +36,11 @@ from mltag.tagging.commits import (
     merge_tagged,
     open_run,
 )
-from mltag.tagging.pipeline import TagConfig, TaggerActor, build_pipeline, physical_plan, tag_shards
+from mltag.tagging.pipeline import TagConfig, build_pipeline, physical_plan, tag_shards
 
 # TagConfig is this stage's config; the pipeline pieces are re-exported for scripts written before
-# they moved down to mltag.tagging.
-__all__ = ["ErrorGateError", "TagConfig", "TaggerActor", "build_pipeline", "physical_plan", "retry_errors", "run"]
+# they moved down to mltag.tagging (TaggerActor too, by ``__getattr__`` at the end: it loads torch).
+__all__ = ["ErrorGateError", "TagConfig", "build_pipeline", "physical_plan", "retry_errors", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +133,12 @@ def retry_errors(config: TagConfig) -> dict:
         f"{totals.errors} still failing -> {uri} version {metadata['table_version']}"
     )
     return metadata
+
+
+def __getattr__(name: str):
+    # TaggerActor is imported on first use: it brings torch and timm.
+    if name == "TaggerActor":
+        from mltag.tagging.actor import TaggerActor
+
+        return TaggerActor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -42,10 +42,15 @@ from mltag.data.vocabulary import Vocabulary
 from mltag.maths.resampling import TagIndex, repeat_factors_from_tags, tag_counts, tag_repeat_factors_from_counts
 from mltag.runtime.cluster import init_ray, wants_gpu
 from mltag.runtime.ray_console import progress_notices_off, quiet_per_epoch
-from mltag.tagger.losses import LOSSES
-from mltag.tagger.model import POOLINGS, Tagger, TaggerSpec, backbone_normalisation, load_spec, save_tagger
-from mltag.tagger.train_loop import LoopConfig, train_loop_per_worker
-from mltag.tagger.train_state import TrainState
+from mltag.tagger.spec import POOLINGS, TaggerSpec, load_spec
+
+if TYPE_CHECKING:
+    from mltag.tagger.model import Tagger
+    from mltag.tagger.train_loop import LoopConfig
+
+# torch and timm (mltag.tagger.model, .losses, .train_loop, .train_state) are imported inside the
+# functions that use them: the config and the run's bookkeeping stay light, so `mltag train --help`
+# and a driver that only plans answer in a fraction of a second.
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +174,8 @@ class TrainConfig:
         validate_identifier("name", self.name)
         if self.resume not in RESUME_MODES:
             raise ValueError(f"unknown resume {self.resume!r}; choose one of: {', '.join(RESUME_MODES)}")
+        from mltag.tagger.losses import LOSSES
+
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
         if self.pooling not in POOLINGS:
@@ -275,6 +282,9 @@ def loop_config(
 ) -> LoopConfig:
     """What the workers need: TrainConfig's fields of the same names, and what the driver derives
     from the data (``train_counts``: the training split's ``label_counts``)."""
+    from mltag.tagger.model import backbone_normalisation
+    from mltag.tagger.train_loop import LoopConfig
+
     mean, std = backbone_normalisation(config.backbone)
     derived = {
         "num_tags": len(vocab),
@@ -302,6 +312,8 @@ def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, voca
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from mltag.tagger.train_loop import train_loop_per_worker
 
     vocab = vocab if vocab is not None else Vocabulary.load(config.vocabulary_uri())
     manifest = manifest if manifest is not None else catalog.read_manifest(config.manifest, require_tags=True)
@@ -385,6 +397,8 @@ def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, voca
 # ---- LP-FT's first phase: a linear probe on the frozen backbone -----------------------------------
 def start_model(config: TrainConfig, vocab: Vocabulary) -> tuple[Tagger, TaggerSpec]:
     """The run's starting point (pretrained backbone, a fresh head) and its spec."""
+    from mltag.tagger.model import Tagger, backbone_normalisation
+
     mean, std = backbone_normalisation(config.backbone)
     model = Tagger(config.backbone, len(vocab), config.pooling, config.pretrained)
     return model, tagger_spec(config, vocab, mean, std)
@@ -416,6 +430,7 @@ def fit_probe_head(config: TrainConfig, vocab: Vocabulary, manifest: pa.Table, o
     Memory: at most ``probe_max_rows`` training embeddings (and the validation split's) are held
     on the driver, rows x dim float32 (100,000 x 1,280: 0.5 GB), twice that in float64 while fitting."""
     from mltag.tagger.linear_probe import fit_probe
+    from mltag.tagger.model import save_tagger
     from mltag.tagging.predict import embed_rows
 
     started = time.time()
@@ -479,7 +494,7 @@ def fit_probe_head(config: TrainConfig, vocab: Vocabulary, manifest: pa.Table, o
 
 def export_probe(config: TrainConfig, probe: dict, out: str, train_counts: dict[str, int]) -> TaggerSpec:
     """``epochs: 0``: the frozen backbone with the probe's head is the model (preset cpu-fast)."""
-    from mltag.tagger.model import load_tagger
+    from mltag.tagger.model import load_tagger, save_tagger
 
     model, spec = load_tagger(probe["model"])
     spec.extra = {
@@ -659,6 +674,8 @@ def run(config: TrainConfig) -> TaggerSpec:
         import ray.train
 
         fs, path = storage.arrow_filesystem_for(run_dir)
+        from mltag.tagger.model import backbone_normalisation
+
         result = ray.train.Result.from_path(path, storage_filesystem=fs)
         mean, std = backbone_normalisation(config.backbone)
     else:
@@ -688,6 +705,9 @@ def export_best(
     """Loads the best checkpoint of a finished run and saves it as a tagger directory (EMA
     weights when EMA is on: they are the ones validation scored)."""
     from timm.utils import ModelEmaV3
+
+    from mltag.tagger.model import Tagger, save_tagger
+    from mltag.tagger.train_state import TrainState
 
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if not math.isnan(m.get("val_map", float("nan")))]
     best_ckpt, best_metrics = max(candidates, key=lambda cm: cm[1]["val_map"]) if candidates else (result.checkpoint, result.metrics)

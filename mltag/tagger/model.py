@@ -20,10 +20,8 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import io
 import json
-from dataclasses import dataclass, field, fields
 
 import numpy as np
 import timm
@@ -31,16 +29,16 @@ import torch
 import torch.nn as nn
 
 from mltag.data import storage
-from mltag.data.vocabulary import Vocabulary
+from mltag.tagger.spec import (  # noqa: F401  (the spec's names, re-exported: callers import them from here too)
+    META_FILE,
+    POOLINGS,
+    WEIGHTS_FILE,
+    ModelIntegrityError,
+    TaggerSpec,
+    load_spec,
+    verify_weights,
+)
 from mltag.tagger.weights import timm_pretrained_kwargs
-
-POOLINGS = ("avg", "max", "avgmax")
-WEIGHTS_FILE = "weights.pt"
-META_FILE = "tagger.json"
-
-
-class ModelIntegrityError(ValueError):
-    """A tagger directory whose weights do not match the version in its tagger.json."""
 
 
 def check_backbone(name: str) -> None:
@@ -86,53 +84,6 @@ class Tagger(nn.Module):
         self.head.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)))
 
 
-@dataclass
-class TaggerSpec:
-    """Everything except the weights that defines a trained tagger (``tagger.json``).
-
-    ``vocabulary`` is a ``Vocabulary``, parsed once; the mapping tagger.json holds (or any
-    ``Vocabulary.from_dict`` input) is accepted too and parsed here. ``to_json`` writes the
-    mapping back as it was given: the model version hashes the vocabulary as tagger.json spells
-    it, and a model saved with bare tag names must keep its version."""
-
-    backbone: str
-    vocabulary: Vocabulary
-    pooling: str = "avg"
-    img_size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    thresholds: list[float] | None = None  # per tag, vocabulary order; None means 0.5 for all
-    embedding_dim: int = 0
-    version: str = ""
-    extra: dict = field(default_factory=dict)  # training metrics, config hash, ...
-
-    def __post_init__(self) -> None:
-        if isinstance(self.vocabulary, Vocabulary):
-            spelling = self.vocabulary.to_dict()
-        else:
-            spelling = copy.deepcopy(self.vocabulary)
-            self.vocabulary = Vocabulary.from_dict(spelling)
-        # Not a field: kept beside the Vocabulary it spells, so a vocabulary assigned later is
-        # written (and hashed) as its own to_dict().
-        self._vocabulary_spelling = (self.vocabulary, spelling)
-
-    @property
-    def vocab(self) -> Vocabulary:
-        """The vocabulary (the name callers used when ``vocabulary`` was a mapping)."""
-        return self.vocabulary
-
-    def to_json(self) -> dict:
-        """tagger.json's content: every field, the vocabulary as the mapping it was given as."""
-        meta = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
-        vocab, spelling = self._vocabulary_spelling
-        meta["vocabulary"] = copy.deepcopy(spelling) if vocab is self.vocabulary else self.vocabulary.to_dict()
-        return meta
-
-    def threshold_array(self) -> np.ndarray:
-        n = len(self.vocabulary)
-        return np.full(n, 0.5, np.float32) if self.thresholds is None else np.asarray(self.thresholds, np.float32)
-
-
 def backbone_normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean/std the backbone's pretrained weights expect (timm's pretrained config)."""
     cfg = timm.get_pretrained_cfg(backbone)
@@ -164,27 +115,6 @@ def save_tagger(model: Tagger, spec: TaggerSpec, out_dir: str) -> TaggerSpec:
     meta = json.dumps(spec.to_json(), indent=2).encode()
     storage.publish_files(out_dir, [(WEIGHTS_FILE, weights), (META_FILE, meta)])  # tagger.json last: it names the version
     return spec
-
-
-def load_spec(model_dir: str) -> TaggerSpec:
-    """tagger.json alone (cheap: the weights are neither read nor checked; ``load_tagger`` does)."""
-    try:
-        meta = json.loads(storage.read_bytes(storage.join(model_dir, META_FILE)))
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"no trained tagger at {model_dir} (missing {META_FILE})") from exc
-    meta["mean"], meta["std"] = tuple(meta["mean"]), tuple(meta["std"])
-    return TaggerSpec(**meta)
-
-
-def verify_weights(weights: bytes, spec: TaggerSpec, model_dir: str) -> None:
-    """Raises ModelIntegrityError unless ``weights`` and ``spec`` hash to ``spec.version``."""
-    actual = storage.content_version(weights, spec.to_json())
-    if actual != spec.version:
-        raise ModelIntegrityError(
-            f"refusing to load the tagger at {model_dir}: {WEIGHTS_FILE} and {META_FILE} do not match "
-            f"(content hash {actual}, recorded version {spec.version or '(none)'}); the directory was modified "
-            f"or is half-written. Re-export or re-save the model to make it consistent."
-        )
 
 
 def load_tagger(model_dir: str, device: str | torch.device = "cpu") -> tuple[Tagger, TaggerSpec]:

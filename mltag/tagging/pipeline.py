@@ -2,8 +2,9 @@
 -> shard files beside the table.
 
 ``TagConfig`` holds every setting of it (``mltag tag`` uses it as is; ``reindex``, ``predict``
-and the benchmarks build one). ``TaggerActor`` is the inference worker that batch tagging and
-``mltag serve`` share; ``build_pipeline`` chains the stages; ``tag_shards`` runs the unfinished
+and the benchmarks build one). The inference worker, ``mltag.tagging.actor.TaggerActor``, is
+imported only where a pipeline is built: this module stays free of torch and timm, so a driver
+that plans a run (or prints ``--help``) does not pay for them. ``build_pipeline`` chains the stages; ``tag_shards`` runs the unfinished
 shards of a run (``mltag.table.sharded_run``) through it. Committing is ``mltag.tagging.commits``.
 """
 
@@ -13,20 +14,17 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
-import torch
 
 from mltag.data import catalog, storage
 from mltag.data.fingerprints import FINGERPRINTS
 from mltag.data.identifiers import validate_identifier
-from mltag.data.images import DEFAULT_MAX_PIXELS, decode_batch, fetch_batch, pixels_from_arrow
-from mltag.data.staging import StagingBuffers
+from mltag.data.images import DEFAULT_MAX_PIXELS, decode_batch, fetch_batch
 from mltag.data.uri_policy import DEFAULT_SCHEMES, FetchPolicy
 from mltag.runtime.cluster import GPU_SETTINGS, cluster_cpus, cluster_gpus, init_ray, wants_gpu
 from mltag.table import tag_table
 from mltag.table.sharded_run import Plan, ShardedRun, Totals, read_shard_manifests, write_shard_files
-from mltag.tagger.model import load_spec, load_tagger, normalise, pick_device
+from mltag.tagger.spec import load_spec
 
 logger = logging.getLogger(__name__)
 
@@ -131,82 +129,6 @@ class TagConfig:
         return fields
 
 
-class TaggerActor:
-    """One inference worker of the pool: loads the model once, tags batches of images.
-
-    Input rows carry either decoded ``pixels`` (decode_on=cpu) or raw ``image_bytes``
-    (decode_on=actor, decoded here on the actor's device)."""
-
-    def __init__(
-        self,
-        model_dir: str,
-        use_gpu: bool,
-        threads: int,
-        threshold: float,
-        max_tags: int = 0,
-        embedding_dtype: str = "float32",
-        compile: bool = False,
-        policy: FetchPolicy | None = None,
-        chain: str = "",
-    ):
-        torch.set_num_threads(max(1, threads))
-        self.device = pick_device(use_gpu)
-        self.model, self.spec = load_tagger(model_dir, self.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if compile else self.model
-        self.vocab = self.spec.vocab
-        self.names = list(self.vocab.names)
-        self.thresholds = np.full(len(self.names), threshold, np.float32) if threshold >= 0 else self.spec.threshold_array()
-        self.max_tags, self.embedding_dtype, self.policy = max_tags, embedding_dtype, policy
-        self.staging = StagingBuffers(self.device)
-        self.chain = None
-        if chain:  # specialists run on the rows whose tags trigger them (mltag.tagging.chain)
-            from mltag.tagging.chain import SpecialistTaggers, load_chain
-
-            self.chain = SpecialistTaggers(
-                load_chain(chain), lambda d: TaggerActor(d, use_gpu, threads, -1.0, 0, embedding_dtype, compile, policy)
-            )
-
-    def _pixels(self, batch: pa.Table, ok: np.ndarray, errors: list) -> tuple[torch.Tensor, np.ndarray]:
-        if "pixels" in batch.column_names:
-            pixels = pixels_from_arrow(batch.column("pixels"), self.spec.img_size)  # a view: no copy yet
-            return self.staging.to_device(pixels if len(ok) == len(pixels) else pixels[ok]), ok
-        from mltag.data.device_decode import decode_on_device
-
-        data = batch.column("image_bytes").take(pa.array(ok)).to_pylist()
-        pixels, failures = decode_on_device(data, self.spec.img_size, self.device, policy=self.policy)
-        for k, failure in failures.items():
-            errors[ok[k]] = failure
-        keep = np.array([k for k in range(len(ok)) if k not in failures], dtype=np.int64)
-        return pixels[torch.from_numpy(keep).to(pixels.device)] if len(keep) < len(ok) else pixels, ok[keep]
-
-    @torch.inference_mode()
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        errors = batch.column("error").to_pylist()
-        ok = np.array([i for i, e in enumerate(errors) if e is None], dtype=np.int64)
-        dim = self.model.embedding_dim
-        scores = np.zeros((0, len(self.names)), np.float32)
-        embeddings = np.zeros((0, dim), np.float32)
-        if ok.size:
-            pixels, ok = self._pixels(batch, ok, errors)
-        if ok.size:
-            x = normalise(pixels, self.spec.mean, self.spec.std)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                logits, emb = self.forward(x)
-            scores = torch.sigmoid(logits.float()).cpu().numpy()
-            embeddings = emb.float().cpu().numpy()
-        chosen = tag_table.chosen_tags(scores, self.thresholds, self.vocab, self.max_tags)
-        rows = tag_table.assemble(batch, ok, scores, embeddings, chosen, self.spec.version, errors, self.embedding_dtype, self.names)
-        if self.chain is not None:
-            from mltag.tagging.chain import specialists_column
-
-            tags = [[self.names[j] for j in np.flatnonzero(row)] for row in chosen]
-            host = pixels.cpu().numpy() if ok.size else np.zeros((0, self.spec.img_size, self.spec.img_size, 3), np.uint8)
-            column = specialists_column(self.chain.chain, ok, batch.num_rows, tags, scores, self.names, host, self.chain.run)
-            rows = rows.append_column("specialists", column)
-        return rows
-
-
 def _resources(config: TagConfig) -> tuple[int, bool]:
     use_gpu = wants_gpu(config.use_gpu)
     if config.num_actors > 0:
@@ -231,6 +153,8 @@ def build_pipeline(config: TagConfig, source):
     """The Ray Data chain: fetch + decode (CPU tasks) -> tag (actor pool). ``source`` is a Ray
     Dataset of manifest rows, or a manifest table."""
     import ray.data
+
+    from mltag.tagging.actor import TaggerActor  # torch and timm: loaded where the pipeline runs, not for --help
 
     spec = load_spec(config.model)
     num_actors, use_gpu = _resources(config)
@@ -342,3 +266,12 @@ def tag_shards(
 
         run.collect(records.iter_batches(batch_format="pyarrow", batch_size=None), plan, progress)
     return plan, run.totals(plan), resumed
+
+
+def __getattr__(name: str):
+    # ``from mltag.tagging.pipeline import TaggerActor`` (its home before mltag.tagging.actor) keeps working.
+    if name == "TaggerActor":
+        from mltag.tagging.actor import TaggerActor
+
+        return TaggerActor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from mltag.data import catalog
 from mltag.runtime.cluster import init_ray
 from mltag.table.tag_table import list_matrix
-from mltag.tagger.model import load_spec
+from mltag.tagger.spec import load_spec
 
 
 def predict(manifest_uri: str, model_dir: str, split: str = "val", batch_size: int = 64, num_actors: int = 0):
