@@ -73,10 +73,15 @@ class ReindexConfig:
     allow_private_networks: bool = False  # http(s) only: also loopback, link-local and private addresses
     allowed_roots: str = ""  # comma-separated local dirs / URI prefixes images must lie under; empty: anywhere
     fetch_timeout_s: float = 30.0  # per image fetch attempt; a timeout is a transient error, retried the next night
+    chain: str = ""  # chain YAML (as for mltag tag): the rows tagged tonight get their triggered specialists' tags
 
     def validate(self) -> None:
         if not self.manifest or not self.model:
             raise ValueError("manifest and model are required")
+        if self.chain:
+            from mltag.tagging.chain import load_chain
+
+            load_chain(self.chain)  # a bad chain file stops here, before any work
         if self.fingerprint not in FINGERPRINTS:
             raise ValueError(f"unknown fingerprint {self.fingerprint!r}; choose one of: {', '.join(FINGERPRINTS)}")
         if self.snapshot:
@@ -179,6 +184,7 @@ def run(config: ReindexConfig) -> dict:
         allow_private_networks=config.allow_private_networks,
         allowed_roots=config.allowed_roots,
         fetch_timeout_s=config.fetch_timeout_s,
+        chain=config.chain,
     )
     tag_config.validate()
     # Fingerprints in Ray tasks: a stat (or a read) per image is the slow part of the planning.
@@ -215,9 +221,21 @@ def _report_duplicates(plan_: Plan) -> None:
         )
 
 
+def _chain_parts(chain: str) -> list[str]:
+    """A chain changes what a night writes, so it is part of the night's run id (a resumed night
+    with another chain starts afresh); without one the ids are what they were before chains."""
+    if not chain:
+        return []
+    from mltag.tagging.chain import chain_signature
+
+    return [chain_signature(chain)]
+
+
 def _overwrite(tag_config: TagConfig, today, rows: int | None, spec, started: float) -> dict:
     uri = tag_config.out
-    run_id = derived_run_id("night", tag_config.snapshot, manifest_signature(tag_config.manifest), spec.version, "overwrite")
+    run_id = derived_run_id(
+        "night", tag_config.snapshot, manifest_signature(tag_config.manifest), spec.version, "overwrite", *_chain_parts(tag_config.chain)
+    )
     tag_config.run_id = run_id
     run, app_id, committed = open_run(uri, run_id)
     if committed is not None:
@@ -251,7 +269,9 @@ def _merge_night(
     config: ReindexConfig, tag_config: TagConfig, uri: str, today, rows: int | None, spec, started: float, snapshot: str
 ) -> dict:
     dt = delta_table.open_table(uri)
-    run_id = derived_run_id("night", snapshot, dt.version(), manifest_signature(config.manifest), spec.version, config.fingerprint)
+    run_id = derived_run_id(
+        "night", snapshot, dt.version(), manifest_signature(config.manifest), spec.version, config.fingerprint, *_chain_parts(config.chain)
+    )
     tag_config.run_id = run_id
     run, app_id, committed = open_run(uri, run_id)
     if committed is not None:

@@ -74,8 +74,6 @@ class TagConfig:
             from mltag.tagging.chain import load_chain
 
             load_chain(self.chain)  # a bad chain file stops here
-            if self.retry_errors:
-                raise ValueError("chain cannot be combined with retry_errors yet (the MERGE does not add the specialists column)")
         if not self.manifest and not self.retry_errors:
             raise ValueError("manifest is required (--manifest PATH)")
         if self.use_gpu not in GPU_SETTINGS:
