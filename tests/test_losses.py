@@ -72,3 +72,19 @@ def test_pos_weight_scales_positive_terms_like_torch():
     reference = F.binary_cross_entropy_with_logits(logits, y, pos_weight=w, reduction="sum") / logits.shape[0]
     assert torch.allclose(bce_loss(logits, y, w), reference, atol=1e-5)
     assert torch.allclose(asymmetric_loss(logits, y, 0, 0, 0, pos_weight=w), reference, atol=1e-5)
+
+
+def test_an_element_weight_scales_each_term_like_torch_and_zero_removes_it():
+    logits, y = _random(6)
+    w = torch.rand(logits.shape, generator=torch.Generator().manual_seed(1))
+    reference = F.binary_cross_entropy_with_logits(logits, y, weight=w, reduction="sum") / logits.shape[0]
+    assert torch.allclose(bce_loss(logits, y, weight=w), reference, atol=1e-5)
+    assert torch.allclose(asymmetric_loss(logits, y, 0, 0, 0, weight=w), reference, atol=1e-5)
+    # Weight 0 on one image-tag term: the loss is what it was without that term, for every loss.
+    zero = torch.ones_like(y)
+    zero[0, 0] = 0
+    for name in ("bce", "focal", "asl"):
+        loss = make_loss(name)
+        full = loss(logits, y) * logits.shape[0]
+        alone = loss(logits[:1, :1], y[:1, :1])  # the one term, as a 1x1 batch
+        assert torch.allclose(loss(logits, y, zero) * logits.shape[0], full - alone, atol=1e-4), name

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mltag.data.vocabulary import Vocabulary, VocabularyError
+from mltag.maths.pseudo_labels import tags_by_source
 from mltag.maths.resampling import (
     TagIndex,
     repeat_factors,
@@ -17,7 +21,7 @@ from mltag.maths.resampling import (
     tag_repeat_factors_from_counts,
 )
 from mltag.stages.train import label_counts, labelled_table, positive_weights, positive_weights_from_counts
-from mltag.tagger.train_loop import batch_arrays
+from mltag.tagger.train_loop import batch_arrays, label_weights
 
 
 def _dense_positive_weights(labels: np.ndarray) -> list[float]:
@@ -137,15 +141,65 @@ def test_unknown_tags_are_refused_naming_the_row_as_encode_does():
         assert str(streamed.value) == str(dense.value) == "row 10: tag(s) not in the vocabulary: ['lake', 'moon']"
 
 
+def test_tags_by_source_and_label_weights_weigh_only_pseudo_positives():
+    vocab = Vocabulary.from_dict({"tags": [{"name": "forest", "parent": "tree"}, "tree", "sky"]})
+    labels = pa.array(
+        [
+            [{"tag": "forest", "source": "pseudo"}, {"tag": "tree", "source": "human"}],  # a pseudo child, its parent a person's
+            [{"tag": "forest", "source": "pseudo"}],  # the parent comes only with the pseudo child
+            [{"tag": "sky", "source": "review"}],
+            None,
+        ],
+        pa.list_(pa.struct([("tag", pa.string()), ("source", pa.string())])),
+    )
+    pseudo, human = tags_by_source(labels)
+    assert pseudo.to_pylist() == [["forest"], ["forest"], [], []]
+    assert human.to_pylist() == [["tree"], [], ["sky"], []]
+    batch = pa.table({"pseudo_tags": pseudo, "human_tags": human})
+    weights = label_weights(batch, TagIndex(vocab), 0.25)
+    assert weights.tolist() == [[0.25, 1, 1], [0.25, 0.25, 1], [1, 1, 1], [1, 1, 1]]
+    assert label_weights(batch, TagIndex(vocab), 1.0) is None
+    assert label_weights(batch.drop_columns(["pseudo_tags"]), TagIndex(vocab), 0.25) is None
+
+
+def test_pseudo_label_weight_needs_label_sources_and_is_refused_before_any_work(tiny_catalog, tmp_path):
+    from mltag.data.catalog import ManifestError
+    from mltag.stages.train import TrainConfig, run
+
+    with pytest.raises(ValueError, match="pseudo_label_weight must be in"):
+        TrainConfig(manifest="m.parquet", pseudo_label_weight=1.5).validate()
+    with pytest.raises(ValueError, match="epochs 0"):
+        TrainConfig(manifest="m.parquet", pseudo_label_weight=0.5, epochs=0, head_init="probe").validate()
+    config = TrainConfig(manifest=tiny_catalog["manifest"], out=str(tmp_path / "out"), pseudo_label_weight=0.5)
+    with pytest.raises(ManifestError, match="labels column"):
+        run(config)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_training_with_resampling_and_balanced_weights_encodes_labels_per_batch(ray_local, tiny_catalog, tmp_path):
     """A real (1 epoch) run: tags travel with the rows through Ray Data and resampling, and the
-    loop gets pos weights and the effective epoch length from the streamed counts."""
+    loop gets pos weights and the effective epoch length from the streamed counts. The manifest
+    is a curated one (a labels column, one pseudo label per image) trained with pseudo labels at
+    half weight: the labels' sources travel with the rows too."""
     from mltag.data import catalog
     from mltag.stages.train import TrainConfig, build_trainer, export_best
 
+    manifest = catalog.read_manifest(tiny_catalog["manifest"])
+    names = Vocabulary.load(tiny_catalog["vocabulary"]).names
+    tags, labels = [], []
+    for i, given in enumerate(manifest.column("tags").to_pylist()):
+        extra = next(n for n in names[i % len(names) :] + names if n not in given)
+        tags.append(given + [extra])
+        labels.append([{"tag": t, "source": "human"} for t in given] + [{"tag": extra, "source": "pseudo"}])
+    curated = manifest.set_column(manifest.schema.get_field_index("tags"), "tags", pa.array(tags, pa.list_(pa.string())))
+    curated = curated.append_column("labels", pa.array(labels, pa.list_(pa.struct([("tag", pa.string()), ("source", pa.string())]))))
+    pq.write_table(curated, tmp_path / "curated.parquet")
+    shutil.copy(tiny_catalog["vocabulary"], tmp_path / "vocabulary.yaml")
+
     config = TrainConfig(
-        manifest=tiny_catalog["manifest"],
+        manifest=str(tmp_path / "curated.parquet"),
+        pseudo_label_weight=0.5,
         out=str(tmp_path),
         backbone="test_efficientnet",
         img_size=64,
@@ -164,6 +218,7 @@ def test_training_with_resampling_and_balanced_weights_encodes_labels_per_batch(
     assert loop["pos_weight"] == _dense_positive_weights(dense)
     assert loop["n_train_effective"] == pytest.approx(repeat_factors(dense, 0.5, True).sum())
     assert loop["n_train_effective"] > train.num_rows  # resampling is on and repeats rare tags
+    assert loop["pseudo_label_weight"] == 0.5
     spec = export_best(trainer.fit(), config, vocab, mean, std, str(tmp_path))
     (epoch,) = spec.extra["history"]
     assert np.isfinite(epoch["train_loss"]) and np.isfinite(epoch["val_map"])

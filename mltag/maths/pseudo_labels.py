@@ -14,6 +14,8 @@ Example:
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
@@ -38,3 +40,27 @@ def pseudo_labels(
     if eligible is not None:
         added &= np.asarray(eligible, dtype=bool)[None, :]
     return added
+
+
+def tags_by_source(labels: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """Splits a curated ``labels`` column (per image, one ``{tag, source, ...}`` struct per tag,
+    as ``mltag curate`` writes it) into two list<string> columns, row for row: the tags whose
+    source is ``pseudo`` and the others (``human``, ``review``). Vectorised: no Python per row.
+
+    Example:
+        >>> labels = pa.array([[{"tag": "a", "source": "human"}, {"tag": "b", "source": "pseudo"}], []])
+        >>> [c.to_pylist() for c in tags_by_source(labels)]
+        [[['b'], []], [['a'], []]]
+    """
+    labels = labels.combine_chunks() if isinstance(labels, pa.ChunkedArray) else labels
+    flat = pc.list_flatten(labels)
+    rows = pc.list_parent_indices(labels).to_numpy()
+    is_pseudo = pc.fill_null(pc.equal(flat.field("source"), "pseudo"), False)
+    tags = flat.field("tag")
+
+    def lists(mask: pa.Array) -> pa.Array:
+        keep = mask.to_numpy(zero_copy_only=False)
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=len(labels)))]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), tags.filter(mask))
+
+    return lists(is_pseudo), lists(pc.invert(is_pseudo))

@@ -39,6 +39,7 @@ from mltag.data.augment import augment_batch
 from mltag.data.identifiers import validate_identifier
 from mltag.data.images import decode_batch
 from mltag.data.vocabulary import Vocabulary
+from mltag.maths.pseudo_labels import tags_by_source
 from mltag.maths.resampling import TagIndex, repeat_factors_from_tags, tag_counts, tag_repeat_factors_from_counts
 from mltag.runtime.cluster import init_ray, wants_gpu
 from mltag.runtime.ray_console import progress_notices_off, quiet_per_epoch
@@ -112,6 +113,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # exponential moving average of weights (e.g. 0.999); 0: off
     repeat_threshold: float = 0.0  # repeat-factor resampling target frequency t; 0: off
     repeat_sqrt: bool = True  # phi = square root (true) or identity (false)
+    pseudo_label_weight: float = 1.0  # loss weight of a pseudo label (mltag curate's labels column, source pseudo); 1: as a person's
     augment: bool = True  # random resized crop (keeps >= crop_scale of the area) + colour jitter
     crop_scale: float = 0.7  # smallest share of the image area a training crop keeps
     jitter: float = 0.2  # colour jitter strength (brightness, contrast, saturation)
@@ -196,6 +198,10 @@ class TrainConfig:
             raise ValueError("ema_decay must be in [0, 1)")
         if not 0 < self.crop_scale <= 1:
             raise ValueError("crop_scale must be in (0, 1]")
+        if not 0 <= self.pseudo_label_weight <= 1:
+            raise ValueError("pseudo_label_weight must be in [0, 1] (0: pseudo labels count as absent, 1: as a person's)")
+        if self.pseudo_label_weight != 1 and self.epochs == 0:
+            raise ValueError("pseudo_label_weight weighs fine-tuning's loss; the linear probe alone (epochs 0) counts every label as 1")
 
     def vocabulary_uri(self) -> str:
         return self.vocabulary or storage.join(storage.parent_dir(self.manifest), "vocabulary.yaml")
@@ -241,10 +247,13 @@ def labelled_table(
     repeat_sqrt: bool = True,
     *,
     counts: tuple[np.ndarray, int] | None = None,
+    by_source: bool = False,
 ) -> pa.Table:
     """listing_id, image_uri, the ``tags`` (list<string>; labels are encoded per batch, see
     ``batch_arrays``) and each image's ``repeat_factor`` (1 when resampling is off). Checks every
-    tag against the vocabulary. ``counts``: this table's ``label_counts``, when already known."""
+    tag against the vocabulary. ``counts``: this table's ``label_counts``, when already known.
+    ``by_source``: also ``pseudo_tags`` and ``human_tags`` from the curated ``labels`` column
+    (the worker weighs pseudo labels by them: ``train_loop.label_weights``)."""
     index = TagIndex(vocab)
     tags = table.column("tags")
     positives, n = counts if counts is not None else tag_counts(tags, index)
@@ -252,14 +261,25 @@ def labelled_table(
         factors = repeat_factors_from_tags(tags, index, tag_repeat_factors_from_counts(positives, n, repeat_threshold, repeat_sqrt))
     else:
         factors = np.ones(table.num_rows)
-    return pa.table(
-        {
-            "listing_id": table.column("listing_id"),
-            "image_uri": table.column("image_uri"),
-            "tags": tags,
-            "repeat_factor": pa.array(factors, pa.float64()),
-        }
-    )
+    columns = {
+        "listing_id": table.column("listing_id"),
+        "image_uri": table.column("image_uri"),
+        "tags": tags,
+        "repeat_factor": pa.array(factors, pa.float64()),
+    }
+    if by_source:
+        require_label_sources(table)
+        columns["pseudo_tags"], columns["human_tags"] = tags_by_source(table.column("labels"))
+    return pa.table(columns)
+
+
+def require_label_sources(manifest: pa.Table) -> None:
+    """Weighing pseudo labels needs each label's source: the ``labels`` column mltag curate writes."""
+    if "labels" not in manifest.column_names:
+        raise catalog.ManifestError(
+            "pseudo_label_weight needs the manifest's labels column (each label's source, as mltag curate writes it); "
+            f"the manifest has: {', '.join(manifest.column_names)}"
+        )
 
 
 def drop_failed(batch: pa.Table) -> pa.Table:
@@ -322,7 +342,9 @@ def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, voca
         raise catalog.ManifestError(f"manifest {config.manifest} needs rows in both the 'train' and the 'val' split")
     # Streamed, O(tags) statistics: no images x tags matrix on the driver (labels are encoded per batch).
     train_counts = label_counts(train_table, vocab)
-    train_table = labelled_table(train_table, vocab, config.repeat_threshold, config.repeat_sqrt, counts=train_counts)
+    train_table = labelled_table(
+        train_table, vocab, config.repeat_threshold, config.repeat_sqrt, counts=train_counts, by_source=config.pseudo_label_weight != 1
+    )
     val_table = labelled_table(val_table, vocab)
 
     init_ray()
@@ -625,6 +647,8 @@ def run(config: TrainConfig) -> TaggerSpec:
     out = _out_dir(config)
     vocab = Vocabulary.load(config.vocabulary_uri())
     manifest = catalog.read_manifest(config.manifest, require_tags=True)
+    if config.pseudo_label_weight != 1:
+        require_label_sources(manifest)  # before the probe or any worker starts
     if config.epochs == 0:  # the probe alone: no Ray Train run, nothing to resume
         if not storage.is_remote(out):
             save_config(config, os.path.join(out, "config.yaml"))

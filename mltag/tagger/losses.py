@@ -34,8 +34,10 @@ def asymmetric_loss(
     clip: float = 0.05,
     eps: float = 1e-8,
     pos_weight: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Asymmetric loss, summed over tags and averaged over the batch."""
+    """Asymmetric loss, summed over tags and averaged over the batch. ``weight`` (the shape of
+    ``targets``) scales each image-tag term: a pseudo label's, for instance, below a human one's."""
     x = logits.float()
     y = targets.float()
     p = torch.sigmoid(x)
@@ -55,18 +57,33 @@ def asymmetric_loss(
         loss_neg = loss_neg * p_neg.pow(gamma_neg)
     if pos_weight is not None:
         loss_pos = loss_pos * pos_weight.float()
-    return -(loss_pos + loss_neg).sum(dim=-1).mean()
+    per_element = -(loss_pos + loss_neg)
+    if weight is not None:
+        per_element = per_element * weight.float()
+    return per_element.sum(dim=-1).mean()
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    gamma: float = 2.0,
+    pos_weight: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Focal loss (Lin et al. 2017): both sides focused by the same gamma, no margin."""
-    return asymmetric_loss(logits, targets, gamma_pos=gamma, gamma_neg=gamma, clip=0.0, pos_weight=pos_weight)
+    return asymmetric_loss(logits, targets, gamma_pos=gamma, gamma_neg=gamma, clip=0.0, pos_weight=pos_weight, weight=weight)
 
 
-def bce_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+def bce_loss(
+    logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Binary cross-entropy on logits, summed over tags and averaged over the batch."""
     per_element = F.binary_cross_entropy_with_logits(
-        logits.float(), targets.float(), reduction="none", pos_weight=None if pos_weight is None else pos_weight.float()
+        logits.float(),
+        targets.float(),
+        weight=None if weight is None else weight.float(),
+        reduction="none",
+        pos_weight=None if pos_weight is None else pos_weight.float(),
     )
     return per_element.sum(dim=-1).mean()
 
@@ -89,12 +106,12 @@ class MultiLabelLoss(nn.Module):
         self.name, self.gamma_pos, self.gamma_neg, self.clip, self.focal_gamma = name, gamma_pos, gamma_neg, clip, focal_gamma
         self.register_buffer("pos_weight", pos_weight if pos_weight is not None else None, persistent=False)
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.name == "bce":
-            return bce_loss(logits, targets, self.pos_weight)
+            return bce_loss(logits, targets, self.pos_weight, weight)
         if self.name == "focal":
-            return focal_loss(logits, targets, self.focal_gamma, self.pos_weight)
-        return asymmetric_loss(logits, targets, self.gamma_pos, self.gamma_neg, self.clip, pos_weight=self.pos_weight)
+            return focal_loss(logits, targets, self.focal_gamma, self.pos_weight, weight)
+        return asymmetric_loss(logits, targets, self.gamma_pos, self.gamma_neg, self.clip, pos_weight=self.pos_weight, weight=weight)
 
 
 def make_loss(name: str, **kwargs) -> MultiLabelLoss:

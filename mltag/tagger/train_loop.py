@@ -73,6 +73,7 @@ class LoopConfig:
     n_train_effective: float  # images in an epoch after resampling: the scheduler's epoch length
     progress: str = "off"  # bar | log | off: how rank 0 shows an epoch in progress (EpochProgress)
     start_from: str = ""  # a saved tagger whose weights the run starts from (LP-FT's probe model); empty: timm's init
+    pseudo_label_weight: float = 1.0  # loss weight of a pseudo label; rows then carry pseudo_tags and human_tags
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +97,16 @@ def batch_arrays(batch: pa.Table, img_size: int, tags: TagIndex) -> tuple[np.nda
     one batch at a time."""
     pixels = pixels_from_arrow(batch.column("pixels"), img_size).copy()  # writable, for torch
     return pixels, tags.encode(batch.column("tags"))
+
+
+def label_weights(batch: pa.Table, tags: TagIndex, pseudo_label_weight: float) -> np.ndarray | None:
+    """Per image and tag, the weight of its loss term: ``pseudo_label_weight`` where the positive
+    comes only from a pseudo label (closed upward: a parent a person gave keeps weight 1), 1
+    elsewhere; None when every term weighs 1 (no weighting asked, or rows without provenance)."""
+    if pseudo_label_weight == 1.0 or "pseudo_tags" not in batch.column_names:
+        return None
+    pseudo_only = tags.encode(batch.column("pseudo_tags")).astype(bool) & ~tags.encode(batch.column("human_tags")).astype(bool)
+    return np.where(pseudo_only, np.float32(pseudo_label_weight), np.float32(1.0))
 
 
 def resampled_batches(batches: Iterable[pa.Table], batch_size: int, seed: int, epoch: int) -> Iterator[pa.Table]:
@@ -268,11 +279,13 @@ def train_one_epoch(worker: Worker, model: torch.nn.Module, state: TrainState, s
     try:
         for batch in batches:
             pixels, labels = batch_arrays(batch, loop.img_size, worker.tag_index)
+            weights = label_weights(batch, worker.tag_index, loop.pseudo_label_weight)
             x = normalise(worker.staging.to_device(pixels), loop.mean, loop.std)
             y = torch.from_numpy(labels).to(device, non_blocking=True)
+            w = None if weights is None else torch.from_numpy(weights).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits, _ = model(x)
-            loss = worker.loss_fn(logits, y)
+            loss = worker.loss_fn(logits, y, w)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()
