@@ -26,15 +26,16 @@ DATA = os.path.join(ROOT, "..", "shared", "data", "ccp-fashion")
 MLTAG = [sys.executable, "-m", "mltag.cli"]
 
 # label -> `mltag train` flags. Screening changes one thing at a time from the `cpu` preset.
+# Labels have no commas: --variants takes a comma-separated list of them.
 VARIANTS = {
     "cpu-fast": ["--preset", "cpu-fast"],
     "cpu": ["--preset", "cpu"],
-    "cpu, random head (plain fine-tuning)": ["--preset", "cpu", "--head-init", "random"],
-    "cpu, bce": ["--preset", "cpu", "--loss", "bce"],
-    "cpu, max pooling": ["--preset", "cpu", "--pooling", "max"],
-    "cpu, 160 px": ["--preset", "cpu", "--img-size", "160"],
-    "cpu, resampling t=0.1": ["--preset", "cpu", "--repeat-threshold", "0.1"],
-    "cpu, backbone lr x1": ["--preset", "cpu", "--backbone-lr-scale", "1.0"],
+    "cpu/random-head": ["--preset", "cpu", "--head-init", "random"],  # plain fine-tuning from a random head
+    "cpu/bce": ["--preset", "cpu", "--loss", "bce"],
+    "cpu/max-pool": ["--preset", "cpu", "--pooling", "max"],
+    "cpu/160px": ["--preset", "cpu", "--img-size", "160"],
+    "cpu/resample-0.1": ["--preset", "cpu", "--repeat-threshold", "0.1"],
+    "cpu/backbone-lr-1": ["--preset", "cpu", "--backbone-lr-scale", "1.0"],
 }
 
 
@@ -52,15 +53,25 @@ def rare_tags() -> list[str]:
     return json.load(open(path))["rare_tags"] if os.path.exists(path) else []
 
 
+def previous_rows() -> dict:
+    """Rows of earlier runs (benchmarks/results/train_quality_recipes.json): each variant takes
+    half an hour here, so the table is filled over several runs; a variant run again replaces its row."""
+    path = os.path.join(HERE, "results", "train_quality_recipes.json")
+    return json.load(open(path)).get("rows", {}) if os.path.exists(path) else {}
+
+
 def run(variants: list[str], data: str = DATA, work: str = "") -> dict:
     from results import save
 
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from: {', '.join(VARIANTS)}")
     work = work or tempfile.mkdtemp(prefix="mltag-recipes-")
     manifest = os.path.join(data, "manifest.csv")
     rare = rare_tags()
-    rows = {}
+    rows = previous_rows()
     for label in variants:
-        out = os.path.join(work, label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""))
+        out = os.path.join(work, label.replace("/", "_"))
         os.makedirs(out, exist_ok=True)
         train_s = _run(MLTAG + ["train", "--manifest", manifest, "--out", out, "--name", "recipe"] + VARIANTS[label], f"{out}/train.log")
         eval_dir = os.path.join(out, "eval_test")
@@ -85,7 +96,7 @@ def run(variants: list[str], data: str = DATA, work: str = "") -> dict:
     lines = ["| recipe | test macro mAP | test micro mAP | rare-tag mean AP | training (min, 2 cores) |", "|---|---|---|---|---|"]
     for label, r in baseline.items():
         lines.append(f"| baseline: {label} | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | (features only) |")
-    for label, r in rows.items():
+    for label, r in sorted(rows.items(), key=lambda kv: list(VARIANTS).index(kv[0]) if kv[0] in VARIANTS else len(VARIANTS)):
         lines.append(
             f"| `{' '.join(r['flags'])}` ({label}) | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | {r['train_s'] / 60:.1f} |"
         )
@@ -96,7 +107,8 @@ def run(variants: list[str], data: str = DATA, work: str = "") -> dict:
         {"rows": rows, "rare_tags": rare},
         "ccp-fashion, judged on its test split (411 photos); each recipe trains on `train` and chooses on `val` "
         "(`mltag train`, then `mltag eval --split test`), one seed. Baseline rows: benchmarks/probe_baseline.py on the same "
-        f"split. `python benchmarks/train_quality.py --mode recipes --variants {','.join(variants)}`.\n\n{table}",
+        f"split. Rows come from one or more runs of `python benchmarks/train_quality.py --mode recipes --variants LABELS` "
+        f"(this run: {','.join(variants)}); each row's training time is its own run's.\n\n{table}",
     )
     return rows
 
