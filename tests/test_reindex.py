@@ -201,3 +201,58 @@ def test_a_new_model_retags_everything_in_one_overwrite(ray_local, tiny_catalog,
     assert set(rows.column("model_version").to_pylist()) == {spec.version} and rows.num_rows == 12
     index = EmbeddingIndex.load(index_dir)
     assert index.meta["model_version"] == spec.version and len(index) == 12 and index.meta["table_version"] == 1
+
+
+def test_a_night_and_a_retry_with_a_chain_record_the_specialists(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
+    """A night with a chain, on a table written without one, tags its new rows through the chain
+    (its MERGE adds the specialists column; rows tagged before keep null there), and a retry of the
+    error rows with the chain heals them with their specialists' tags."""
+    import torch
+    import yaml
+
+    from mltag.stages.tag import TagConfig
+    from mltag.stages.tag import run as tag_run
+    from mltag.tagger.embed import tag_images
+    from mltag.tagger.model import Tagger, TaggerSpec, save_tagger, set_thresholds
+
+    # The general model's threshold for one tag sits between two photos' scores: one photo
+    # triggers that tag's specialist, the other does not.
+    general = tmp_path / "general"
+    shutil.copytree(tiny_model_dir, general)
+    uris = read_manifest(tiny_catalog["manifest"]).column("image_uri").to_pylist()[:12]
+    scores, _, _ = tag_images(uris, str(general))
+    trigger = int(np.argmax(scores.max(axis=0) - scores.min(axis=0)))
+    high, low = uris[int(np.argmax(scores[:, trigger]))], uris[int(np.argmin(scores[:, trigger]))]
+    thresholds = [0.5] * scores.shape[1]
+    thresholds[trigger] = float(scores[:, trigger].max() + scores[:, trigger].min()) / 2
+    names = set_thresholds(str(general), thresholds).vocab.names
+    torch.manual_seed(2)
+    save_tagger(
+        Tagger("test_efficientnet", 3),
+        TaggerSpec(backbone="test_efficientnet", vocabulary={"tags": ["red", "green", "blue"]}, img_size=48),
+        str(tmp_path / "spec_colour"),
+    )
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(yaml.safe_dump({"specialists": [{"name": "colour", "model": "spec_colour", "when": [names[trigger]]}]}))
+
+    table = str(tmp_path / "table")
+    late, again = tmp_path / "late.jpg", tmp_path / "again.jpg"  # late: missing until the retry; again: the trigger photo re-posted
+    shutil.copy(high, again)
+
+    def night(rows: dict, snapshot: str, **chained) -> dict:
+        manifest = tmp_path / f"{snapshot}.parquet"
+        pq.write_table(pa.table({"listing_id": list(rows), "image_uri": [str(u) for u in rows.values()]}), manifest)
+        run(ReindexConfig(manifest=str(manifest), model=str(general), table=table, snapshot=snapshot, max_error_rate=0.5, **chained))
+        return {r["listing_id"]: r for r in tag_table.read_rows(table).to_pylist()}
+
+    rows = night({"HIGH": high, "LATE": late}, "night1")
+    assert "specialists" not in rows["HIGH"] and rows["LATE"]["error"] is not None
+    rows = night({"HIGH": high, "LATE": late, "LOW": low, "AGAIN": again}, "night2", chain=str(chain))
+    assert rows["HIGH"]["specialists"] is None  # unchanged tonight: tagged before the chain
+    assert rows["LOW"]["specialists"] == [] and [e["name"] for e in rows["AGAIN"]["specialists"]] == ["colour"]
+
+    shutil.copy(high, late)
+    tag_run(TagConfig(model=str(general), out=table, retry_errors=True, chain=str(chain)))
+    rows = {r["listing_id"]: r for r in tag_table.read_rows(table).to_pylist()}
+    assert rows["LATE"]["error"] is None and names[trigger] in rows["LATE"]["tags"]
+    assert rows["LATE"]["specialists"] == rows["AGAIN"]["specialists"]  # the same photo: the same specialist result

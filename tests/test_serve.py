@@ -151,41 +151,6 @@ def served(ray_local, tiny_catalog, tmp_path_factory):
     serve.shutdown()
 
 
-def test_the_nightly_reindex_and_retry_errors_apply_the_chain_too(served, tmp_path):
-    """A night with the chain, on a table written without one, tags its new rows through the chain
-    (its MERGE adds the specialists column; rows tagged before keep null there), and a retry of the
-    error rows with the chain heals them with their specialists' tags."""
-    from mltag.stages.reindex import ReindexConfig
-    from mltag.stages.reindex import run as reindex
-    from mltag.stages.tag import TagConfig
-    from mltag.stages.tag import run as tag_run
-
-    chain, table = str(served["work"] / "chain.yaml"), str(tmp_path / "table")
-    late, again = tmp_path / "late.jpg", tmp_path / "again.jpg"  # late: missing until the retry; again: the trigger photo re-posted
-    shutil.copy(served["high"], again)
-
-    def night(rows: dict, snapshot: str, **chained):
-        manifest = tmp_path / f"{snapshot}.parquet"
-        pq.write_table(pa.table({"listing_id": list(rows), "image_uri": [str(u) for u in rows.values()]}), manifest)
-        config = ReindexConfig(
-            manifest=str(manifest), model=served["general"], table=table, snapshot=snapshot, max_error_rate=0.5, **chained
-        )
-        reindex(config)
-        return {r["listing_id"]: r for r in tag_table.read_rows(table).to_pylist()}
-
-    rows = night({"HIGH": served["high"], "LATE": late}, "night1")
-    assert "specialists" not in rows["HIGH"] and rows["LATE"]["error"] is not None
-    rows = night({"HIGH": served["high"], "LATE": late, "LOW": served["low"], "AGAIN": again}, "night2", chain=chain)
-    assert rows["HIGH"]["specialists"] is None  # unchanged tonight: tagged before the chain
-    assert rows["LOW"]["specialists"] == [] and [e["name"] for e in rows["AGAIN"]["specialists"]] == ["colour"]
-
-    shutil.copy(served["high"], late)
-    tag_run(TagConfig(model=served["general"], out=table, retry_errors=True, chain=chain))
-    rows = {r["listing_id"]: r for r in tag_table.read_rows(table).to_pylist()}
-    assert rows["LATE"]["error"] is None and served["trigger"] in rows["LATE"]["tags"]
-    assert rows["LATE"]["specialists"] == rows["AGAIN"]["specialists"]  # the same photo: the same specialist result
-
-
 def _pids(url, handles) -> dict:
     return {
         "gateway": requests.get(url + "healthz", timeout=10).json()["pid"],

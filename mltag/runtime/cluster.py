@@ -62,10 +62,29 @@ def _start_local(**options) -> None:
     # instead does not work: Ray reads its config when imported, before this runs.)
     auth_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
     auth_logger.addFilter(_drop_token_auth_default_notice)
+    # Ray Train's placement-group cleaner finds the State API by auto-detection, which fails
+    # ("Found multiple active Ray instances") whenever another Ray runs on this machine, and then
+    # prints a traceback per poll. Our instance's dashboard gets a port chosen here, and the
+    # processes it starts (they inherit this environment) are told where it is; this process's
+    # environment is restored at once, so nothing else here (`ray job submit`, ...) is redirected.
+    port = _free_port()
+    told = "RAY_API_SERVER_ADDRESS" not in os.environ
+    if told:
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
-        ray.init(address="local", include_dashboard=True, **options)
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **options)
     finally:
         auth_logger.removeFilter(_drop_token_auth_default_notice)
+        if told:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _drop_token_auth_default_notice(record: logging.LogRecord) -> bool:

@@ -26,6 +26,7 @@ from mltag.runtime.cluster import init_ray
 from mltag.table import delta_table, tag_table
 from mltag.table.sharded_run import ShardedRun
 from mltag.tagger.spec import load_spec
+from mltag.tagging.chain import SPECIALISTS_COLUMN
 from mltag.tagging.commits import (
     ErrorGateError,
     check_error_gate,
@@ -103,7 +104,9 @@ def retry_errors(config: TagConfig) -> dict:
     uri = delta_table.table_uri(config.out)
     dt = delta_table.open_table(uri)
     failed = dt.to_pyarrow_dataset().to_table(filter=pc.field("error").is_valid())
-    output_columns = set(tag_table.CORE_COLUMNS) - {"listing_id", "image_uri"}
+    # What the pipeline writes anew is dropped from the rows it re-reads (a chained table's
+    # specialists too: the actor appends that column again when the retry has a chain).
+    output_columns = (set(tag_table.CORE_COLUMNS) | {SPECIALISTS_COLUMN}) - {"listing_id", "image_uri"}
     manifest = failed.drop_columns([c for c in failed.column_names if c in output_columns])
     if "true_tags" in manifest.column_names:
         manifest = manifest.rename_columns(["tags" if c == "true_tags" else c for c in manifest.column_names])

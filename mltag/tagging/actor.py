@@ -83,10 +83,10 @@ class TaggerActor:
         chosen = tag_table.chosen_tags(scores, self.thresholds, self.vocab, self.max_tags)
         rows = tag_table.assemble(batch, ok, scores, embeddings, chosen, self.spec.version, errors, self.embedding_dtype, self.names)
         if self.chain is not None:
-            from mltag.tagging.chain import specialists_column
+            from mltag.tagging.chain import SPECIALISTS_COLUMN, specialists_column
 
             tags = [[self.names[j] for j in np.flatnonzero(row)] for row in chosen]
             host = pixels.cpu().numpy() if ok.size else np.zeros((0, self.spec.img_size, self.spec.img_size, 3), np.uint8)
             column = specialists_column(self.chain.chain, ok, batch.num_rows, tags, scores, self.names, host, self.chain.run)
-            rows = rows.append_column("specialists", column)
+            rows = rows.append_column(SPECIALISTS_COLUMN, column)
         return rows

@@ -175,6 +175,7 @@ def nest(entries: list[dict], fired: Mapping[str, str], results: Mapping[str, di
 
 
 # ---- the batch path: a tag-table column --------------------------------------------------------------
+SPECIALISTS_COLUMN = "specialists"  # the tag table's column of a chained run's rows
 SPECIALISTS_TYPE = pa.list_(
     pa.struct(
         [
