@@ -91,6 +91,27 @@ def _drop_token_auth_default_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster.")
 
 
+def dataset_from_tables(tables, settle_s: float = 3.0):
+    """``ray.data.from_arrow(tables)``, returned once Ray's resource view shows a free CPU again
+    (waiting at most ``settle_s``).
+
+    Why: from_arrow runs one metadata task per table and waits for them, and the view that Ray
+    Data's start-of-execution check reads (``ray.available_resources``) trails those finished tasks
+    by a report period or more. On a small machine the next execution then warned "The Ray cluster
+    currently does not have any available CPUs ... will hang" about CPUs that were free (seen in a
+    fresh `make demo`). A cluster whose CPUs are really all held still gets that warning."""
+    import time
+
+    import ray
+    import ray.data
+
+    ds = ray.data.from_arrow(tables)
+    deadline = time.monotonic() + settle_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return ds
+
+
 def cluster_cpus() -> int:
     """The CPUs of the whole cluster (joining it first, as ``init_ray``)."""
     import ray

@@ -41,7 +41,7 @@ from mltag.data.images import decode_batch
 from mltag.data.vocabulary import Vocabulary
 from mltag.maths.pseudo_labels import tags_by_source
 from mltag.maths.resampling import TagIndex, repeat_factors_from_tags, tag_counts, tag_repeat_factors_from_counts
-from mltag.runtime.cluster import init_ray, wants_gpu
+from mltag.runtime.cluster import dataset_from_tables, init_ray, wants_gpu
 from mltag.runtime.ray_console import progress_notices_off, quiet_per_epoch
 from mltag.tagger.spec import POOLINGS, TaggerSpec, load_spec
 
@@ -289,9 +289,8 @@ def drop_failed(batch: pa.Table) -> pa.Table:
 
 def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64):
     """A Ray Dataset of decoded, labelled images (decoding runs in Ray Data CPU tasks)."""
-    import ray.data
 
-    ds = ray.data.from_arrow(catalog.chunk_table(table, rows_per_block))
+    ds = dataset_from_tables(catalog.chunk_table(table, rows_per_block))
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": img_size}, batch_format="pyarrow", batch_size=rows_per_block)
     return ds.map_batches(drop_failed, batch_format="pyarrow", batch_size=None)
 

@@ -21,7 +21,7 @@ from mltag.data.fingerprints import FINGERPRINTS
 from mltag.data.identifiers import validate_identifier
 from mltag.data.images import DEFAULT_MAX_PIXELS, decode_batch, fetch_batch
 from mltag.data.uri_policy import DEFAULT_SCHEMES, FetchPolicy
-from mltag.runtime.cluster import GPU_SETTINGS, cluster_cpus, cluster_gpus, init_ray, wants_gpu
+from mltag.runtime.cluster import GPU_SETTINGS, cluster_cpus, cluster_gpus, dataset_from_tables, init_ray, wants_gpu
 from mltag.table import tag_table
 from mltag.table.sharded_run import Plan, ShardedRun, Totals, read_shard_manifests, write_shard_files
 from mltag.tagger.spec import load_spec
@@ -159,7 +159,7 @@ def build_pipeline(config: TagConfig, source):
     threads = _torch_threads(config, num_actors, use_gpu)
     policy = config.fetch_policy()
     if isinstance(source, pa.Table):
-        ds = ray.data.from_arrow(catalog.chunk_table(source, config.decode_batch_size))
+        ds = dataset_from_tables(catalog.chunk_table(source, config.decode_batch_size))
     else:
         # Manifest blocks are large (a whole 50k-row shard, or a file's row group) and a map task
         # takes one block: cut them to a few decode batches each (a streaming repartition, no barrier),
