@@ -56,3 +56,12 @@ def test_the_probe_is_a_model_and_fine_tuning_starts_from_its_head(ray_local, ti
     assert len(tuned.extra["history"]) == 1
     for got, fitted in zip(_head(model_dir), _head(probe["model"])):
         np.testing.assert_allclose(got, fitted, atol=1e-6)
+
+
+def test_the_probe_stays_the_model_unless_fine_tuning_beats_it_on_validation():
+    from mltag.stages.train import probe_wins
+
+    assert probe_wins(0.30, 0.28) and not probe_wins(0.30, 0.31)
+    assert not probe_wins(0.30, 0.30)  # a tie keeps the fine-tuned model (the run asked for fine-tuning)
+    assert probe_wins(0.30, float("nan")) and probe_wins(0.30, None)  # a fine-tuning without a score never wins
+    assert not probe_wins(None, 0.1) and not probe_wins(float("nan"), 0.1)

@@ -513,20 +513,43 @@ def fit_probe_head(config: TrainConfig, vocab: Vocabulary, manifest: pa.Table, o
     return record
 
 
-def export_probe(config: TrainConfig, probe: dict, out: str, train_counts: dict[str, int]) -> TaggerSpec:
-    """``epochs: 0``: the frozen backbone with the probe's head is the model (preset cpu-fast)."""
+def probe_wins(probe_val_map: float | None, tuned_val_map: float | None) -> bool:
+    """Whether LP-FT's first phase, the probe, is the better model on validation than the best
+    fine-tuned checkpoint (a fine-tuning without a finite score never wins).
+
+    Example:
+        >>> probe_wins(0.30, 0.28), probe_wins(0.30, 0.31), probe_wins(0.30, float("nan"))
+        (True, False, True)
+    """
+    if probe_val_map is None or not math.isfinite(probe_val_map):
+        return False
+    return tuned_val_map is None or not math.isfinite(tuned_val_map) or probe_val_map > tuned_val_map
+
+
+def export_probe(
+    config: TrainConfig,
+    probe: dict,
+    out: str,
+    train_counts: dict[str, int],
+    history: list | None = None,
+    fine_tuned_val_map: float | None = None,
+) -> TaggerSpec:
+    """The frozen backbone with the probe's head as the model: ``epochs: 0`` (preset cpu-fast), or
+    a fine-tuning whose best checkpoint scored below the probe on validation (``fine_tuned_val_map``)."""
     from mltag.tagger.model import load_tagger, save_tagger
 
     model, spec = load_tagger(probe["model"])
     spec.extra = {
-        "recipe": "linear probe",
+        "recipe": "linear probe" if fine_tuned_val_map is None else "linear probe (fine-tuning scored lower on val)",
         "val_map": probe["val_map"],
         "probe": probe,
-        "history": [],
+        "history": history or [],
         "train_tag_counts": train_counts,
         "config_hash": config_hash(config),
         "train_config": dict(vars(config)),
     }
+    if fine_tuned_val_map is not None:
+        spec.extra["fine_tuned_val_map"] = fine_tuned_val_map
     spec = save_tagger(model, spec, storage.join(out, "model"))
     logger.info("model %s (linear probe, val mAP %.4f) -> %s", spec.version, probe["val_map"], storage.join(out, "model"))
     return spec
@@ -738,6 +761,17 @@ def export_best(
     # The driver's RNG is not the run's: rng=False. The latest checkpoint holds the full history.
     with result.checkpoint.as_directory() as d:
         latest = TrainState(model).load(d, rng=False)
+    train_counts = train_counts if train_counts is not None else train_tag_counts(config, vocab)
+    # LP-FT's probe is a model too, scored on the same validation split: a fine-tuning that ends
+    # below it (too few epochs for the loss to settle, a learning rate that hurts) does not replace it.
+    probe = _read_record(storage.join(out, PROBE_DIR, "probe.json")) if config.head_init == "probe" else None
+    if probe and probe_wins(probe.get("val_map"), best_metrics.get("val_map")):
+        logger.info(
+            "fine-tuning's best val mAP %.4f is below the linear probe's %.4f: the probe is the model",
+            best_metrics.get("val_map", float("nan")),
+            probe["val_map"],
+        )
+        return export_probe(config, probe, out, train_counts, history=latest.history, fine_tuned_val_map=best_metrics.get("val_map"))
     with best_ckpt.as_directory() as d:
         best = TrainState(model, ema=ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None).load(d, rng=False)
     spec = tagger_spec(
@@ -754,8 +788,8 @@ def export_best(
             "restarts": latest.restarts,
             "config_hash": config_hash(config),
             "train_config": dict(vars(config)),
-            "train_tag_counts": train_counts if train_counts is not None else train_tag_counts(config, vocab),
-            **({"probe": _read_record(storage.join(out, PROBE_DIR, "probe.json"))} if config.head_init == "probe" else {}),
+            "train_tag_counts": train_counts,
+            **({"probe": probe} if config.head_init == "probe" else {}),
         },
     )
     spec = save_tagger(best.scored_model, spec, storage.join(out, "model"))
