@@ -340,14 +340,30 @@ def _open(browser, url):
     return page, errors
 
 
+def _wait_answered(page, expected_state="done"):
+    """Wait until the page settles on done or error, and say which (with its status line) if not the one expected."""
+    page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=90_000)
+    state = page.eval_on_selector("body", "b => b.dataset.state")
+    assert state == expected_state, page.inner_text("#status")
+
+
 def _images_loaded(page, selector) -> list[int]:
     return page.eval_on_selector_all(selector, "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
 
 
 def test_review_page_uploads_a_photo_and_shows_its_tags_and_similar_thumbnails(served, browser):
-    page, errors = _open(browser, served["url"])
+    # /healthz is held until the photo is chosen: on a slow machine a person (or a test) picks a file
+    # before the page has heard from the server, and that photo must still be looked at.
+    page = browser.new_page()
+    errors, held = [], []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.route("**/healthz", lambda route: held.append(route))
+    page.goto(served["url"])
     page.set_input_files("#file", served["high"])
-    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+    page.wait_for_selector("body[data-state=busy]", timeout=10_000)
+    assert len(held) == 1
+    held[0].continue_()
+    _wait_answered(page)
     expected = _post_image(served["url"], served["high"]).json()
     shown = page.eval_on_selector_all("#tags > li", "items => items.map(i => [i.dataset.tag, Number(i.dataset.score)])")
     assert [t for t, _ in shown] == [t["tag"] for t in expected["tags"]]
@@ -365,12 +381,12 @@ def test_review_page_looks_up_a_listing_id_and_names_an_unknown_one(served, brow
     page, errors = _open(browser, served["url"])
     page.fill("#listing", served["ids"][2])
     page.click("#by-listing button")
-    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+    _wait_answered(page)
     assert page.eval_on_selector_all("#similar figure", "fs => fs.length") == K
     assert page.inner_text("#versions").startswith("models: general")
     page.fill("#listing", "<img src=x onerror=alert(1)>")
     page.click("#by-listing button")
-    page.wait_for_selector("body[data-state=error]", timeout=60_000)
+    _wait_answered(page, "error")
     assert "unknown_listing" in page.inner_text("#status") and "<img src=x" in page.inner_text("#status")  # shown as text
     assert not errors
     page.close()
@@ -378,7 +394,7 @@ def test_review_page_looks_up_a_listing_id_and_names_an_unknown_one(served, brow
 
 def test_anomaly_page_lists_the_planted_outliers_first_with_thumbnails(served, browser):
     page, errors = _open(browser, served["url"] + "anomalies")
-    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+    _wait_answered(page)
     rows = page.eval_on_selector_all("#anomalies tbody tr", "rs => rs.map(r => r.dataset.listingId)")
     expected = pq.read_table(served["work"] / "anomalies.parquet").sort_by("rank").column("listing_id").to_pylist()
     assert rows == expected[:50]  # the page shows the top 50, in the Parquet's rank order
@@ -391,7 +407,7 @@ def test_anomaly_page_lists_the_planted_outliers_first_with_thumbnails(served, b
 
 def test_duplicates_page_groups_the_reposted_photo_with_its_original(served, browser):
     page, errors = _open(browser, served["url"] + "duplicates")
-    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+    _wait_answered(page)
     groups = page.eval_on_selector_all(
         "#groups .group", "gs => gs.map(g => [...g.querySelectorAll('figure')].map(f => f.dataset.listingId))"
     )

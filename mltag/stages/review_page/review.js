@@ -90,10 +90,11 @@ function renderSimilar(result) {
   for (const n of result.neighbours) grid.append(figure(n.listing_id, n.thumbnail, n.similarity.toFixed(4)));
 }
 
-async function look(request, queryNode, hasIndex) {
+async function look(request, queryNode, health) {
   setState("busy", "looking...");
   document.getElementById("query").replaceChildren(queryNode);
   try {
+    const hasIndex = Boolean((await health)?.index);
     const [tags, similar] = await Promise.all([api("tag", request()), hasIndex ? api("similar", request()) : Promise.resolve(null)]);
     renderTags(tags);
     renderSimilar(similar);
@@ -105,43 +106,44 @@ async function look(request, queryNode, hasIndex) {
   }
 }
 
-function lookAtFile(file, hasIndex) {
+function lookAtFile(file, health) {
   // Always bytes: the server must never take an uploaded file for a JSON query.
   const request = () => ({ method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: file });
   const preview = el("img", { alt: file.name, src: URL.createObjectURL(file) });
-  return look(request, el("div", {}, preview, el("div", {}, file.name)), hasIndex);
+  return look(request, el("div", {}, preview, el("div", {}, file.name)), health);
 }
 
-function lookAtListing(listingId, hasIndex) {
+function lookAtListing(listingId, health) {
   const request = () => ({ method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ listing_id: listingId }) });
   const node = el("div", {}, el("img", { alt: listingId, src: `thumb/${encodeURIComponent(listingId)}` }), el("div", {}, `listing ${listingId}`));
-  return look(request, node, hasIndex);
+  return look(request, node, health);
 }
 
-async function initLook() {
-  const health = await showServer();
-  const hasIndex = Boolean(health && health.index);
+function initLook() {
+  // The listeners go on before the health check answers: a photo chosen while /healthz is still on
+  // its way is looked at once it answers, never dropped.
+  const health = showServer();
   const drop = document.getElementById("drop");
   const input = document.getElementById("file");
-  input.addEventListener("change", () => input.files.length && lookAtFile(input.files[0], hasIndex));
+  input.addEventListener("change", () => input.files.length && lookAtFile(input.files[0], health));
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (event) => {
     event.preventDefault();
     drop.classList.remove("over");
-    if (event.dataTransfer.files.length) lookAtFile(event.dataTransfer.files[0], hasIndex);
+    if (event.dataTransfer.files.length) lookAtFile(event.dataTransfer.files[0], health);
   });
   document.getElementById("by-listing").addEventListener("submit", (event) => {
     event.preventDefault();
     const id = document.getElementById("listing").value.trim();
-    if (id) lookAtListing(id, hasIndex);
+    if (id) lookAtListing(id, health);
   });
   const asked = new URLSearchParams(location.search).get("listing");
   if (asked) {
     document.getElementById("listing").value = asked;
-    lookAtListing(asked, hasIndex);
+    lookAtListing(asked, health);
   } else {
-    setState("idle", health ? "ready" : "the server does not answer");
+    health.then((answer) => document.body.dataset.state === "idle" && setState("idle", answer ? "ready" : "the server does not answer"));
   }
 }
 
