@@ -36,6 +36,11 @@ VARIANTS = {
     "cpu/160px": ["--preset", "cpu", "--img-size", "160"],
     "cpu/resample-0.1": ["--preset", "cpu", "--repeat-threshold", "0.1"],
     "cpu/backbone-lr-1": ["--preset", "cpu", "--backbone-lr-scale", "1.0"],
+    "cpu/frozen-bn": ["--preset", "cpu", "--batch-norm", "frozen"],  # the probe's features at the start of fine-tuning
+    "cpu/bce/frozen-bn": ["--preset", "cpu", "--loss", "bce", "--batch-norm", "frozen"],
+    "cpu-fast/avgmax": ["--preset", "cpu-fast", "--pooling", "avgmax"],  # the probe on avg and max pooled features
+    "cpu-fast/max-pool": ["--preset", "cpu-fast", "--pooling", "max"],
+    "cpu-fast/288px": ["--preset", "cpu-fast", "--img-size", "288"],
 }
 
 
@@ -79,13 +84,16 @@ def run(variants: list[str], data: str = DATA, work: str = "") -> dict:
         metrics = json.load(open(os.path.join(eval_dir, "metrics.json")))
         per_tag = _per_tag_ap(eval_dir)
         rare_ap = [per_tag[t] for t in rare if t in per_tag and np.isfinite(per_tag[t])]
+        extra = json.load(open(f"{out}/model/tagger.json"))["extra"]
         rows[label] = {
             "flags": VARIANTS[label],
             "train_s": train_s,
             "macro_map": metrics["map_macro"],
             "micro_map": metrics["map_micro"],
             "rare_map": float(np.mean(rare_ap)) if rare_ap else float("nan"),
-            "val_map": json.load(open(f"{out}/model/tagger.json"))["extra"].get("val_map"),
+            "val_map": extra.get("val_map"),
+            # set when fine-tuning's best epoch scored under the probe on val and the probe was kept
+            "fine_tuned_val_map": extra.get("fine_tuned_val_map"),
         }
         r = rows[label]
         print(
@@ -93,12 +101,18 @@ def run(variants: list[str], data: str = DATA, work: str = "") -> dict:
             flush=True,
         )
     baseline = _baseline_rows()
-    lines = ["| recipe | test macro mAP | test micro mAP | rare-tag mean AP | training (min, 2 cores) |", "|---|---|---|---|---|"]
+    lines = [
+        "| recipe | val macro mAP | test macro mAP | test micro mAP | rare-tag mean AP | training (min, 2 cores) |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, r in baseline.items():
-        lines.append(f"| baseline: {label} | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | (features only) |")
+        lines.append(f"| baseline: {label} | | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | (features only) |")
     for label, r in sorted(rows.items(), key=lambda kv: list(VARIANTS).index(kv[0]) if kv[0] in VARIANTS else len(VARIANTS)):
+        val = f"{r['val_map']:.4f}" if r.get("val_map") is not None else ""
+        if r.get("fine_tuned_val_map") is not None:
+            val = f"fine-tuned {r['fine_tuned_val_map']:.4f} < probe {val}: probe kept"
         lines.append(
-            f"| `{' '.join(r['flags'])}` ({label}) | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | {r['train_s'] / 60:.1f} |"
+            f"| `{' '.join(r['flags'])}` ({label}) | {val} | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | {r['train_s'] / 60:.1f} |"
         )
     table = "\n".join(lines)
     print(table)

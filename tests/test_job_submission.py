@@ -39,8 +39,8 @@ def _env(**extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A head node of its own, shared by this module's jobs (--block: stopping this process stops
-    exactly this cluster; that takes ~30 s, so once). Ray
+    """A head node of its own, shared by this module's jobs (--block: its process group is exactly
+    this cluster, so killing the group stops it and nothing else). Ray
     2.60 turns token authentication on for `ray start`; the CLI sends the local token
     (~/.ray/auth_token) once RAY_AUTH_MODE=token."""
     tmp_path = tmp_path_factory.mktemp("ray_head")
@@ -85,11 +85,18 @@ def ray_head(tmp_path_factory):
             )
         yield env
     finally:
+        # SIGTERM asks `ray start --block` to stop its cluster; a graceful stop takes ~30 s, so
+        # after a few seconds the whole process group (this head's every process) is killed.
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=60)
         # `ray start` recorded this head as the machine's current cluster; a later plain ray.init()
         # would try to join the dead head. `ray stop` would clear it, but would stop every Ray here.
         current = Path("/tmp/ray/ray_current_cluster")

@@ -1,5 +1,5 @@
 """TrainState: one save and one load for everything a run continues from; the typed loop config
-the driver hands the workers. No Ray needed."""
+the driver hands the workers; what one training epoch does to the model's batch-norm layers."""
 
 from __future__ import annotations
 
@@ -101,6 +101,7 @@ def _loop(**overrides) -> LoopConfig:
         epochs=4,
         head_epochs=0,
         backbone_lr_scale=1.0,
+        batch_norm="train",
         batch_size=8,
         optimizer="sgd",
         lr=0.1,
@@ -158,3 +159,47 @@ def test_loop_config_is_built_from_train_config_field_by_field(tiny_catalog):
         12.0,
     )
     assert loop.vocabulary == vocab.to_dict() and loop.progress == ("bar" if sys.stderr.isatty() else "log")
+
+
+@pytest.mark.parametrize("batch_norm", ["train", "frozen"])
+def test_frozen_batch_norm_keeps_the_pretrained_statistics_while_weights_learn(ray_local, batch_norm):
+    import pyarrow as pa
+    import ray.data
+
+    from mltag.data.images import pixels_to_arrow
+    from mltag.data.staging import StagingBuffers
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.maths.resampling import TagIndex
+    from mltag.tagger.losses import MultiLabelLoss
+    from mltag.tagger.train_loop import Worker, train_one_epoch
+
+    loop = _loop(batch_norm=batch_norm, optimizer="adamw", lr=0.01, warmup_epochs=0.0, n_train_effective=16.0)
+    rng = np.random.default_rng(0)
+    rows = pa.table(
+        {
+            "listing_id": [f"L{i}" for i in range(16)],
+            "pixels": pixels_to_arrow(rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)),
+            "tags": [["a"] if i % 2 else ["b", "c"] for i in range(16)],
+        }
+    )
+    state = new_state(loop, torch.device("cpu"), world=1)
+    norms = [m for m in state.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms  # test_efficientnet has batch norm after every convolution
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    worker = Worker(
+        loop,
+        0,
+        1,
+        torch.device("cpu"),
+        TagIndex(Vocabulary.from_dict(loop.vocabulary)),
+        MultiLabelLoss("bce"),
+        StagingBuffers(torch.device("cpu")),
+    )
+    metrics = train_one_epoch(worker, state.model, state, ray.data.from_arrow(rows), epoch=0)
+    after = state.model.state_dict()
+    assert metrics["phase"] == 2 and state.step == 2
+    statistics = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    changed = [k for k in statistics if not torch.equal(before[k], after[k])]
+    assert changed == [] if batch_norm == "frozen" else len(changed) == len(statistics)
+    learnt = [k for k in before if k.endswith(".weight") and not torch.equal(before[k], after[k])]
+    assert any("bn" in k for k in learnt) and any("conv" in k for k in learnt)  # scale and shift learn in both modes

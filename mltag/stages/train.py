@@ -59,6 +59,7 @@ RUN_RECORD = "mltag_run.json"  # the run's input hashes, beside Ray Train's file
 OPTIMIZERS = ("adamw", "sgd")
 RESUME_MODES = ("auto", "never", "force")
 HEAD_INITS = ("random", "probe")
+BATCH_NORM_MODES = ("train", "frozen")
 PROBE_DIR = "probe"  # under <out>: the frozen start model, the fitted head (.npz) and its record
 # Config fields that do not change what a run computes, left out of its config hash: where the
 # run and its outputs live, how big its cluster is (a resumed run may get other machines),
@@ -105,6 +106,7 @@ class TrainConfig:
     epochs: int = 5  # passes over the training split (both phases together)
     head_epochs: int = 0  # phase 1: epochs training only the head with the backbone frozen
     backbone_lr_scale: float = 1.0  # phase 2: backbone learning rate = lr x this
+    batch_norm: str = "train"  # train (batch statistics) | frozen (pretrained statistics kept; scale and shift still learn)
     batch_size: int = 32  # images per worker per step
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, nesterov)
     lr: float = 1e-3  # peak learning rate
@@ -184,6 +186,8 @@ class TrainConfig:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(POOLINGS)}")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ValueError("use_gpu must be auto, true or false")
+        if self.batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"unknown batch_norm {self.batch_norm!r}; choose one of: {', '.join(BATCH_NORM_MODES)}")
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"unknown head_init {self.head_init!r}; choose one of: {', '.join(HEAD_INITS)}")
         if self.epochs < 0 or (self.epochs == 0 and self.head_init != "probe"):

@@ -56,6 +56,7 @@ class LoopConfig:
     epochs: int  # epochs of the whole run (a resumed run trains the ones its checkpoint lacks)
     head_epochs: int  # the first epochs train only the head
     backbone_lr_scale: float  # backbone learning rate = lr x this
+    batch_norm: str  # train | frozen: batch-norm layers keep their pretrained statistics
     batch_size: int  # images per worker per step
     optimizer: str  # adamw | sgd
     lr: float  # peak learning rate
@@ -131,6 +132,16 @@ def freeze_backbone(model: Tagger, frozen: bool) -> None:
     """Phase 1 (frozen) trains only the head; phase 2 trains everything."""
     for p in model.backbone.parameters():
         p.requires_grad_(not frozen)
+
+
+def freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
+    """Puts every batch-norm layer in eval mode: it normalises with the pretrained running
+    statistics and stops updating them, while its scale and shift still learn. A head fitted on
+    the frozen backbone's features (LP-FT's probe) then sees the same features when fine-tuning
+    starts, and small batches of a small catalog cannot drag ImageNet's statistics around."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def set_phase(model: Tagger, head_only: bool) -> torch.nn.Module:
@@ -262,6 +273,8 @@ def train_one_epoch(worker: Worker, model: torch.nn.Module, state: TrainState, s
     model.train()
     if head_only:
         state.model.backbone.eval()  # a frozen backbone keeps its batch-norm statistics too
+    elif loop.batch_norm == "frozen":
+        freeze_batch_norm_statistics(state.model)
     # The loss is summed on the device and read once an epoch (and by the progress bar once a
     # second): reading it every step would wait for the device every step.
     started, seen, loss_sum, steps = time.time(), 0, torch.zeros((), device=device), 0
