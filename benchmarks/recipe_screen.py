@@ -38,6 +38,9 @@ VARIANTS = {
     "cpu/backbone-lr-1": ["--preset", "cpu", "--backbone-lr-scale", "1.0"],
     "cpu/frozen-bn": ["--preset", "cpu", "--batch-norm", "frozen"],  # the probe's features at the start of fine-tuning
     "cpu/bce/frozen-bn": ["--preset", "cpu", "--loss", "bce", "--batch-norm", "frozen"],
+    "cpu/bce/frozen-bn/avgmax": ["--preset", "cpu", "--loss", "bce", "--batch-norm", "frozen", "--pooling", "avgmax"],
+    "cpu/bce/frozen-bn/8-epochs": ["--preset", "cpu", "--loss", "bce", "--batch-norm", "frozen", "--epochs", "8"],
+    "cpu/bce/frozen-bn/backbone-lr-0.3": ["--preset", "cpu", "--loss", "bce", "--batch-norm", "frozen", "--backbone-lr-scale", "0.3"],
     "cpu-fast/avgmax": ["--preset", "cpu-fast", "--pooling", "avgmax"],  # the probe on avg and max pooled features
     "cpu-fast/max-pool": ["--preset", "cpu-fast", "--pooling", "max"],
     "cpu-fast/288px": ["--preset", "cpu-fast", "--img-size", "288"],
