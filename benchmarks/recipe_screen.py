@@ -26,24 +26,31 @@ DATA = os.path.join(ROOT, "..", "shared", "data", "ccp-fashion")
 MLTAG = [sys.executable, "-m", "mltag.cli"]
 
 # label -> `mltag train` flags. Screening changes one thing at a time from the `cpu` preset.
-# Labels have no commas: --variants takes a comma-separated list of them.
+# Labels have no commas: --variants takes a comma-separated list of them. The `v1/` rows spell out
+# the first cpu preset (ASL, batch norm in training mode, avg pooling, 3 epochs) over today's, so
+# they reproduce what the screen measured before the preset changed.
+V1 = ["--loss", "asl", "--batch-norm", "train", "--pooling", "avg", "--epochs", "3"]
 VARIANTS = {
     "cpu-fast": ["--preset", "cpu-fast"],
+    "cpu-fast/avg-pool": ["--preset", "cpu-fast", "--pooling", "avg"],  # the probe on avg pooled features only
+    "cpu-fast/max-pool": ["--preset", "cpu-fast", "--pooling", "max"],
+    "cpu-fast/288px": ["--preset", "cpu-fast", "--img-size", "288"],
+    "v1": ["--preset", "cpu", *V1],
+    "v1/random-head": ["--preset", "cpu", *V1, "--head-init", "random"],  # plain fine-tuning from a random head
+    "v1/bce": ["--preset", "cpu", *V1, "--loss", "bce"],
+    "v1/bce/frozen-bn": ["--preset", "cpu", *V1, "--loss", "bce", "--batch-norm", "frozen"],  # the probe's features at the start
+    "v1/bce/frozen-bn/avgmax": ["--preset", "cpu", *V1, "--loss", "bce", "--batch-norm", "frozen", "--pooling", "avgmax"],
     "cpu": ["--preset", "cpu"],
-    "cpu/random-head": ["--preset", "cpu", "--head-init", "random"],  # plain fine-tuning from a random head
-    "cpu/bce": ["--preset", "cpu", "--loss", "bce"],
+    "cpu/seed-1": ["--preset", "cpu", "--seed", "1"],
+    "cpu/seed-2": ["--preset", "cpu", "--seed", "2"],
+    "cpu/asl": ["--preset", "cpu", "--loss", "asl"],
+    "cpu/batch-norm-train": ["--preset", "cpu", "--batch-norm", "train"],
+    "cpu/avgmax": ["--preset", "cpu", "--pooling", "avgmax"],
     "cpu/max-pool": ["--preset", "cpu", "--pooling", "max"],
     "cpu/160px": ["--preset", "cpu", "--img-size", "160"],
     "cpu/resample-0.1": ["--preset", "cpu", "--repeat-threshold", "0.1"],
-    "cpu/backbone-lr-1": ["--preset", "cpu", "--backbone-lr-scale", "1.0"],
-    "cpu/frozen-bn": ["--preset", "cpu", "--batch-norm", "frozen"],  # the probe's features at the start of fine-tuning
-    "cpu/bce/frozen-bn": ["--preset", "cpu", "--loss", "bce", "--batch-norm", "frozen"],
-    "cpu/bce/frozen-bn/avgmax": ["--preset", "cpu", "--loss", "bce", "--batch-norm", "frozen", "--pooling", "avgmax"],
-    "cpu/bce/frozen-bn/8-epochs": ["--preset", "cpu", "--loss", "bce", "--batch-norm", "frozen", "--epochs", "8"],
-    "cpu/bce/frozen-bn/backbone-lr-0.3": ["--preset", "cpu", "--loss", "bce", "--batch-norm", "frozen", "--backbone-lr-scale", "0.3"],
-    "cpu-fast/avgmax": ["--preset", "cpu-fast", "--pooling", "avgmax"],  # the probe on avg and max pooled features
-    "cpu-fast/max-pool": ["--preset", "cpu-fast", "--pooling", "max"],
-    "cpu-fast/288px": ["--preset", "cpu-fast", "--img-size", "288"],
+    "cpu/backbone-lr-0.3": ["--preset", "cpu", "--backbone-lr-scale", "0.3"],
+    "cpu/ema": ["--preset", "cpu", "--ema-decay", "0.99"],
 }
 
 
@@ -69,14 +76,13 @@ def previous_rows() -> dict:
 
 
 def run(variants: list[str], data: str = DATA, work: str = "") -> dict:
-    from results import save
-
+    """Trains and evaluates each variant, saving the table after each one: a variant takes ten
+    minutes or more, and an interrupted run keeps the rows it finished."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from: {', '.join(VARIANTS)}")
     work = work or tempfile.mkdtemp(prefix="mltag-recipes-")
     manifest = os.path.join(data, "manifest.csv")
-    rare = rare_tags()
     rows = previous_rows()
     for label in variants:
         out = os.path.join(work, label.replace("/", "_"))
@@ -84,31 +90,42 @@ def run(variants: list[str], data: str = DATA, work: str = "") -> dict:
         train_s = _run(MLTAG + ["train", "--manifest", manifest, "--out", out, "--name", "recipe"] + VARIANTS[label], f"{out}/train.log")
         eval_dir = os.path.join(out, "eval_test")
         _run(MLTAG + ["eval", "--manifest", manifest, "--model", f"{out}/model", "--split", "test", "--out", eval_dir], f"{out}/eval.log")
-        metrics = json.load(open(os.path.join(eval_dir, "metrics.json")))
-        per_tag = _per_tag_ap(eval_dir)
-        rare_ap = [per_tag[t] for t in rare if t in per_tag and np.isfinite(per_tag[t])]
-        extra = json.load(open(f"{out}/model/tagger.json"))["extra"]
-        rows[label] = {
-            "flags": VARIANTS[label],
-            "train_s": train_s,
-            "macro_map": metrics["map_macro"],
-            "micro_map": metrics["map_micro"],
-            "rare_map": float(np.mean(rare_ap)) if rare_ap else float("nan"),
-            "val_map": extra.get("val_map"),
-            # set when fine-tuning's best epoch scored under the probe on val and the probe was kept
-            "fine_tuned_val_map": extra.get("fine_tuned_val_map"),
-        }
+        rows[label] = row_of(label, out, train_s)
         r = rows[label]
         print(
             f"{label:<40} test macro {r['macro_map']:.4f} micro {r['micro_map']:.4f} rare {r['rare_map']:.4f}  train {train_s / 60:.1f} min",
             flush=True,
         )
-    baseline = _baseline_rows()
+        save_table(rows, variants)
+    return rows
+
+
+def row_of(label: str, out: str, train_s: float) -> dict:
+    """One variant's row from its run directory (``model/tagger.json``, ``eval_test/``)."""
+    metrics = json.load(open(os.path.join(out, "eval_test", "metrics.json")))
+    per_tag = _per_tag_ap(os.path.join(out, "eval_test"))
+    rare_ap = [per_tag[t] for t in rare_tags() if t in per_tag and np.isfinite(per_tag[t])]
+    extra = json.load(open(f"{out}/model/tagger.json"))["extra"]
+    return {
+        "flags": VARIANTS[label],
+        "train_s": train_s,
+        "macro_map": metrics["map_macro"],
+        "micro_map": metrics["map_micro"],
+        "rare_map": float(np.mean(rare_ap)) if rare_ap else float("nan"),
+        "val_map": extra.get("val_map"),
+        # set when fine-tuning's best epoch scored under the probe on val and the probe was kept
+        "fine_tuned_val_map": extra.get("fine_tuned_val_map"),
+    }
+
+
+def save_table(rows: dict, variants: list[str]) -> None:
+    from results import save
+
     lines = [
         "| recipe | val macro mAP | test macro mAP | test micro mAP | rare-tag mean AP | training (min, 2 cores) |",
         "|---|---|---|---|---|---|",
     ]
-    for label, r in baseline.items():
+    for label, r in _baseline_rows().items():
         lines.append(f"| baseline: {label} | | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | (features only) |")
     for label, r in sorted(rows.items(), key=lambda kv: list(VARIANTS).index(kv[0]) if kv[0] in VARIANTS else len(VARIANTS)):
         val = f"{r['val_map']:.4f}" if r.get("val_map") is not None else ""
@@ -117,17 +134,20 @@ def run(variants: list[str], data: str = DATA, work: str = "") -> dict:
         lines.append(
             f"| `{' '.join(r['flags'])}` ({label}) | {val} | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | {r['train_s'] / 60:.1f} |"
         )
+    seeds = [rows[k]["macro_map"] for k in ("cpu", "cpu/seed-1", "cpu/seed-2") if k in rows]
+    summary = ""
+    if len(seeds) > 1:
+        summary = f"\n\n`--preset cpu` over {len(seeds)} seeds: test macro mAP {np.mean(seeds):.4f} ± {np.std(seeds):.4f} (mean ± sd)."
     table = "\n".join(lines)
-    print(table)
+    print(table + summary)
     save(
         "train_quality_recipes",
-        {"rows": rows, "rare_tags": rare},
+        {"rows": rows, "rare_tags": rare_tags()},
         "ccp-fashion, judged on its test split (411 photos); each recipe trains on `train` and chooses on `val` "
-        "(`mltag train`, then `mltag eval --split test`), one seed. Baseline rows: benchmarks/probe_baseline.py on the same "
-        f"split. Rows come from one or more runs of `python benchmarks/train_quality.py --mode recipes --variants LABELS` "
-        f"(this run: {','.join(variants)}); each row's training time is its own run's.\n\n{table}",
+        "(`mltag train`, then `mltag eval --split test`), one seed unless named. Baseline rows: benchmarks/probe_baseline.py on the "
+        "same split. Rows come from one or more runs of `python benchmarks/train_quality.py --mode recipes --variants LABELS` "
+        f"(this run: {','.join(variants) or 'none: the table re-rendered'}); each row's training time is its own run's.\n\n{table}{summary}",
     )
-    return rows
 
 
 def _per_tag_ap(eval_dir: str) -> dict[str, float]:
