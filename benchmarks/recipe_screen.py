@@ -29,17 +29,26 @@ MLTAG = [sys.executable, "-m", "mltag.cli"]
 # Labels have no commas: --variants takes a comma-separated list of them. The `v1/` rows spell out
 # the first cpu preset (ASL, batch norm in training mode, avg pooling, 3 epochs) over today's, so
 # they reproduce what the screen measured before the preset changed.
-V1 = ["--loss", "asl", "--batch-norm", "train", "--pooling", "avg", "--epochs", "3"]
+V1 = {"--loss": "asl", "--batch-norm": "train", "--pooling": "avg", "--epochs": "3"}
+
+
+def v1(**changes: str) -> list[str]:
+    """The first cpu preset's flags with ``changes`` (``batch_norm="frozen"``: --batch-norm frozen)
+    in place, each flag once."""
+    flags = {**V1, **{"--" + k.replace("_", "-"): v for k, v in changes.items()}}
+    return ["--preset", "cpu", *(x for pair in flags.items() for x in pair)]
+
+
 VARIANTS = {
     "cpu-fast": ["--preset", "cpu-fast"],
     "cpu-fast/avg-pool": ["--preset", "cpu-fast", "--pooling", "avg"],  # the probe on avg pooled features only
     "cpu-fast/max-pool": ["--preset", "cpu-fast", "--pooling", "max"],
     "cpu-fast/288px": ["--preset", "cpu-fast", "--img-size", "288"],
-    "v1": ["--preset", "cpu", *V1],
-    "v1/random-head": ["--preset", "cpu", *V1, "--head-init", "random"],  # plain fine-tuning from a random head
-    "v1/bce": ["--preset", "cpu", *V1, "--loss", "bce"],
-    "v1/bce/frozen-bn": ["--preset", "cpu", *V1, "--loss", "bce", "--batch-norm", "frozen"],  # the probe's features at the start
-    "v1/bce/frozen-bn/avgmax": ["--preset", "cpu", *V1, "--loss", "bce", "--batch-norm", "frozen", "--pooling", "avgmax"],
+    "v1": v1(),
+    "v1/random-head": v1(head_init="random"),  # plain fine-tuning from a random head
+    "v1/bce": v1(loss="bce"),
+    "v1/bce/frozen-bn": v1(loss="bce", batch_norm="frozen"),  # the probe's features at the start of fine-tuning
+    "v1/bce/frozen-bn/avgmax": v1(loss="bce", batch_norm="frozen", pooling="avgmax"),
     "cpu": ["--preset", "cpu"],
     "cpu/seed-1": ["--preset", "cpu", "--seed", "1"],
     "cpu/seed-2": ["--preset", "cpu", "--seed", "2"],
