@@ -1,6 +1,6 @@
 """`mltag split` -> `mltag oof` -> `mltag curate --oof` through the CLI on a local Ray: every
-image of the fold scored once, by the model that did not train on it. One fold of two runs here
-(a Ray Train start costs ~40 s on 2 cores); how folds combine is tested without Ray."""
+image scored once, by the model that did not train on it, the two folds training at once (a Ray
+Train start costs ~40 s on 2 cores); how folds combine is tested without Ray."""
 
 from __future__ import annotations
 
@@ -24,19 +24,29 @@ def test_split_oof_curate_from_the_command_line(ray_local, tiny_catalog, tmp_pat
         )
     )
     args = ["oof", "--manifest", str(folds), "--vocabulary", tiny_catalog["vocabulary"], "--train-config", str(tmp_path / "train.yaml")]
-    assert main([*args, "--epochs", "1", "--only-folds", "1", "--out", str(tmp_path / "oof")]) == 0
+    # Two folds at once on the fixture's 2 CPUs (one each): more than the automatic rule allows
+    # (a worker's CPU + one for data), which would run them one after the other here.
+    assert main([*args, "--epochs", "1", "--only-folds", "0,1", "--concurrent-folds", "2", "--out", str(tmp_path / "oof")]) == 0
 
     oof = pq.read_table(tmp_path / "oof" / "oof.parquet")
     manifest = pq.read_table(folds)
     assert oof.column_names == ["listing_id", "image_uri", "fold", "scores", "model_version"]
-    held_out = [lid for lid, f in zip(manifest.column("listing_id").to_pylist(), manifest.column("fold").to_pylist()) if f == 1]
-    assert oof.column("listing_id").to_pylist() == sorted(held_out)  # each image of fold 1 once, sorted
-    assert set(oof.column("fold").to_pylist()) == {1}
+    fold_of = dict(zip(manifest.column("listing_id").to_pylist(), manifest.column("fold").to_pylist()))
+    assert oof.column("listing_id").to_pylist() == sorted(fold_of)  # every image once, sorted
+    assert [fold_of[i] for i in oof.column("listing_id").to_pylist()] == oof.column("fold").to_pylist()
     meta = json.loads((tmp_path / "oof" / "oof.json").read_text())
-    (fold,) = meta["folds"]
-    assert fold["fold"] == 1 and set(oof.column("model_version").to_pylist()) == {fold["model_version"]}
-    assert fold["train_config"]["val_fold"] == 1 and fold["train_config"]["backbone"] == "test_efficientnet"
-    assert meta["cv_map_macro"]["mean"] == pytest.approx(fold["map_macro"]) and len(oof.column("scores")[0]) == len(meta["tags"])
+    assert [f["fold"] for f in meta["folds"]] == [0, 1]
+    for fold in meta["folds"]:
+        k = fold["fold"]
+        versions = {v for v, f in zip(oof.column("model_version").to_pylist(), oof.column("fold").to_pylist()) if f == k}
+        assert versions == {fold["model_version"]} and fold["images"] == sum(f == k for f in fold_of.values())
+        assert fold["train_config"]["val_fold"] == k and fold["train_config"]["backbone"] == "test_efficientnet"
+        assert fold["train_config"]["out"].endswith(f"fold-{k}") and (tmp_path / "oof" / f"fold-{k}" / "model" / "tagger.json").exists()
+    assert meta["folds"][0]["model_version"] != meta["folds"][1]["model_version"]
+    # the two trainings overlapped in time: each started before the other finished
+    assert max(f["trained_from"] for f in meta["folds"]) < min(f["trained_to"] for f in meta["folds"])
+    assert meta["cv_map_macro"]["mean"] == pytest.approx(np.mean([f["map_macro"] for f in meta["folds"]]))
+    assert len(oof.column("scores")[0]) == len(meta["tags"])
 
     out = tmp_path / "curated"
     assert (
@@ -56,7 +66,8 @@ def test_split_oof_curate_from_the_command_line(ray_local, tiny_catalog, tmp_pat
         == 0
     )
     summary = json.loads((out / "curation.json").read_text())
-    assert summary["images_scored"] == len(held_out) and summary["inputs"]["model_versions"] == [fold["model_version"]]
+    assert summary["images_scored"] == len(fold_of)
+    assert sorted(summary["inputs"]["model_versions"]) == sorted(f["model_version"] for f in meta["folds"])
 
 
 def test_folds_combine_into_one_sorted_table_and_a_cv_map_with_its_spread(tmp_path):
@@ -78,6 +89,18 @@ def test_folds_combine_into_one_sorted_table_and_a_cv_map_with_its_spread(tmp_pa
     (tmp_path / "bad.yaml").write_text("val_fold: 1\n")
     with pytest.raises(ValueError, match="set per fold"):
         train_config_for_fold(OofConfig(manifest="m.parquet", train_config=str(tmp_path / "bad.yaml")), 0)
+
+
+def test_folds_train_at_once_only_where_each_has_its_workers_and_a_data_cpu():
+    from mltag.stages.oof import folds_that_fit
+
+    # 2 cores, one 1-CPU worker per fold: worker + data CPU = 2, so one fold at a time
+    assert folds_that_fit(cpus=2, gpus=0, num_workers=1, cpus_per_worker=1, use_gpu=False, folds=5) == 1
+    assert folds_that_fit(cpus=16, gpus=0, num_workers=1, cpus_per_worker=1, use_gpu=False, folds=5) == 5
+    assert folds_that_fit(cpus=16, gpus=0, num_workers=2, cpus_per_worker=2, use_gpu=False, folds=5) == 3
+    # GPUs bound it: 4 GPUs, 2 per fold
+    assert folds_that_fit(cpus=64, gpus=4, num_workers=2, cpus_per_worker=1, use_gpu=True, folds=5) == 2
+    assert folds_that_fit(cpus=1, gpus=0, num_workers=1, cpus_per_worker=1, use_gpu=False, folds=5) == 1  # never 0
 
 
 @pytest.mark.slow

@@ -178,11 +178,11 @@ def on_worker(fn: Callable[..., Any], *args, num_cpus: float | None = None, memo
     options: dict[str, Any] = {"num_cpus": num_cpus or largest_node_cpus(), "max_retries": 0}
     if memory:
         options["memory"] = int(memory)
-    task = ray.remote(_with_console).options(name=getattr(fn, "__name__", "mltag-step"), **options)
+    task = ray.remote(with_console).options(name=getattr(fn, "__name__", "mltag-step"), **options)
     return ray.get(task.remote(fn, *args, **kwargs))
 
 
-def _with_console(fn: Callable[..., Any], *args, **kwargs) -> Any:
+def with_console(fn: Callable[..., Any], *args, **kwargs) -> Any:
     """``fn`` in a Ray worker, after mltag's console is set up there: a worker is its own process,
     and without its handler the stage's status lines (logging.INFO) would be dropped."""
     from mltag.runtime import log

@@ -3,8 +3,14 @@
 One Ray Train run per fold (``mltag train --val-fold k`` on the manifest ``mltag split`` wrote),
 each scoring the fold it did not train on through the tagging pipeline (Ray Data, the same code as
 ``mltag eval``). Every image is scored by a model that never saw it: what label-issue detection
-and pseudo-labelling need (``mltag curate --oof``). The runs go one after the other, each using
-the whole cluster (``num_workers`` in the training config sets its size).
+and pseudo-labelling need (``mltag curate --oof``).
+
+Folds train at once when the cluster has room: a fold needs its Ray Train workers' CPUs and GPUs
+(``num_workers``, ``cpus_per_worker`` of the training config) plus one CPU for its data pipeline,
+and as many folds as the cluster's CPUs and GPUs hold run together (``concurrent_folds`` sets the
+number instead). Each concurrent fold is one Ray task (no CPUs of its own) that drives its
+training run; on a 2-core machine one fold fits, and they go one after the other. The held-out
+folds are then scored one at a time, each with the whole cluster.
 
 Outputs under ``out``:
   ``oof.parquet``  listing_id, image_uri, fold, scores (vocabulary order), model_version
@@ -26,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,10 +65,30 @@ class OofConfig:
     only_folds: list[int] | None = None  # run only these folds (e.g. 0,1); empty: every fold
     batch_size: int = 64  # inference batch size when scoring a held-out fold
     num_actors: int = 0  # inference actors (0: from the cluster's resources)
+    concurrent_folds: int = 0  # folds trained at once; 0: as many as the cluster's CPUs and GPUs hold (1 on a small machine)
 
     def validate(self) -> None:
         if not self.manifest:
             raise ValueError("manifest is required (--manifest PATH; write one with mltag split)")
+        if self.concurrent_folds < 0:
+            raise ValueError("concurrent_folds must be >= 0 (0: as many as the cluster holds)")
+
+
+def folds_that_fit(cpus: int, gpus: int, num_workers: int, cpus_per_worker: float, use_gpu: bool, folds: int) -> int:
+    """How many folds can train at once on a cluster of ``cpus`` and ``gpus``: each needs its
+    workers' CPUs and GPUs and one CPU more for its data pipeline (decoding, augmentation): a fold
+    whose workers held every CPU left would wait for its own data. At least 1, at most ``folds``.
+
+    Example:
+        >>> folds_that_fit(cpus=16, gpus=4, num_workers=1, cpus_per_worker=2, use_gpu=True, folds=5)
+        4
+        >>> folds_that_fit(cpus=2, gpus=0, num_workers=1, cpus_per_worker=1, use_gpu=False, folds=5)
+        1
+    """
+    fit = int(cpus // (num_workers * cpus_per_worker + 1))
+    if use_gpu:
+        fit = min(fit, gpus // num_workers)
+    return max(1, min(fit, folds))
 
 
 def train_config_for_fold(config: OofConfig, fold: int):
@@ -113,8 +140,6 @@ def oof_table(parts: list[dict]) -> pa.Table:
 
 def run(config: OofConfig) -> dict:
     from mltag.data.vocabulary import Vocabulary
-    from mltag.stages import train
-    from mltag.tagging.predict import predict_rows
 
     manifest = catalog.read_manifest(config.manifest, require_tags=True)
     if FOLD_COLUMN not in manifest.column_names:
@@ -123,27 +148,20 @@ def run(config: OofConfig) -> dict:
     chosen = [f for f in folds if not config.only_folds or f in config.only_folds]
     if not chosen:
         raise ValueError(f"no fold to run: the manifest has folds {folds}, asked for {config.only_folds}")
-    parts, summaries = [], []
-    for fold in chosen:
-        fold_config = train_config_for_fold(config, fold)
-        spec = train.run(fold_config)
-        _, held_out = catalog.train_val_split(manifest, fold)
-        labels, scores, ids, uris = predict_rows(held_out, storage.join(fold_config.out, "model"), config.batch_size, config.num_actors)
-        maps = mean_average_precision(labels, scores)
-        parts.append({"fold": fold, "ids": ids, "uris": uris, "scores": scores, "labels": labels, "model_version": spec.version})
-        summaries.append(
-            {
-                "fold": fold,
-                "model_version": spec.version,
-                "images": len(ids),
-                "map_macro": maps["macro"],
-                "map_micro": maps["micro"],
-                "train_config": config_dict(fold_config),
-            }
-        )
-        logger.info(f"fold {fold}: model {spec.version}, {len(ids)} held-out images, mAP {maps['macro']:.4f} (micro {maps['micro']:.4f})")
+    fold_configs = {fold: train_config_for_fold(config, fold) for fold in chosen}  # a bad training config stops here
+    at_once = concurrent_folds(config, fold_configs[chosen[0]], len(chosen))
+    if at_once > 1:
+        logger.info(f"training {len(chosen)} folds, {at_once} at once")
+        trained = _train_on_cluster(fold_configs, at_once)
+    else:
+        trained = {}
+    results = []
+    for fold in chosen:  # one fold at a time: each scoring has the whole cluster, and takes minutes where training takes hours
+        fold_run = trained[fold] if fold in trained else train_fold(fold_configs[fold])
+        results.append(score_fold(config, fold_configs[fold], fold, manifest, fold_run))
+    parts, summaries = [part for part, _ in results], [summary for _, summary in results]
 
-    vocab = Vocabulary.load(fold_config.vocabulary_uri())
+    vocab = Vocabulary.load(fold_configs[chosen[0]].vocabulary_uri())
     table = oof_table(parts)
     pooled = mean_average_precision(np.concatenate([p["labels"] for p in parts]), np.concatenate([p["scores"] for p in parts]))
     result = {
@@ -166,3 +184,73 @@ def run(config: OofConfig) -> dict:
         f"pooled out-of-fold mAP {pooled['macro']:.4f} -> {os.path.join(config.out, 'oof.parquet')}"
     )
     return result
+
+
+def concurrent_folds(config: OofConfig, fold_config, folds: int) -> int:
+    """The configured number of folds at once, or as many as the cluster holds (``folds_that_fit``)."""
+    if config.concurrent_folds:
+        return min(config.concurrent_folds, folds)
+    from mltag.runtime.cluster import cluster_cpus, cluster_gpus, wants_gpu
+
+    use_gpu = wants_gpu(fold_config.use_gpu)
+    return folds_that_fit(
+        cluster_cpus(), cluster_gpus() if use_gpu else 0, fold_config.num_workers, fold_config.cpus_per_worker, use_gpu, folds
+    )
+
+
+def train_fold(fold_config) -> dict:
+    """One fold's training run: its model version and wall-clock span (a resumed run that had
+    finished: its export only)."""
+    from mltag.stages import train
+
+    started = time.time()
+    spec = train.run(fold_config)
+    return {"model_version": spec.version, "trained_from": started, "trained_to": time.time()}
+
+
+def score_fold(config: OofConfig, fold_config, fold: int, manifest: pa.Table, trained: dict) -> tuple[dict, dict]:
+    """Scores one fold's held-out rows with the model its run trained: (scores part, summary)."""
+    from mltag.tagging.predict import predict_rows
+
+    _, held_out = catalog.train_val_split(manifest, fold)
+    labels, scores, ids, uris = predict_rows(held_out, storage.join(fold_config.out, "model"), config.batch_size, config.num_actors)
+    maps = mean_average_precision(labels, scores)
+    version = trained["model_version"]
+    logger.info(f"fold {fold}: model {version}, {len(ids)} held-out images, mAP {maps['macro']:.4f} (micro {maps['micro']:.4f})")
+    part = {"fold": fold, "ids": ids, "uris": uris, "scores": scores, "labels": labels, "model_version": version}
+    summary = {
+        "fold": fold,
+        "model_version": version,
+        "images": len(ids),
+        "map_macro": maps["macro"],
+        "map_micro": maps["micro"],
+        "trained_from": trained["trained_from"],
+        "trained_to": trained["trained_to"],
+        "train_config": config_dict(fold_config),
+    }
+    return part, summary
+
+
+def _train_on_cluster(fold_configs: dict, at_once: int) -> dict[int, dict]:
+    """Each fold's ``train_fold`` as a Ray task, ``at_once`` in flight: {fold: its run}.
+
+    A task reserves no CPU (its training run's workers and data tasks reserve their own), and
+    runs on the driver's node: a local ``out`` is then this machine's directory, as in a run of
+    one fold at a time. Not retried: a fold that fails stops the command, and a re-run resumes
+    the folds that finished (``mltag train``'s resume)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from mltag.runtime.cluster import with_console
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(with_console)
+    waiting, running, done = list(fold_configs), {}, {}
+    while waiting or running:
+        while waiting and len(running) < at_once:
+            fold = waiting.pop(0)
+            options = {"name": f"oof-fold-{fold}", "num_cpus": 0, "max_retries": 0, "scheduling_strategy": here}
+            running[task.options(**options).remote(train_fold, fold_configs[fold])] = fold
+        (finished,), _ = ray.wait(list(running), num_returns=1)
+        done[running.pop(finished)] = ray.get(finished)
+    return done
