@@ -131,7 +131,8 @@ def run(variants: list[str], data: str = DATA, work: str = "") -> dict:
 
 
 def row_of(label: str, out: str, train_s: float) -> dict:
-    """One variant's row from its run directory (``model/tagger.json``, ``eval_test/``)."""
+    """One variant's row from its run directory (``model/tagger.json``, ``eval_test/``). A row may
+    later carry a ``note`` (e.g. that other work shared the cores), shown beside its time."""
     metrics = json.load(open(os.path.join(out, "eval_test", "metrics.json")))
     per_tag = _per_tag_ap(os.path.join(out, "eval_test"))
     rare_ap = [per_tag[t] for t in rare_tags() if t in per_tag and np.isfinite(per_tag[t])]
@@ -161,8 +162,9 @@ def save_table(rows: dict, variants: list[str]) -> None:
         val = f"{r['val_map']:.4f}" if r.get("val_map") is not None else ""
         if r.get("fine_tuned_val_map") is not None:
             val = f"fine-tuned {r['fine_tuned_val_map']:.4f} < probe {val}: probe kept"
+        minutes = f"{r['train_s'] / 60:.1f}" + (f" ({r['note']})" if r.get("note") else "")
         lines.append(
-            f"| `{' '.join(r['flags'])}` ({label}) | {val} | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | {r['train_s'] / 60:.1f} |"
+            f"| `{' '.join(r['flags'])}` ({label}) | {val} | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | {minutes} |"
         )
     summary = ""
     for base in SEEDED:
