@@ -76,7 +76,7 @@ class OofConfig:
 
 def folds_that_fit(cpus: int, gpus: int, num_workers: int, cpus_per_worker: float, use_gpu: bool, folds: int) -> int:
     """How many folds can train at once on a cluster of ``cpus`` and ``gpus``: each needs its
-    workers' CPUs and GPUs and one CPU more for its data pipeline (decoding, augmentation): a fold
+    workers' CPUs and GPUs and one CPU more for its data pipeline (decoding): a fold
     whose workers held every CPU left would wait for its own data. At least 1, at most ``folds``.
 
     Example:

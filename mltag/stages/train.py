@@ -35,7 +35,6 @@ import yaml
 
 from mltag.config import config_dict, config_hash, save_config
 from mltag.data import catalog, storage
-from mltag.data.augment import augment_batch
 from mltag.data.identifiers import validate_identifier
 from mltag.data.images import decode_batch
 from mltag.data.vocabulary import Vocabulary
@@ -301,10 +300,15 @@ def drop_failed(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch.column("error"))).drop_columns(["error"])
 
 
-def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64):
-    """A Ray Dataset of decoded, labelled images (decoding runs in Ray Data CPU tasks)."""
-
+def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64, shuffle_seed: int | None = None):
+    """A Ray Dataset of decoded, labelled images (decoding runs in Ray Data CPU tasks; the training
+    loop augments on its device). With ``shuffle_seed`` the manifest's blocks come in a new order
+    every execution (every epoch, unless the decoded images are cached): shuffled before decoding,
+    over blocks of a few KB of text, so no epoch waits on an all-to-all barrier over pixels.
+    Ray reseeds an integer seed with each execution, so the orders are reproducible."""
     ds = dataset_from_tables(catalog.chunk_table(table, rows_per_block))
+    if shuffle_seed is not None:
+        ds = ds.randomize_block_order(seed=shuffle_seed)
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": img_size}, batch_format="pyarrow", batch_size=rows_per_block)
     return ds.map_batches(drop_failed, batch_format="pyarrow", batch_size=None)
 
@@ -363,26 +367,12 @@ def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, voca
     init_ray()
     storage_path = _storage_path(config)
 
-    train_ds = image_dataset(train_table, config.img_size).randomize_block_order(seed=config.seed)
+    train_ds = image_dataset(train_table, config.img_size, shuffle_seed=config.seed)
     val_ds = image_dataset(val_table, config.img_size)
     train_ds, val_ds = quiet_per_epoch(train_ds), quiet_per_epoch(val_ds)
     if config.cache_decoded:
         with progress_notices_off():
             train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
-    if config.augment or config.hflip:
-        # After the cache: every epoch sees fresh crops, flips and colours.
-        train_ds = train_ds.map_batches(
-            augment_batch,
-            batch_format="pyarrow",
-            batch_size=config.batch_size,
-            fn_kwargs={
-                "size": config.img_size,
-                "hflip": config.hflip,
-                "crop_scale": config.crop_scale if config.augment else 1.0,
-                "jitter": config.jitter if config.augment else 0.0,
-            },
-        )
-
     loop = loop_config(config, vocab, train_counts, float(train_table.column("repeat_factor").to_numpy().sum()), start_from)
     use_gpu = wants_gpu(config.use_gpu)
     ingest = ray.data.DataContext.get_current().execution_options

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mltag.data.augment import augment
 from mltag.data.images import pixels_from_arrow
 from mltag.data.staging import StagingBuffers
 from mltag.data.vocabulary import Vocabulary
@@ -75,6 +76,10 @@ class LoopConfig:
     progress: str = "off"  # bar | log | off: how rank 0 shows an epoch in progress (EpochProgress)
     start_from: str = ""  # a saved tagger whose weights the run starts from (LP-FT's probe model); empty: timm's init
     pseudo_label_weight: float = 1.0  # loss weight of a pseudo label; rows then carry pseudo_tags and human_tags
+    augment: bool = True  # random resized crops and colour jitter, on the device (mltag.data.augment)
+    crop_scale: float = 0.7  # smallest share of the image area a crop keeps
+    jitter: float = 0.2  # colour jitter strength
+    hflip: bool = True  # random horizontal flips
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,8 +101,15 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
 def batch_arrays(batch: pa.Table, img_size: int, tags: TagIndex) -> tuple[np.ndarray, np.ndarray]:
     """Pixels and the multi-hot labels (closed upward) of this batch's ``tags``, encoded here,
     one batch at a time."""
-    pixels = pixels_from_arrow(batch.column("pixels"), img_size).copy()  # writable, for torch
-    return pixels, tags.encode(batch.column("tags"))
+    # A read-only view of the Arrow buffer: StagingBuffers copies it once, into the tensor the model reads.
+    return pixels_from_arrow(batch.column("pixels"), img_size), tags.encode(batch.column("tags"))
+
+
+def augmentation_generator(loop: LoopConfig, rank: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The random stream of one worker's epoch of augmentation: reproducible from the run's seed,
+    different for every rank and epoch (a resumed run redraws the epochs it trains)."""
+    seed = int(np.random.SeedSequence([loop.seed, rank, epoch]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def label_weights(batch: pa.Table, tags: TagIndex, pseudo_label_weight: float) -> np.ndarray | None:
@@ -289,11 +301,17 @@ def train_one_epoch(worker: Worker, model: torch.nn.Module, state: TrainState, s
     if loop.resample:
         batches = resampled_batches(batches, loop.batch_size, loop.seed + worker.rank, epoch)
     progress = EpochProgress(loop.progress if worker.rank == 0 else "off", epoch + 1, loop.epochs, math.ceil(loop.n_train_effective))
+    generator = augmentation_generator(loop, worker.rank, epoch, device)
+    crop_scale, jitter = (loop.crop_scale, loop.jitter) if loop.augment else (1.0, 0.0)
     try:
+        first_batch_s = None
         for batch in batches:
+            if first_batch_s is None:  # how long the epoch waited for its data to start flowing
+                first_batch_s = time.time() - started
             pixels, labels = batch_arrays(batch, loop.img_size, worker.tag_index)
             weights = label_weights(batch, worker.tag_index, loop.pseudo_label_weight)
-            x = normalise(worker.staging.to_device(pixels), loop.mean, loop.std)
+            on_device = augment(worker.staging.to_device(pixels), generator, crop_scale, jitter, loop.hflip)
+            x = normalise(on_device, loop.mean, loop.std)
             y = torch.from_numpy(labels).to(device, non_blocking=True)
             w = None if weights is None else torch.from_numpy(weights).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -318,6 +336,8 @@ def train_one_epoch(worker: Worker, model: torch.nn.Module, state: TrainState, s
         "phase": 1 if head_only else 2,
         "train_loss": train_loss,
         "samples_per_s": seen * worker.world / max(train_time, 1e-9),
+        "train_s": train_time,
+        "first_batch_s": first_batch_s or 0.0,
         "lr": state.scheduler.get_last_lr()[-1],
         "restarts": state.restarts,
     }

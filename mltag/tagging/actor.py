@@ -33,12 +33,16 @@ class TaggerActor:
         compile: bool = False,
         policy: FetchPolicy | None = None,
         chain: str = "",
+        pad_to: int = 0,
     ):
         torch.set_num_threads(max(1, threads))
         self.device = pick_device(use_gpu)
         self.model, self.spec = load_tagger(model_dir, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if compile else self.model
+        # A compiled model recompiles for every new batch shape, and batches shrink at a shard's
+        # end and by their failed images: padded to ``pad_to`` rows, every call has one shape.
+        self.pad_to = pad_to
         self.vocab = self.spec.vocab
         self.names = list(self.vocab.names)
         self.thresholds = np.full(len(self.names), threshold, np.float32) if threshold >= 0 else self.spec.threshold_array()
@@ -65,6 +69,13 @@ class TaggerActor:
         keep = np.array([k for k in range(len(ok)) if k not in failures], dtype=np.int64)
         return pixels[torch.from_numpy(keep).to(pixels.device)] if len(keep) < len(ok) else pixels, ok[keep]
 
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        if n < self.pad_to:  # zero images fill the batch; in eval mode rows never mix, so they change nothing
+            x = torch.cat([x, x.new_zeros((self.pad_to - n, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
+        logits, emb = self.forward(x)
+        return logits[:n], emb[:n]
+
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column("error").to_pylist()
@@ -77,7 +88,7 @@ class TaggerActor:
         if ok.size:
             x = normalise(pixels, self.spec.mean, self.spec.std)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                logits, emb = self.forward(x)
+                logits, emb = self._forward(x)
             scores = torch.sigmoid(logits.float()).cpu().numpy()
             embeddings = emb.float().cpu().numpy()
         chosen = tag_table.chosen_tags(scores, self.thresholds, self.vocab, self.max_tags)

@@ -198,6 +198,7 @@ def build_pipeline(config: TagConfig, source):
             "compile": config.compile,
             "policy": policy,
             "chain": storage.absolute(config.chain) if config.chain else "",
+            "pad_to": config.batch_size if config.compile else 0,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=config.batch_size,
