@@ -55,10 +55,12 @@ def cpu(*changes: str) -> list[str]:
 
 
 VARIANTS = {
+    # The probe has no random state: a row is its recipe's figure, no seeds needed.
     "cpu-fast": ["--preset", "cpu-fast"],
-    "cpu-fast/avg-pool": ["--preset", "cpu-fast", "--pooling", "avg"],  # the probe on avg pooled features only
     "cpu-fast/max-pool": ["--preset", "cpu-fast", "--pooling", "max"],
-    "cpu-fast/288px": ["--preset", "cpu-fast", "--img-size", "288"],
+    "cpu-fast/224px": ["--preset", "cpu-fast", "--img-size", "224"],  # the first cpu-fast preset
+    "cpu-fast/224px/avg-pool": ["--preset", "cpu-fast", "--img-size", "224", "--pooling", "avg"],  # avg pooled features only
+    "cpu-fast/224px/max-pool": ["--preset", "cpu-fast", "--img-size", "224", "--pooling", "max"],
     "v1": v1(),
     "v1/random-head": v1(head_init="random"),  # plain fine-tuning from a random head
     "v1/bce": v1(loss="bce"),
