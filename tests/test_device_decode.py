@@ -56,3 +56,16 @@ def test_fetch_batch_keeps_rows_and_records_errors(tmp_path, photo):
     out = fetch_batch(batch)
     assert out.num_rows == 2 and out.column("image_bytes")[0].as_py()[:3] == b"\xff\xd8\xff"
     assert out.column("image_bytes")[1].as_py() is None and "missing" in out.column("error")[1].as_py()
+
+
+def test_images_of_one_shape_are_resized_together_exactly_as_alone():
+    import torch.nn.functional as F
+
+    from mltag.data.device_decode import resize_all
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) for shape in [(3, 40, 30), (3, 25, 50), (3, 40, 30)]]
+    batched = resize_all(images, 16)
+    for image, got in zip(images, batched):
+        alone = F.interpolate(image[None].float(), size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+        assert torch.equal(got, alone.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0))

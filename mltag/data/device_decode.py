@@ -7,7 +7,7 @@ and a photo must get the same pixels on both paths); if that call fails (one bad
 image fails the batch), each image is retried alone, and an image that still fails, or is not a
 JPEG, goes through the CPU path of ``mltag.data.images`` (which handles every mode and every format the
 ``FetchPolicy`` allows). Images are resized on the device with antialiasing to the model's square
-input.
+input, one call per distinct image shape.
 
 Example:
     >>> pixels, failures = decode_on_device([open("a.jpg", "rb").read()], 224, torch.device("cpu"))  # doctest: +SKIP
@@ -33,9 +33,24 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
     """(3, H, W) uint8 -> (size, size, 3) uint8, the whole image squashed as on the CPU path."""
-    x = image.unsqueeze(0).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
+    return resize_all([image], size)[0]
+
+
+def resize_all(images: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """(3, H, W) uint8 images -> (size, size, 3) uint8, each squashed whole as on the CPU path.
+    Images of one shape are resized in one call (a marketplace's uploads often share a few
+    sizes): a launch per shape rather than per image on a GPU."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    for members in groups.values():
+        x = torch.stack([images[i] for i in members]).float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        resized = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        for k, i in enumerate(members):
+            out[i] = resized[k]
+    return out
 
 
 EXIF_ORIENTATION = 0x0112
@@ -93,7 +108,8 @@ def decode_on_device(
                 device=device,
                 apply_exif_orientation=False,
             )
-            images.update({i: _resize(orient(img, exif_orientation(blobs[i])), size) for i, img in zip(jpegs, decoded)})
+            oriented = [orient(img, exif_orientation(blobs[i])) for i, img in zip(jpegs, decoded)]
+            images.update(zip(jpegs, resize_all(oriented, size)))
         except RuntimeError:
             for i in jpegs:  # one bad file fails a batched call: find it
                 try:
