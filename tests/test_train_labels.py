@@ -222,3 +222,27 @@ def test_training_with_resampling_and_balanced_weights_encodes_labels_per_batch(
     spec = export_best(trainer.fit(), config, vocab, mean, std, str(tmp_path))
     (epoch,) = spec.extra["history"]
     assert np.isfinite(epoch["train_loss"]) and np.isfinite(epoch["val_map"])
+
+
+def test_training_images_come_in_a_new_block_order_each_epoch_reproducibly(ray_local, tiny_catalog):
+    import ray.data
+
+    from mltag.data.catalog import read_manifest
+    from mltag.stages.train import image_dataset
+
+    table = read_manifest(tiny_catalog["manifest"]).select(["listing_id", "image_uri", "tags", "split"])
+    context = ray.data.DataContext.get_current()
+    preserve = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # the order out is the block order in
+    try:
+
+        def epochs(ds, n=2):
+            return [[i for b in ds.iter_batches(batch_format="pyarrow") for i in b.column("listing_id").to_pylist()] for _ in range(n)]
+
+        first, second = epochs(image_dataset(table, 32, rows_per_block=4, shuffle_seed=7))
+        again = epochs(image_dataset(table, 32, rows_per_block=4, shuffle_seed=7))
+    finally:
+        context.execution_options.preserve_order = preserve
+    assert sorted(first) == sorted(second) == sorted(table.column("listing_id").to_pylist())
+    assert first != second  # a new order each execution (epoch)
+    assert again == [first, second]  # and the same orders for the same seed

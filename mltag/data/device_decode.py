@@ -29,6 +29,7 @@ from mltag.data.images import ImageLoadError, decode_image
 from mltag.data.uri_policy import DEFAULT_POLICY, FetchPolicy
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+RESIZE_FLOAT_BYTES = 256 * 2**20  # float pixels one resize call may hold
 
 
 def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -44,12 +45,16 @@ def resize_all(images: list[torch.Tensor], size: int) -> list[torch.Tensor]:
     for i, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(images)
-    for members in groups.values():
-        x = torch.stack([images[i] for i in members]).float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        resized = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        for k, i in enumerate(members):
-            out[i] = resized[k]
+    for shape, same in groups.items():
+        # at most RESIZE_FLOAT_BYTES of float pixels per call: 64 phone photos of 12 MP would be 9 GB
+        step = max(1, RESIZE_FLOAT_BYTES // (4 * int(np.prod(shape))))
+        for start in range(0, len(same), step):
+            members = same[start : start + step]
+            x = torch.stack([images[i] for i in members]).float()
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            resized = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            for k, i in enumerate(members):
+                out[i] = resized[k]
     return out
 
 

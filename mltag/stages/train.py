@@ -306,11 +306,14 @@ def image_dataset(table: pa.Table, img_size: int, rows_per_block: int = 64, shuf
     """A Ray Dataset of decoded, labelled images (decoding runs in Ray Data CPU tasks; the training
     loop augments on its device). With ``shuffle_seed`` the manifest's blocks come in a new order
     every execution (every epoch, unless the decoded images are cached): shuffled before decoding,
-    over blocks of a few KB of text, so no epoch waits on an all-to-all barrier over pixels.
-    Ray reseeds an integer seed with each execution, so the orders are reproducible."""
+    over blocks of a few KB of text, so no epoch waits on an all-to-all barrier over pixels."""
+    import ray.data
+
     ds = dataset_from_tables(catalog.chunk_table(table, rows_per_block))
     if shuffle_seed is not None:
-        ds = ds.randomize_block_order(seed=shuffle_seed)
+        # A plain int seed would give every execution the same order; reseeding mixes in the
+        # execution's index: a new order each epoch, the same orders for the same seed.
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": img_size}, batch_format="pyarrow", batch_size=rows_per_block)
     return ds.map_batches(drop_failed, batch_format="pyarrow", batch_size=None)
 
