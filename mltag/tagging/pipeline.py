@@ -29,7 +29,6 @@ from mltag.tagger.spec import load_spec
 logger = logging.getLogger(__name__)
 
 IO_STAGE_CPUS = 0.25  # CPU share of a manifest-read or file-write task
-ACTOR_CALLS_IN_FLIGHT = 2  # per inference actor: one running the model, one being batched (see build_pipeline)
 DECODE_BATCHES_PER_TASK = (
     4  # manifest rows per decode task, in decode batches: small enough to stream, large enough that task overhead stays small
 )
@@ -201,11 +200,7 @@ def build_pipeline(config: TagConfig, source):
             "chain": storage.absolute(config.chain) if config.chain else "",
             "pad_to": config.batch_size if config.compile else 0,
         },
-        # Two calls in flight per actor: Ray Data fetches and formats the next batch on a second
-        # thread while this one runs the model; the UDF itself still runs one call at a time
-        # (enable_true_multi_threading stays off), so the model and its staging buffers are
-        # never shared between threads.
-        compute=ray.data.ActorPoolStrategy(size=num_actors, max_concurrent_calls_per_actor=ACTOR_CALLS_IN_FLIGHT),
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=config.batch_size,
         batch_format="pyarrow",
         num_gpus=1 if use_gpu else 0,
