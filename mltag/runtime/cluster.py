@@ -53,7 +53,17 @@ def init_ray(local_cpus: int | None = None) -> None:
     _start_local()
 
 
+_STARTED_HERE = False  # whether this process started the Ray instance it is connected to
+
+
+def started_here() -> bool:
+    """True when the connected Ray instance is this process's own local one: the cluster is this
+    machine and nothing (no autoscaler) will add CPUs to it."""
+    return _STARTED_HERE
+
+
 def _start_local(**options) -> None:
+    global _STARTED_HERE
     import ray
 
     # Ray gives a local instance token authentication unless RAY_AUTH_MODE says otherwise, and
@@ -73,6 +83,7 @@ def _start_local(**options) -> None:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **options)
+        _STARTED_HERE = True
     finally:
         auth_logger.removeFilter(_drop_token_auth_default_notice)
         if told:

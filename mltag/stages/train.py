@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from mltag.config import config_dict, config_hash, save_config
+from mltag.config import ConfigError, config_dict, config_hash, save_config
 from mltag.data import catalog, storage
 from mltag.data.identifiers import validate_identifier
 from mltag.data.images import decode_batch
@@ -425,6 +425,32 @@ def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, voca
     return trainer, vocab, loop.mean, loop.std
 
 
+def check_cpus_left_for_decoding(config: TrainConfig) -> None:
+    """Streamed training decodes in Ray Data tasks beside the workers, one CPU each. Workers that
+    reserve every CPU of the cluster leave the decode tasks none: the run would wait forever for
+    its first batch. On this process's own local instance (nothing will add CPUs) that is an error
+    before any work; on a joined cluster an autoscaler may add nodes, so it is a warning.
+    ``cache_decoded`` decodes before the workers start, so it needs no CPU beside them."""
+    import ray
+
+    if config.cache_decoded:
+        return
+    from mltag.runtime.cluster import started_here
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    reserved = config.num_workers * config.cpus_per_worker
+    if reserved < cpus:
+        return
+    problem = (
+        f"num_workers x cpus_per_worker = {config.num_workers} x {config.cpus_per_worker} reserves all {cpus:g} CPUs of the "
+        "Ray cluster and leaves none to decode the images (Ray Data tasks run beside the workers)"
+    )
+    fixes = "lower num_workers or cpus_per_worker (and raise torch_threads), or set cache_decoded: true (decodes before training)"
+    if started_here():
+        raise ConfigError(f"{problem}: the run would wait forever for its first batch; {fixes}")
+    logger.warning("%s; training waits until the cluster adds CPUs. To avoid it: %s", problem, fixes)
+
+
 # ---- LP-FT's first phase: a linear probe on the frozen backbone -----------------------------------
 def start_model(config: TrainConfig, vocab: Vocabulary) -> tuple[Tagger, TaggerSpec]:
     """The run's starting point (pretrained backbone, a fresh head) and its spec."""
@@ -685,6 +711,8 @@ def run(config: TrainConfig) -> TaggerSpec:
         if not storage.is_remote(out):
             save_config(config, os.path.join(out, "config.yaml"))
         return export_probe(config, fit_probe_head(config, vocab, manifest, out), out, train_tag_counts(config, vocab, manifest))
+    init_ray()
+    check_cpus_left_for_decoding(config)  # before the probe, the run record or any worker
     inputs = run_inputs(config, manifest, vocab)
     run_dir = storage.join(_storage_path(config), config.name)
     record_uri = storage.join(run_dir, RUN_RECORD)

@@ -304,10 +304,13 @@ def train_one_epoch(worker: Worker, model: torch.nn.Module, state: TrainState, s
     generator = augmentation_generator(loop, worker.rank, epoch, device)
     crop_scale, jitter = (loop.crop_scale, loop.jitter) if loop.augment else (1.0, 0.0)
     try:
-        first_batch_s = None
+        first_batch_s, data_wait_s, asked = None, 0.0, time.time()
         for batch in batches:
+            now = time.time()
             if first_batch_s is None:  # how long the epoch waited for its data to start flowing
-                first_batch_s = time.time() - started
+                first_batch_s = now - started
+            else:  # how long the later steps waited for their batch: an input-bound run shows here
+                data_wait_s += now - asked
             pixels, labels = batch_arrays(batch, loop.img_size, worker.tag_index)
             weights = label_weights(batch, worker.tag_index, loop.pseudo_label_weight)
             on_device = augment(worker.staging.to_device(pixels), generator, crop_scale, jitter, loop.hflip)
@@ -326,6 +329,7 @@ def train_one_epoch(worker: Worker, model: torch.nn.Module, state: TrainState, s
                 state.ema.update(state.model, step=state.step)
             seen, steps, loss_sum = seen + len(labels), steps + 1, loss_sum + loss.detach()
             progress.update(len(labels) * worker.world, loss_sum, steps)
+            asked = time.time()
         train_time = time.time() - started
         train_loss = float(loss_sum) / max(1, steps)
         progress.close(train_loss)
@@ -338,6 +342,7 @@ def train_one_epoch(worker: Worker, model: torch.nn.Module, state: TrainState, s
         "samples_per_s": seen * worker.world / max(train_time, 1e-9),
         "train_s": train_time,
         "first_batch_s": first_batch_s or 0.0,
+        "data_wait_s": data_wait_s,
         "lr": state.scheduler.get_last_lr()[-1],
         "restarts": state.restarts,
     }
