@@ -40,7 +40,7 @@ from mltag.data.images import decode_batch
 from mltag.data.vocabulary import Vocabulary
 from mltag.maths.pseudo_labels import tags_by_source
 from mltag.maths.resampling import TagIndex, repeat_factors_from_tags, tag_counts, tag_repeat_factors_from_counts
-from mltag.runtime.cluster import dataset_from_tables, init_ray, wants_gpu
+from mltag.runtime.cluster import dataset_from_tables, init_ray, started_here, wants_gpu
 from mltag.runtime.ray_console import progress_notices_off, quiet_per_epoch
 from mltag.tagger.spec import POOLINGS, TaggerSpec, load_spec
 
@@ -382,6 +382,12 @@ def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, voca
     loop = loop_config(config, vocab, train_counts, float(train_table.column("repeat_factor").to_numpy().sum()), start_from)
     use_gpu = wants_gpu(config.use_gpu)
     ingest = ray.data.DataContext.get_current().execution_options
+    if started_here():
+        # This process's own instance on one machine has no node to drain: Ray Train's preemption
+        # watcher (an actor polling for draining nodes, read from the driver's environment) has
+        # nothing to watch, and creating it logs an error line from Ray's core worker about its
+        # restartable constructor arguments in every run. On a joined cluster it stays on.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         # Ray Train's train_loop_config is a dict (it exports it as JSON to its state API).
@@ -435,8 +441,6 @@ def check_cpus_left_for_decoding(config: TrainConfig) -> None:
 
     if config.cache_decoded:
         return
-    from mltag.runtime.cluster import started_here
-
     cpus = ray.cluster_resources().get("CPU", 0)
     reserved = config.num_workers * config.cpus_per_worker
     if reserved < cpus:
