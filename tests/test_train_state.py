@@ -203,3 +203,67 @@ def test_frozen_batch_norm_keeps_the_pretrained_statistics_while_weights_learn(r
     assert changed == [] if batch_norm == "frozen" else len(changed) == len(statistics)
     learnt = [k for k in before if k.endswith(".weight") and not torch.equal(before[k], after[k])]
     assert any("bn" in k for k in learnt) and any("conv" in k for k in learnt)  # scale and shift learn in both modes
+
+
+def test_frozen_stages_stay_as_they_start_and_get_no_gradient(ray_local):
+    """The stem and the first stage of test_efficientnet (frozen_stages=2) keep their weights and
+    batch-norm statistics while batch norm trains elsewhere; autograd never reaches them."""
+    import pyarrow as pa
+    import ray.data
+
+    from mltag.data.images import pixels_to_arrow
+    from mltag.data.staging import StagingBuffers
+    from mltag.data.vocabulary import Vocabulary
+    from mltag.maths.resampling import TagIndex
+    from mltag.tagger.losses import MultiLabelLoss
+    from mltag.tagger.model import backbone_stages
+    from mltag.tagger.train_loop import Worker, freeze_backbone, train_one_epoch
+
+    loop = _loop(batch_norm="train", optimizer="adamw", lr=0.01, warmup_epochs=0.0, n_train_effective=16.0, frozen_stages=2)
+    rng = np.random.default_rng(0)
+    rows = pa.table(
+        {
+            "listing_id": [f"L{i}" for i in range(16)],
+            "pixels": pixels_to_arrow(rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)),
+            "tags": [["a"] if i % 2 else ["b", "c"] for i in range(16)],
+        }
+    )
+    state = new_state(loop, torch.device("cpu"), world=1)
+    freeze_backbone(state.model, frozen=False, frozen_stages=loop.frozen_stages)
+    stages = backbone_stages(state.model.backbone)
+    assert sorted(set(stages.values()))[:3] == [0, 1, 2] and stages["conv_stem.weight"] == 0
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    worker = Worker(
+        loop,
+        0,
+        1,
+        torch.device("cpu"),
+        TagIndex(Vocabulary.from_dict(loop.vocabulary)),
+        MultiLabelLoss("bce"),
+        StagingBuffers(torch.device("cpu")),
+    )
+    train_one_epoch(worker, state.model, state, ray.data.from_arrow(rows), epoch=0)
+    after = state.model.state_dict()
+
+    def stage_of(key: str) -> int:  # state-dict keys of the backbone, buffers included, by their module
+        module = key.removeprefix("backbone.").rsplit(".", 1)[0]
+        return min((s for name, s in stages.items() if name.rsplit(".", 1)[0] == module), default=99)
+
+    backbone_keys = [k for k in before if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
+    frozen = [k for k in backbone_keys if stage_of(k) < 2]
+    trained = [k for k in backbone_keys if stage_of(k) >= 2]
+    assert frozen and trained and any(k.endswith("running_mean") for k in frozen)
+    assert [k for k in frozen if not torch.equal(before[k], after[k])] == []
+    assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith(("running_mean", "weight")))
+    params = dict(state.model.backbone.named_parameters())
+    assert all(params[n].grad is None for n, s in stages.items() if s < 2)
+    assert all(params[n].grad is not None for n, s in stages.items() if s >= 2)
+
+
+def test_frozen_stages_must_leave_a_stage_to_train():
+    from mltag.stages.train import TrainConfig
+
+    TrainConfig(manifest="m.csv", backbone="test_efficientnet", frozen_stages=2).validate()
+    for bad in (-1, 99):
+        with pytest.raises(ValueError, match=r"frozen_stages .* must be between 0 and \d+: test_efficientnet has"):
+            TrainConfig(manifest="m.csv", backbone="test_efficientnet", frozen_stages=bad).validate()

@@ -85,6 +85,25 @@ RESUME_NEUTRAL_FIELDS = (
 MANIFEST_HASH_COLUMNS = ("listing_id", "image_uri", "tags", "split", "fold")  # fold: --val-fold trains on it
 
 
+def check_frozen_stages(backbone: str, frozen_stages: int) -> None:
+    """Raises ValueError unless ``frozen_stages`` leaves at least one of the backbone's layer groups
+    to train (with every group frozen the run would only fit the head: ``epochs: 0`` with
+    ``head_init: probe`` does that without backpropagation)."""
+    import timm
+    import torch
+
+    from mltag.tagger.model import backbone_stages, check_backbone
+
+    check_backbone(backbone)
+    with torch.device("meta"):  # the layer names only: no memory, no weights
+        stages = max(backbone_stages(timm.create_model(backbone, num_classes=0)).values()) + 1
+    if not 0 <= frozen_stages < stages:
+        raise ValueError(
+            f"frozen_stages {frozen_stages} must be between 0 and {stages - 1}: {backbone} has {stages} layer groups "
+            "(the stem, then its stages), and at least one must train"
+        )
+
+
 @dataclass
 class TrainConfig:
     """Train a multi-label tagger with Ray Train (TorchTrainer fed by Ray Data)."""
@@ -106,6 +125,7 @@ class TrainConfig:
     head_epochs: int = 0  # phase 1: epochs training only the head with the backbone frozen
     backbone_lr_scale: float = 1.0  # phase 2: backbone learning rate = lr x this
     batch_norm: str = "train"  # train (batch statistics) | frozen (pretrained statistics kept; scale and shift still learn)
+    frozen_stages: int = 0  # fine-tuning leaves the backbone's first N layer groups (the stem, then each stage) as they start; 0: none
     batch_size: int = 32  # images per worker per step
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, nesterov)
     lr: float = 1e-3  # peak learning rate
@@ -200,6 +220,8 @@ class TrainConfig:
             raise ValueError("use_gpu must be auto, true or false")
         if self.batch_norm not in BATCH_NORM_MODES:
             raise ValueError(f"unknown batch_norm {self.batch_norm!r}; choose one of: {', '.join(BATCH_NORM_MODES)}")
+        if self.frozen_stages:
+            check_frozen_stages(self.backbone, self.frozen_stages)
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"unknown head_init {self.head_init!r}; choose one of: {', '.join(HEAD_INITS)}")
         if self.epochs < 0 or (self.epochs == 0 and self.head_init != "probe"):

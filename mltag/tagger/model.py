@@ -84,6 +84,25 @@ class Tagger(nn.Module):
         self.head.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)))
 
 
+def backbone_stages(backbone: nn.Module) -> dict[str, int]:
+    """Each backbone parameter's layer group, counted from the input: 0 is the stem, then one per
+    stage, the last layers (EfficientNet's ``conv_head``) last. timm's coarse ``group_matcher``
+    defines the groups (the ones its layer-wise learning-rate decay uses), so every timm family
+    that has one (EfficientNet, ResNet/ResNeXt, ConvNeXt, ViT...) is covered.
+
+    Example:
+        >>> stages = backbone_stages(timm.create_model("test_efficientnet", num_classes=0))
+        >>> stages["conv_stem.weight"], stages["blocks.0.0.conv_dw.weight"]
+        (0, 1)
+    """
+    from timm.models import group_parameters
+
+    if not hasattr(backbone, "group_matcher"):
+        raise ValueError(f"timm backbone {type(backbone).__name__} defines no group_matcher: its stages cannot be frozen")
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    return {name: stage for stage, names in groups.items() for name in names}
+
+
 def backbone_normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean/std the backbone's pretrained weights expect (timm's pretrained config)."""
     cfg = timm.get_pretrained_cfg(backbone)

@@ -32,7 +32,7 @@ from mltag.maths.resampling import TagIndex, repeat_counts
 from mltag.runtime import log
 from mltag.runtime.ray_console import progress_notices_off, quiet_ray_train_reports
 from mltag.tagger.losses import MultiLabelLoss
-from mltag.tagger.model import Tagger, load_tagger, normalise
+from mltag.tagger.model import Tagger, backbone_stages, load_tagger, normalise
 from mltag.tagger.train_state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class LoopConfig:
     pseudo_label_weight: float = 1.0  # loss weight of a pseudo label; rows then carry pseudo_tags and human_tags
     augment: bool = True  # random resized crops and colour jitter, on the device (mltag.data.augment)
     crop_scale: float = 0.7  # smallest share of the image area a crop keeps
+    frozen_stages: int = 0  # fine-tuning keeps the backbone's first N layer groups (stem, stages) as they start
     jitter: float = 0.2  # colour jitter strength
     hflip: bool = True  # random horizontal flips
 
@@ -140,10 +141,23 @@ def resampled_batches(batches: Iterable[pa.Table], batch_size: int, seed: int, e
 
 
 # ---- the model and its optimiser ----------------------------------------------------------------
-def freeze_backbone(model: Tagger, frozen: bool) -> None:
-    """Phase 1 (frozen) trains only the head; phase 2 trains everything."""
-    for p in model.backbone.parameters():
-        p.requires_grad_(not frozen)
+def freeze_backbone(model: Tagger, frozen: bool, frozen_stages: int = 0) -> None:
+    """Phase 1 (frozen) trains only the head; phase 2 trains everything but the backbone's first
+    ``frozen_stages`` layer groups (``backbone_stages``: the stem, then each stage). Nothing before
+    the first trained layer needs a gradient, so autograd records no graph there: the backward
+    pass stops at the input of the first trained stage, which on a CNN skips its costliest part
+    (the early, high-resolution layers)."""
+    stages = backbone_stages(model.backbone) if frozen_stages else {}
+    for name, p in model.backbone.named_parameters():
+        p.requires_grad_(not frozen and stages.get(name, frozen_stages) >= frozen_stages)
+
+
+def keep_frozen_layer_statistics(model: torch.nn.Module) -> None:
+    """Batch-norm layers whose scale and shift are frozen keep their running statistics too (eval
+    mode): a frozen stage then computes exactly what it computed before training."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.weight is not None and not module.weight.requires_grad:
+            module.eval()
 
 
 def freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
@@ -156,12 +170,12 @@ def freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
             module.eval()
 
 
-def set_phase(model: Tagger, head_only: bool) -> torch.nn.Module:
+def set_phase(model: Tagger, head_only: bool, frozen_stages: int = 0) -> torch.nn.Module:
     """Freezes or unfreezes the backbone, then (re)builds DDP: DDP only synchronises the
     parameters that required grad when it was built."""
     import ray.train.torch
 
-    freeze_backbone(model, head_only)
+    freeze_backbone(model, head_only, frozen_stages)
     return ray.train.torch.prepare_model(model)
 
 
@@ -287,6 +301,8 @@ def train_one_epoch(worker: Worker, model: torch.nn.Module, state: TrainState, s
         state.model.backbone.eval()  # a frozen backbone keeps its batch-norm statistics too
     elif loop.batch_norm == "frozen":
         freeze_batch_norm_statistics(state.model)
+    else:
+        keep_frozen_layer_statistics(state.model)
     # The loss is summed on the device and read once an epoch (and by the progress bar once a
     # second): reading it every step would wait for the device every step.
     started, seen, loss_sum, steps = time.time(), 0, torch.zeros((), device=device), 0
@@ -432,7 +448,7 @@ def train_loop_per_worker(config: dict) -> None:
             started = time.time()
             head_only = epoch < loop.head_epochs
             if phase != head_only:
-                model, phase = set_phase(state.model, head_only), head_only
+                model, phase = set_phase(state.model, head_only, loop.frozen_stages), head_only
             metrics = train_one_epoch(worker, model, state, train_shard, epoch)
             state.epochs_done = epoch + 1
             if rank == 0:
