@@ -210,28 +210,25 @@ def save_table(rows: dict, variants: list[str]) -> None:
     )
 
 
-# the recipes whose per-tag AP on the rare tags is shown beside the probe's (seeded ones: the mean)
-PER_TAG_ROWS = ("cpu-fast", "cpu")
-
-
 def per_tag_table(rows: dict) -> str:
     """AP of each rare tag (fewer than 60 training images) on test: the probe a user would write
-    beside the presets, so a rare tag the fine-tuned model loses shows even when the mean holds."""
+    beside each recipe that recorded it, so a rare tag a recipe loses shows even when the mean holds."""
     baseline = next(iter(_baseline_rows().items()), None)
-    columns = {}
-    for base in PER_TAG_ROWS:
-        seeds = [rows[k]["rare_ap"] for k in (base, f"{base}/seed-1", f"{base}/seed-2") if k in rows and rows[k].get("rare_ap")]
-        if seeds:
-            columns[f"{base} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})" if base in SEEDED else base] = {
-                t: float(np.mean([s[t] for s in seeds if t in s])) for t in seeds[0]
-            }
+    columns = {}  # every row that recorded its per-tag AP, in the screen's order; seeded recipes as their mean
+    for label in sorted(rows, key=lambda k: list(VARIANTS).index(k) if k in VARIANTS else len(VARIANTS)):
+        base, _, seed = label.partition("/seed-")
+        if seed or not rows[label].get("rare_ap"):
+            continue
+        seeds = [rows[k]["rare_ap"] for k in (base, f"{base}/seed-1", f"{base}/seed-2") if rows.get(k, {}).get("rare_ap")]
+        name = f"{base} ({len(seeds)} seeds)" if len(seeds) > 1 else base
+        columns[name] = {t: float(np.mean([s[t] for s in seeds if t in s])) for t in seeds[0]}
     if baseline is None or not columns:
         return ""
     name, probe = baseline
     lines = [
         "",
         "",
-        f"Rare tags (fewer than 60 training images; counts in `train_quality_baseline`), test AP: the probe ({name}) beside the presets.",
+        f"Rare tags (fewer than 60 training images; counts in `train_quality_baseline`), test AP: the probe ({name}) beside the recipes that recorded it (rows run since the table gained it).",
         "",
         "| rare tag | probe | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),

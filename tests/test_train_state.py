@@ -161,8 +161,10 @@ def test_loop_config_is_built_from_train_config_field_by_field(tiny_catalog):
     assert loop.vocabulary == vocab.to_dict() and loop.progress == ("bar" if sys.stderr.isatty() else "log")
 
 
-@pytest.mark.parametrize("batch_norm", ["train", "frozen"])
-def test_frozen_batch_norm_keeps_the_pretrained_statistics_while_weights_learn(ray_local, batch_norm):
+def _train_one_epoch(loop: LoopConfig, prepare=lambda state: None):
+    """One epoch of ``train_one_epoch`` on 16 random 32 px images (Ray Data on the local cluster):
+    the state, its state dict before (cloned), and the epoch's metrics. ``prepare`` runs on the
+    fresh state first (e.g. to freeze layers, as ``set_phase`` would)."""
     import pyarrow as pa
     import ray.data
 
@@ -173,7 +175,6 @@ def test_frozen_batch_norm_keeps_the_pretrained_statistics_while_weights_learn(r
     from mltag.tagger.losses import MultiLabelLoss
     from mltag.tagger.train_loop import Worker, train_one_epoch
 
-    loop = _loop(batch_norm=batch_norm, optimizer="adamw", lr=0.01, warmup_epochs=0.0, n_train_effective=16.0)
     rng = np.random.default_rng(0)
     rows = pa.table(
         {
@@ -183,8 +184,7 @@ def test_frozen_batch_norm_keeps_the_pretrained_statistics_while_weights_learn(r
         }
     )
     state = new_state(loop, torch.device("cpu"), world=1)
-    norms = [m for m in state.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert norms  # test_efficientnet has batch norm after every convolution
+    prepare(state)
     before = {k: v.clone() for k, v in state.model.state_dict().items()}
     worker = Worker(
         loop,
@@ -196,6 +196,15 @@ def test_frozen_batch_norm_keeps_the_pretrained_statistics_while_weights_learn(r
         StagingBuffers(torch.device("cpu")),
     )
     metrics = train_one_epoch(worker, state.model, state, ray.data.from_arrow(rows), epoch=0)
+    return state, before, metrics
+
+
+@pytest.mark.parametrize("batch_norm", ["train", "frozen"])
+def test_frozen_batch_norm_keeps_the_pretrained_statistics_while_weights_learn(ray_local, batch_norm):
+    loop = _loop(batch_norm=batch_norm, optimizer="adamw", lr=0.01, warmup_epochs=0.0, n_train_effective=16.0)
+    state, before, metrics = _train_one_epoch(loop)
+    norms = [m for m in state.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms  # test_efficientnet has batch norm after every convolution
     after = state.model.state_dict()
     assert metrics["phase"] == 2 and state.step == 2
     statistics = [k for k in before if k.endswith(("running_mean", "running_var"))]
@@ -208,41 +217,13 @@ def test_frozen_batch_norm_keeps_the_pretrained_statistics_while_weights_learn(r
 def test_frozen_stages_stay_as_they_start_and_get_no_gradient(ray_local):
     """The stem and the first stage of test_efficientnet (frozen_stages=2) keep their weights and
     batch-norm statistics while batch norm trains elsewhere; autograd never reaches them."""
-    import pyarrow as pa
-    import ray.data
-
-    from mltag.data.images import pixels_to_arrow
-    from mltag.data.staging import StagingBuffers
-    from mltag.data.vocabulary import Vocabulary
-    from mltag.maths.resampling import TagIndex
-    from mltag.tagger.losses import MultiLabelLoss
     from mltag.tagger.model import backbone_stages
-    from mltag.tagger.train_loop import Worker, freeze_backbone, train_one_epoch
+    from mltag.tagger.train_loop import freeze_backbone
 
     loop = _loop(batch_norm="train", optimizer="adamw", lr=0.01, warmup_epochs=0.0, n_train_effective=16.0, frozen_stages=2)
-    rng = np.random.default_rng(0)
-    rows = pa.table(
-        {
-            "listing_id": [f"L{i}" for i in range(16)],
-            "pixels": pixels_to_arrow(rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)),
-            "tags": [["a"] if i % 2 else ["b", "c"] for i in range(16)],
-        }
-    )
-    state = new_state(loop, torch.device("cpu"), world=1)
-    freeze_backbone(state.model, frozen=False, frozen_stages=loop.frozen_stages)
+    state, before, _ = _train_one_epoch(loop, lambda state: freeze_backbone(state.model, frozen=False, frozen_stages=2))
     stages = backbone_stages(state.model.backbone)
     assert sorted(set(stages.values()))[:3] == [0, 1, 2] and stages["conv_stem.weight"] == 0
-    before = {k: v.clone() for k, v in state.model.state_dict().items()}
-    worker = Worker(
-        loop,
-        0,
-        1,
-        torch.device("cpu"),
-        TagIndex(Vocabulary.from_dict(loop.vocabulary)),
-        MultiLabelLoss("bce"),
-        StagingBuffers(torch.device("cpu")),
-    )
-    train_one_epoch(worker, state.model, state, ray.data.from_arrow(rows), epoch=0)
     after = state.model.state_dict()
 
     def stage_of(key: str) -> int:  # state-dict keys of the backbone, buffers included, by their module
