@@ -41,6 +41,7 @@ from mltag.data.vocabulary import Vocabulary
 from mltag.maths.pseudo_labels import tags_by_source
 from mltag.maths.resampling import TagIndex, repeat_factors_from_tags, tag_counts, tag_repeat_factors_from_counts
 from mltag.runtime.cluster import dataset_from_tables, init_ray, started_here, wants_gpu
+from mltag.runtime.host_memory import cpu_malloc_env
 from mltag.runtime.ray_console import progress_notices_off, quiet_per_epoch
 from mltag.tagger.spec import POOLINGS, TaggerSpec, load_spec
 
@@ -435,8 +436,9 @@ def build_trainer(config: TrainConfig, *, manifest: pa.Table | None = None, voca
             # Ray Train's print patch sends each print on a worker both to its stdout and, through
             # the root logger, to its stderr, which Ray forwards separately: every line twice, and
             # Ray's distributed tqdm (which reports through print) sees each update twice and
-            # redraws closed bars. mltag's workers log through logging, not print.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # redraws closed bars. mltag's workers log through logging, not print. Workers that
+            # train on the CPU also get glibc's malloc set to reuse freed memory (host_memory).
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **cpu_malloc_env(use_gpu)}},
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Each worker trains on its own slice of 'train' but rank 0 validates on all of 'val'.

@@ -30,7 +30,6 @@ from mltag.data.vocabulary import Vocabulary
 from mltag.maths.metrics import chance_mean_average_precision, mean_average_precision
 from mltag.maths.resampling import TagIndex, repeat_counts
 from mltag.runtime import log
-from mltag.runtime.host_memory import keep_freed_memory_for_reuse
 from mltag.runtime.ray_console import progress_notices_off, quiet_ray_train_reports
 from mltag.tagger.losses import MultiLabelLoss
 from mltag.tagger.model import Tagger, backbone_stages, load_tagger, normalise
@@ -427,8 +426,6 @@ def train_loop_per_worker(config: dict) -> None:
     random.seed(loop.seed)
     np.random.seed(loop.seed)
     device = ray.train.torch.get_device()
-    if device.type == "cpu":  # the activations live in host memory: reuse their pages step after step
-        keep_freed_memory_for_reuse()
 
     state = new_state(loop, device, world)
     pos_weight = torch.tensor(loop.pos_weight, device=device) if loop.pos_weight else None

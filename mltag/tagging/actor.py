@@ -15,7 +15,6 @@ import torch
 from mltag.data.images import pixels_from_arrow
 from mltag.data.staging import StagingBuffers
 from mltag.data.uri_policy import FetchPolicy
-from mltag.runtime.host_memory import keep_freed_memory_for_reuse
 from mltag.table import tag_table
 from mltag.tagger.model import load_tagger, normalise, pick_device
 
@@ -38,8 +37,6 @@ class TaggerActor:
     ):
         torch.set_num_threads(max(1, threads))
         self.device = pick_device(use_gpu)
-        if self.device.type == "cpu":  # activations in host memory: reuse their pages batch after batch
-            keep_freed_memory_for_reuse()
         self.model, self.spec = load_tagger(model_dir, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if compile else self.model
