@@ -169,6 +169,15 @@ def row_of(label: str, out: str, train_s: float) -> dict:
     }
 
 
+def _screen_order(label: str) -> int:
+    return list(VARIANTS).index(label) if label in VARIANTS else len(VARIANTS)
+
+
+def _seeds_of(rows: dict, base: str) -> list[dict]:
+    """The rows of one recipe's seeds (``base``, ``base/seed-1``, ``base/seed-2``) that ran."""
+    return [rows[k] for k in (base, f"{base}/seed-1", f"{base}/seed-2") if k in rows]
+
+
 def save_table(rows: dict, variants: list[str]) -> None:
     from results import save
 
@@ -178,7 +187,7 @@ def save_table(rows: dict, variants: list[str]) -> None:
     ]
     for label, r in _baseline_rows().items():
         lines.append(f"| baseline: {label} | | {r['macro_map']:.4f} | {r['micro_map']:.4f} | {r['rare_map']:.4f} | (features only) |")
-    for label, r in sorted(rows.items(), key=lambda kv: list(VARIANTS).index(kv[0]) if kv[0] in VARIANTS else len(VARIANTS)):
+    for label, r in sorted(rows.items(), key=lambda kv: _screen_order(kv[0])):
         val = f"{r['val_map']:.4f}" if r.get("val_map") is not None else ""
         if r.get("fine_tuned_val_map") is not None:
             val = f"fine-tuned {r['fine_tuned_val_map']:.4f} < probe {val}: probe kept"
@@ -188,7 +197,7 @@ def save_table(rows: dict, variants: list[str]) -> None:
         )
     summary = ""
     for base in SEEDED:
-        seeds = [rows[k] for k in (base, f"{base}/seed-1", f"{base}/seed-2") if k in rows]
+        seeds = _seeds_of(rows, base)
         if len(seeds) > 1:
             macro, rare = [r["macro_map"] for r in seeds], [r["rare_map"] for r in seeds]
             val = [r["val_map"] for r in seeds if r.get("val_map") is not None]
@@ -215,11 +224,11 @@ def per_tag_table(rows: dict) -> str:
     beside each recipe that recorded it, so a rare tag a recipe loses shows even when the mean holds."""
     baseline = next(iter(_baseline_rows().items()), None)
     columns = {}  # every row that recorded its per-tag AP, in the screen's order; seeded recipes as their mean
-    for label in sorted(rows, key=lambda k: list(VARIANTS).index(k) if k in VARIANTS else len(VARIANTS)):
+    for label in sorted(rows, key=_screen_order):
         base, _, seed = label.partition("/seed-")
         if seed or not rows[label].get("rare_ap"):
             continue
-        seeds = [rows[k]["rare_ap"] for k in (base, f"{base}/seed-1", f"{base}/seed-2") if rows.get(k, {}).get("rare_ap")]
+        seeds = [r["rare_ap"] for r in _seeds_of(rows, base) if r.get("rare_ap")]
         name = f"{base} ({len(seeds)} seeds)" if len(seeds) > 1 else base
         columns[name] = {t: float(np.mean([s[t] for s in seeds if t in s])) for t in seeds[0]}
     if baseline is None or not columns:

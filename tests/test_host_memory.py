@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from mltag.runtime.host_memory import MALLOC_ENV, cpu_malloc_env, cpu_worker_runtime_env
+from mltag.runtime.host_memory import MALLOC_ENV, cpu_malloc_env
 
 # A fresh process each time: glibc reads its settings when a process starts.
 LOOP = """
@@ -50,9 +50,8 @@ def test_only_cpu_workers_on_linux_get_it_and_a_user_setting_wins(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     expected = MALLOC_ENV if platform.system() == "Linux" else {}
     assert cpu_malloc_env(use_gpu=False) == expected and cpu_malloc_env(use_gpu=True) == {}
-    assert cpu_worker_runtime_env() == ({"env_vars": MALLOC_ENV} if expected else {})
     monkeypatch.setenv("MLTAG_KEEP_FREED_MEMORY", "0")
-    assert cpu_worker_runtime_env() == {}
+    assert cpu_malloc_env(use_gpu=False) == {}
     monkeypatch.delenv("MLTAG_KEEP_FREED_MEMORY")
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's own tuning is left alone
-    assert cpu_worker_runtime_env() == {}
+    assert cpu_malloc_env(use_gpu=False) == {}

@@ -26,21 +26,15 @@ MALLOC_ENV = {
 }
 
 
-def cpu_worker_runtime_env() -> dict:
-    """The Ray runtime environment (``{"env_vars": ...}``) for workers that run a model on the
-    CPU: glibc's malloc set to keep freed memory for reuse. The price is that such a worker
-    keeps its peak heap. Empty (nothing changes) off Linux, with ``MLTAG_KEEP_FREED_MEMORY=0``,
-    or where the environment already tunes malloc (``MALLOC_*``) or preloads another allocator;
-    glibc ignores these variables under another C library.
+def cpu_malloc_env(use_gpu: bool) -> dict[str, str]:
+    """The environment variables (for Ray's ``runtime_env``) of a worker that runs its model on
+    the CPU: glibc's malloc set to keep freed memory for reuse. The price is that such a worker
+    keeps its peak heap. None for a GPU worker (``use_gpu``), whose activations live on the device,
+    off Linux, with ``MLTAG_KEEP_FREED_MEMORY=0``, or where the environment already tunes malloc
+    (``MALLOC_*``) or preloads another allocator; glibc ignores them under another C library.
     """
-    if os.environ.get(OPT_OUT_ENV, "1") == "0" or platform.system() != "Linux":
+    if use_gpu or os.environ.get(OPT_OUT_ENV, "1") == "0" or platform.system() != "Linux":
         return {}
     if os.environ.get("LD_PRELOAD") or any(k.startswith("MALLOC_") for k in os.environ):
         return {}
-    return {"env_vars": dict(MALLOC_ENV)}
-
-
-def cpu_malloc_env(use_gpu: bool) -> dict[str, str]:
-    """``cpu_worker_runtime_env``'s variables for a worker that runs its model on the CPU
-    (``use_gpu`` false); none for a GPU worker, whose activations live on the device."""
-    return {} if use_gpu else cpu_worker_runtime_env().get("env_vars", {})
+    return dict(MALLOC_ENV)

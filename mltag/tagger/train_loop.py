@@ -152,22 +152,17 @@ def freeze_backbone(model: Tagger, frozen: bool, frozen_stages: int = 0) -> None
         p.requires_grad_(not frozen and stages.get(name, frozen_stages) >= frozen_stages)
 
 
-def keep_frozen_layer_statistics(model: torch.nn.Module) -> None:
-    """Batch-norm layers whose scale and shift are frozen keep their running statistics too (eval
-    mode): a frozen stage then computes exactly what it computed before training."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.weight is not None and not module.weight.requires_grad:
-            module.eval()
-
-
-def freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
+def freeze_batch_norm_statistics(model: torch.nn.Module, only_frozen_layers: bool = False) -> None:
     """Puts every batch-norm layer in eval mode: it normalises with the pretrained running
     statistics and stops updating them, while its scale and shift still learn. A head fitted on
     the frozen backbone's features (LP-FT's probe) then sees the same features when fine-tuning
-    starts, and small batches of a small catalog cannot drag ImageNet's statistics around."""
+    starts, and small batches of a small catalog cannot drag ImageNet's statistics around.
+    ``only_frozen_layers``: just the layers whose scale and shift are frozen too (``frozen_stages``),
+    so a frozen stage computes exactly what it computed before training."""
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
+            if not only_frozen_layers or (module.weight is not None and not module.weight.requires_grad):
+                module.eval()
 
 
 def set_phase(model: Tagger, head_only: bool, frozen_stages: int = 0) -> torch.nn.Module:
@@ -299,10 +294,8 @@ def train_one_epoch(worker: Worker, model: torch.nn.Module, state: TrainState, s
     model.train()
     if head_only:
         state.model.backbone.eval()  # a frozen backbone keeps its batch-norm statistics too
-    elif loop.batch_norm == "frozen":
-        freeze_batch_norm_statistics(state.model)
     else:
-        keep_frozen_layer_statistics(state.model)
+        freeze_batch_norm_statistics(state.model, only_frozen_layers=loop.batch_norm != "frozen")
     # The loss is summed on the device and read once an epoch (and by the progress bar once a
     # second): reading it every step would wait for the device every step.
     started, seen, loss_sum, steps = time.time(), 0, torch.zeros((), device=device), 0
