@@ -183,13 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"mltag {args.stage}: {exc}", file=sys.stderr)
         return 2
+    from mltag.errors import InputError
     from mltag.stages.tag import ErrorGateError
     from mltag.table.delta_table import TableConflictError, TableNotFoundError
-    from mltag.tagger.heads import HeadMismatchError
 
     try:
         run(config)
-    except (ErrorGateError, HeadMismatchError, TableConflictError, TableNotFoundError) as exc:
+    except InputError as exc:  # a manifest, vocabulary, model or URI to fix: like a bad flag
+        print(f"mltag {args.stage}: {exc}", file=sys.stderr)
+        return 2
+    except (ErrorGateError, TableConflictError, TableNotFoundError) as exc:
         # Job-level failures with a message a person can act on: no traceback, a non-zero exit.
         print(f"mltag {args.stage}: {exc}", file=sys.stderr)
         return 1

@@ -45,3 +45,19 @@ def test_every_stage_help_imports_neither_torch_nor_timm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
     assert out.count("usage: mltag") == len(STAGES)
+
+
+def test_an_input_to_fix_is_one_line_naming_it_and_exit_2_not_a_traceback(tmp_path, tiny_catalog, capsys):
+    from mltag.cli import main
+
+    missing = str(tmp_path / "missing.parquet")
+    assert main(["train", "--manifest", missing, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"mltag train: manifest not found: {missing}"
+    broken = tmp_path / "vocabulary.yaml"
+    broken.write_text("tags: [a, b\n")  # unclosed list
+    args = ["train", "--manifest", tiny_catalog["manifest"], "--vocabulary", str(broken), "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mltag train: ") and str(broken) in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # stopped before any work

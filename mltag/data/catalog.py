@@ -34,13 +34,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from mltag.data import storage
+from mltag.errors import InputError
 
 REQUIRED_COLUMNS = ("listing_id", "image_uri")
 TAG_SEPARATOR = "|"
 SPLITS = ("train", "val", "test")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError, ValueError):
     """The manifest cannot be used as it is (the job stops before any work)."""
 
 

@@ -24,6 +24,8 @@ import re
 import socket
 from dataclasses import dataclass
 
+from mltag.errors import InputError
+
 # HEIF (HEIC) needs the `heif` extra (pillow-heif); AVIF is built into Pillow >= 11.3 wheels.
 # A format named here that no installed plugin provides is simply not attempted.
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "HEIF", "AVIF")
@@ -39,7 +41,7 @@ _SECRET_PARAM = re.compile(
 )
 
 
-class RefusedURI(ValueError):
+class RefusedURI(InputError, ValueError):
     """A URI the fetch policy does not allow; the message starts with ``refused uri:``."""
 
 

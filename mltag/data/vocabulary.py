@@ -31,9 +31,10 @@ import numpy as np
 import yaml
 
 from mltag.data import storage
+from mltag.errors import InputError
 
 
-class VocabularyError(ValueError):
+class VocabularyError(InputError, ValueError):
     """The vocabulary file is malformed, or labels use tags it does not define."""
 
 
@@ -100,7 +101,12 @@ class Vocabulary:
             data = yaml.safe_load(storage.read_bytes(uri))
         except FileNotFoundError as exc:
             raise VocabularyError(f"vocabulary file not found: {uri}") from exc
-        return cls.from_dict(data)
+        except yaml.YAMLError as exc:  # the parser's own message gives the line and column
+            raise VocabularyError(f"vocabulary file {uri} is not valid YAML: {exc}") from exc
+        try:
+            return cls.from_dict(data)
+        except VocabularyError as exc:
+            raise VocabularyError(f"{uri}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         tags = []

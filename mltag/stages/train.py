@@ -38,6 +38,7 @@ from mltag.data import catalog, storage
 from mltag.data.identifiers import validate_identifier
 from mltag.data.images import decode_batch
 from mltag.data.vocabulary import Vocabulary
+from mltag.errors import InputError
 from mltag.maths.pseudo_labels import tags_by_source
 from mltag.maths.resampling import TagIndex, repeat_factors_from_tags, tag_counts, tag_repeat_factors_from_counts
 from mltag.runtime.cluster import dataset_from_tables, init_ray, started_here, wants_gpu
@@ -628,7 +629,7 @@ def _storage_path(config: TrainConfig) -> str:
 
 
 # ---- what a run was started with, and whether a re-run may continue it ---------------------------
-class RunInputsChanged(ValueError):
+class RunInputsChanged(InputError, ValueError):
     """A re-run whose inputs differ from those its run was started with (or an existing run
     under ``--resume never``)."""
 
@@ -731,8 +732,8 @@ def run(config: TrainConfig) -> TaggerSpec:
     again over ``<out>/model`` unless ``export_finished``: the saved model is returned.
     """
     out = _out_dir(config)
+    manifest = catalog.read_manifest(config.manifest, require_tags=True)  # first: the vocabulary's default path is beside it
     vocab = Vocabulary.load(config.vocabulary_uri())
-    manifest = catalog.read_manifest(config.manifest, require_tags=True)
     if config.pseudo_label_weight != 1:
         require_label_sources(manifest)  # before the probe or any worker starts
     if config.epochs == 0:  # the probe alone: no Ray Train run, nothing to resume

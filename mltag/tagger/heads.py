@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 
 from mltag.data import storage
 from mltag.data.vocabulary import Vocabulary
+from mltag.errors import InputError
 from mltag.table.tag_table import chosen_tags, embedding_matrix, tags_column
 from mltag.tagger.linear_probe import LinearHead
 
@@ -57,12 +58,12 @@ NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 COLUMN_SUFFIXES = ("_scores", "_tags", "_head")
 
 
-class HeadMismatchError(ValueError):
+class HeadMismatchError(InputError, ValueError):
     """A head and a tag table (or labels and a table) that do not belong together: another
     tagger version, another embedding size, a column name taken."""
 
 
-class HeadIntegrityError(ValueError):
+class HeadIntegrityError(InputError, ValueError):
     """A head directory whose weights do not match the version in its head.json."""
 
 

