@@ -84,6 +84,11 @@ VARIANTS = {
     "cpu/seed-1": cpu("--seed", "1"),
     "cpu/seed-2": cpu("--seed", "2"),
     "cpu/backbone-lr-1.0": cpu("--backbone-lr-scale", "1.0"),
+    # LP-FT against the recipes it replaced, on today's preset: two-phase fine-tuning (2 epochs of
+    # the head through the frozen backbone, then 6 of every layer) and plain fine-tuning (a random
+    # head, every layer at one learning rate from the first step)
+    "cpu/two-phase": cpu("--head-init", "random", "--head-epochs", "2"),
+    "cpu/plain-ft": cpu("--head-init", "random", "--backbone-lr-scale", "1.0"),
     "cpu/ema": cpu("--ema-decay", "0.99"),  # ~370 steps: a 0.99 average spans the last ~100
     "cpu/6-epochs": cpu("--epochs", "6"),  # at 288 px validation peaked at epoch 4 to 6 of 8
     "cpu/focal": cpu("--loss", "focal"),
