@@ -2,6 +2,7 @@
 
 The package, in the order data flows (each layer imports only the layers above it in this list):
 
+  ``errors``   InputError, the base of every error a person fixes in their input
   ``runtime``  joining Ray, one console format
   ``data``     manifest, image fetch and decode, vocabulary, storage (local / S3)
   ``config``   typed configs: dataclass defaults, then YAML, then flags; provenance

@@ -123,7 +123,7 @@ def test_mltag_index_re_exports_each_stage_run_under_its_old_name():
 
 
 # The package's layers, in the order data flows (mltag/__init__.py and the README draw the same).
-LAYERS = ("runtime", "data", "config", "maths", "table", "tagger", "tagging", "search", "stages", "cli")
+LAYERS = ("errors", "runtime", "data", "config", "maths", "table", "tagger", "tagging", "search", "stages", "cli")
 
 
 def layer_of(module: str) -> str:
