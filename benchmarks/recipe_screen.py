@@ -89,6 +89,9 @@ VARIANTS = {
     # head, every layer at one learning rate from the first step)
     "cpu/two-phase": cpu("--head-init", "random", "--head-epochs", "2"),
     "cpu/plain-ft": cpu("--head-init", "random", "--backbone-lr-scale", "1.0"),
+    # at the preset's 1e-3 for every layer plain fine-tuning fell to chance within an epoch, so it
+    # is also run at the learning rate the preset gives the backbone (0.3 x 1e-3), for every layer
+    "cpu/plain-ft/lr-3e-4": cpu("--head-init", "random", "--backbone-lr-scale", "1.0", "--lr", "3e-4"),
     "cpu/ema": cpu("--ema-decay", "0.99"),  # ~370 steps: a 0.99 average spans the last ~100
     "cpu/6-epochs": cpu("--epochs", "6"),  # at 288 px validation peaked at epoch 4 to 6 of 8
     "cpu/focal": cpu("--loss", "focal"),
