@@ -84,6 +84,8 @@ VARIANTS = {
     "cpu/seed-1": cpu("--seed", "1"),
     "cpu/seed-2": cpu("--seed", "2"),
     "cpu/backbone-lr-1.0": cpu("--backbone-lr-scale", "1.0"),
+    "cpu/backbone-lr-1.0/seed-1": cpu("--backbone-lr-scale", "1.0", "--seed", "1"),
+    "cpu/backbone-lr-1.0/seed-2": cpu("--backbone-lr-scale", "1.0", "--seed", "2"),
     # LP-FT against the recipes it replaced, on today's preset: two-phase fine-tuning (2 epochs of
     # the head through the frozen backbone, then 6 of every layer) and plain fine-tuning (a random
     # head, every layer at one learning rate from the first step)
@@ -110,7 +112,7 @@ VARIANTS = {
 }
 
 # recipes run with three seeds (label, label/seed-1, label/seed-2): the table prints their mean and spread
-SEEDED = ("v2", "v3", "cpu", "cpu/aug-strong")
+SEEDED = ("v2", "v3", "cpu", "cpu/aug-strong", "cpu/backbone-lr-1.0")
 
 
 def _run(cmd: list[str], log: str) -> float:
