@@ -12,7 +12,9 @@ from mltag.stages.train import TrainConfig
 
 def test_a_preset_sets_its_fields_under_the_yaml_and_flags():
     config = config_from_dict(TrainConfig, {"manifest": "m.parquet", "preset": "cpu", "epochs": "4"})
-    assert config.head_init == "probe" and config.backbone_lr_scale == TrainConfig.PRESETS["cpu"]["backbone_lr_scale"]
+    # fields the preset sets away from the bare defaults
+    assert (config.head_init, config.batch_norm, config.img_size) == ("probe", "frozen", TrainConfig.PRESETS["cpu"]["img_size"])
+    assert TrainConfig.img_size != TrainConfig.PRESETS["cpu"]["img_size"]
     assert config.epochs == 4  # the flag wins over the preset
     assert config_from_dict(TrainConfig, {"manifest": "m.parquet"}).head_init == "random"  # no preset: the defaults
     with pytest.raises(ConfigError, match="unknown preset 'tpu'.*cpu-fast, cpu, gpu"):
