@@ -114,10 +114,12 @@ VARIANTS = {
     "cpu/seed-2": cpu("--seed", "2"),
     "cpu/batch-norm-train": cpu("--batch-norm", "train"),
     "cpu/aug-light": cpu("--crop-scale", "0.9", "--jitter", "0.1"),
+    "cpu/aug-light/seed-1": cpu("--crop-scale", "0.9", "--jitter", "0.1", "--seed", "1"),
+    "cpu/aug-light/seed-2": cpu("--crop-scale", "0.9", "--jitter", "0.1", "--seed", "2"),
 }
 
 # recipes run with three seeds (label, label/seed-1, label/seed-2): the table prints their mean and spread
-SEEDED = ("v2", "v3", "v4", "cpu", "v4/aug-strong")
+SEEDED = ("v2", "v3", "v4", "cpu", "v4/aug-strong", "cpu/aug-light")
 
 
 def _run(cmd: list[str], log: str) -> float:
