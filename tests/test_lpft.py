@@ -15,6 +15,7 @@ def test_a_preset_sets_its_fields_under_the_yaml_and_flags():
     # fields the preset sets away from the bare defaults
     assert (config.head_init, config.batch_norm, config.img_size) == ("probe", "frozen", TrainConfig.PRESETS["cpu"]["img_size"])
     assert TrainConfig.img_size != TrainConfig.PRESETS["cpu"]["img_size"]
+    assert (config.crop_scale, config.jitter) == (0.9, 0.1) != (TrainConfig.crop_scale, TrainConfig.jitter)
     assert config.epochs == 4  # the flag wins over the preset
     assert config_from_dict(TrainConfig, {"manifest": "m.parquet"}).head_init == "random"  # no preset: the defaults
     with pytest.raises(ConfigError, match="unknown preset 'tpu'.*cpu-fast, cpu, gpu"):
