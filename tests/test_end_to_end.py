@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def run_entrypoint(*args: str, timeout: int = 600) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DISABLE_IMPORT_WARNING": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -38,6 +39,7 @@ def pipeline(tmp_path_factory):
     config = work / "train.yaml"
     config.write_text(
         f"manifest: {manifest}\nout: {work / 'train'}\nbackbone: test_efficientnet\nimg_size: 64\nepochs: 2\nbatch_size: 8\nhflip: false\n"
+        "cache_decoded: true\n"
     )
     out["train_log"] = run_entrypoint("jobs/train.py", "--config", str(config), "--lr", "0.003")
 
@@ -75,6 +77,30 @@ def test_training_prints_validation_map_per_epoch_and_saves_a_model(pipeline):
     assert len(spec["version"]) == 12 and spec["backbone"] == "test_efficientnet"
     assert [h["epoch"] for h in spec["extra"]["history"]] == [1, 2]
     assert (pipeline["work"] / "train" / "config.yaml").exists()
+
+
+def test_each_job_prints_each_line_once_and_no_warnings(pipeline):
+    """What a person reads (issue 17: epoch lines printed twice, Ray Train's report dicts, numpy
+    and torch warnings, a Ray deprecation warning, Ray Data's "Progress bars disabled" notices),
+    on the consoles of the pipeline's own jobs rather than a second training of its own."""
+    from test_console import finished_lines, repeated_lines
+
+    log = pipeline["train_log"]
+    summaries = [line for line in finished_lines(log) if re.search(r"epoch \d/2 \(phase 2\): train loss", line)]
+    assert len(summaries) == 2 and "epoch 1/2" in summaries[0] and "epoch 2/2" in summaries[1], log[-6000:]
+    assert all("val mAP" in line and "samples/s" in line for line in summaries)
+    assert "best epoch" in log and "Reporting training result" not in log
+    for job in ("train_log", "index_log"):
+        console = pipeline[job]
+        assert repeated_lines(console) == {}, (job, console[-6000:])
+        assert "Warning" not in console, (job, console[-6000:])
+    # Tagging: mltag's own lines once and no warnings. Ray Data's progress log (stdout is not a
+    # terminal here) repeats its per-operator "Tasks: 0 ..." lines by design, and Ray's core prints
+    # two error-level notes of its own (an actor's constructor arguments in the object store, Ray
+    # issue 53727; a KillActor RPC to a worker that had already exited): Ray's, left alone.
+    console = pipeline["tag_log"]
+    assert {line for line in repeated_lines(console) if "mltag." in line} == set(), console[-6000:]
+    assert "Warning" not in console and "shards done: 1/1" in console, console[-6000:]
 
 
 def test_tag_table_has_one_row_per_input_and_error_rows(pipeline):
