@@ -124,14 +124,25 @@ def test_tag_table_has_one_row_per_input_and_error_rows(pipeline):
     assert version == [(json.loads((work / "train" / "model" / "tagger.json").read_text())["version"],)]
 
 
-def test_eval_of_the_stored_table_matches_eval_of_the_model(pipeline):
+@pytest.fixture(scope="module")
+def model_eval(pipeline):
+    """`mltag eval` of the trained model on the val split (the tagged manifest's: the sample's
+    plus two bad rows in test) -> work/eval, with its console."""
+    work = pipeline["work"]
+    log = run_entrypoint(
+        "-m", "mltag.cli", "eval", "--manifest", str(work / "to_tag.parquet"), "--model", str(work / "train" / "model"),
+        "--out", str(work / "eval"),
+    )  # fmt: skip
+    return {"dir": work / "eval", "log": log}
+
+
+def test_eval_of_the_stored_table_matches_eval_of_the_model(pipeline, model_eval):
     """`mltag eval --tag-table --as-of` scores what the table holds; on the same split it must give
     what running the model gives."""
     work = pipeline["work"]
     args = ["-m", "mltag.cli", "eval", "--manifest", str(work / "to_tag.parquet"), "--model", str(work / "train" / "model")]
-    run_entrypoint(*args, "--out", str(work / "eval-model"))
     run_entrypoint(*args, "--out", str(work / "eval-table"), "--tag-table", str(work / "tag_table"), "--as-of", "0")
-    by_model = json.loads((work / "eval-model" / "metrics.json").read_text())
+    by_model = json.loads((model_eval["dir"] / "metrics.json").read_text())
     by_table = json.loads((work / "eval-table" / "metrics.json").read_text())
     assert by_table["table_version"] == 0 and by_table["images"] == by_model["images"] == 10
     assert by_table["map_macro"] == pytest.approx(by_model["map_macro"], abs=1e-4)
@@ -177,24 +188,13 @@ def test_cli_reports_config_errors_clearly():
     assert proc.returncode == 2 and "bce, focal, asl" in proc.stderr
 
 
-def test_eval_metrics_match_sklearn_on_the_pipelines_scores(pipeline):
+def test_eval_metrics_match_sklearn_on_the_pipelines_scores(pipeline, model_eval):
     import numpy as np
     from sklearn import metrics as skm
 
     from mltag.tagger.embed import tag_images
 
-    work = pipeline["work"]
-    log = run_entrypoint(
-        "-m",
-        "mltag.cli",
-        "eval",
-        "--manifest",
-        str(work / "catalog" / "manifest.parquet"),
-        "--model",
-        str(work / "train" / "model"),
-        "--out",
-        str(work / "eval"),
-    )
+    work, log = pipeline["work"], model_eval["log"]
     assert "mAP" in log and "L1 accuracy" in log and "L2 accuracy" in log
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     scored = pq.read_table(work / "eval" / "scores.parquet")
@@ -235,12 +235,10 @@ def test_calibrate_saves_thresholds_as_a_new_model_version(pipeline, tmp_path):
     assert "target met" in log
 
 
-def test_report_renders_its_figures_in_a_headless_browser(pipeline):
+def test_report_renders_its_figures_in_a_headless_browser(pipeline, model_eval):
     import shutil
 
     work = pipeline["work"]
-    if not (work / "eval" / "metrics.json").exists():
-        pytest.skip("needs the eval test's output")
     run_entrypoint(
         "-m", "mltag.cli", "report", "--model", str(work / "train" / "model"), "--eval", str(work / "eval"), "--out", str(work / "report"),
         "--baseline-eval", str(work / "eval"), "--rare-below", "1000",
