@@ -96,8 +96,8 @@ def test_each_job_prints_each_line_once_and_no_warnings(pipeline):
         assert "Warning" not in console, (job, console[-6000:])
     # Tagging: mltag's own lines once and no warnings. Ray Data's progress log (stdout is not a
     # terminal here) repeats its per-operator "Tasks: 0 ..." lines by design, and Ray's core prints
-    # two error-level notes of its own (an actor's constructor arguments in the object store, Ray
-    # issue 53727; a KillActor RPC to a worker that had already exited): Ray's, left alone.
+    # two error-level notes of its own (actor constructor arguments in the object store: Ray issue
+    # 57733, any map_batches with a class; a KillActor RPC to a worker that had already exited).
     console = pipeline["tag_log"]
     assert {line for line in repeated_lines(console) if "mltag." in line} == set(), console[-6000:]
     assert "Warning" not in console and "shards done: 1/1" in console, console[-6000:]
