@@ -82,8 +82,8 @@ def cpu(*changes: str) -> list[str]:
 VARIANTS = {
     # The probe has no random state: a row is its recipe's figure, no seeds needed.
     "cpu-fast": ["--preset", "cpu-fast"],
-    "cpu-fast/max-pool": ["--preset", "cpu-fast", "--pooling", "max"],
-    "cpu-fast/224px": ["--preset", "cpu-fast", "--img-size", "224"],  # the first cpu-fast preset
+    "cpu-fast/avgmax": ["--preset", "cpu-fast", "--pooling", "avgmax"],  # the second cpu-fast preset
+    "cpu-fast/224px": ["--preset", "cpu-fast", "--img-size", "224", "--pooling", "avgmax"],  # the first cpu-fast preset
     "cpu-fast/224px/avg-pool": ["--preset", "cpu-fast", "--img-size", "224", "--pooling", "avg"],  # avg pooled features only
     "cpu-fast/224px/max-pool": ["--preset", "cpu-fast", "--img-size", "224", "--pooling", "max"],
     "v1": v1(),
