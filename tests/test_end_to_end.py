@@ -71,8 +71,13 @@ def pipeline(tmp_path_factory):
 
 
 def test_training_prints_validation_map_per_epoch_and_saves_a_model(pipeline):
+    from test_console import finished_lines
+
     log = pipeline["train_log"]
-    assert "epoch 1/2" in log and "epoch 2/2" in log and "val mAP" in log
+    summaries = [line for line in finished_lines(log) if re.search(r"epoch \d/2 \(phase 2\): train loss", line)]
+    assert len(summaries) == 2 and "epoch 1/2" in summaries[0] and "epoch 2/2" in summaries[1], log[-6000:]
+    assert all("val mAP" in line and "samples/s" in line for line in summaries)
+    assert "best epoch" in log and "Reporting training result" not in log
     spec = json.loads((pipeline["work"] / "train" / "model" / "tagger.json").read_text())
     assert len(spec["version"]) == 12 and spec["backbone"] == "test_efficientnet"
     assert [h["epoch"] for h in spec["extra"]["history"]] == [1, 2]
@@ -83,13 +88,8 @@ def test_each_job_prints_each_line_once_and_no_warnings(pipeline):
     """What a person reads (issue 17: epoch lines printed twice, Ray Train's report dicts, numpy
     and torch warnings, a Ray deprecation warning, Ray Data's "Progress bars disabled" notices),
     on the consoles of the pipeline's own jobs rather than a second training of its own."""
-    from test_console import finished_lines, repeated_lines
+    from test_console import repeated_lines
 
-    log = pipeline["train_log"]
-    summaries = [line for line in finished_lines(log) if re.search(r"epoch \d/2 \(phase 2\): train loss", line)]
-    assert len(summaries) == 2 and "epoch 1/2" in summaries[0] and "epoch 2/2" in summaries[1], log[-6000:]
-    assert all("val mAP" in line and "samples/s" in line for line in summaries)
-    assert "best epoch" in log and "Reporting training result" not in log
     for job in ("train_log", "index_log"):
         console = pipeline[job]
         assert repeated_lines(console) == {}, (job, console[-6000:])
@@ -129,19 +129,16 @@ def model_eval(pipeline):
     """`mltag eval` of the trained model on the val split (the tagged manifest's: the sample's
     plus two bad rows in test) -> work/eval, with its console."""
     work = pipeline["work"]
-    log = run_entrypoint(
-        "-m", "mltag.cli", "eval", "--manifest", str(work / "to_tag.parquet"), "--model", str(work / "train" / "model"),
-        "--out", str(work / "eval"),
-    )  # fmt: skip
-    return {"dir": work / "eval", "log": log}
+    args = ["-m", "mltag.cli", "eval", "--manifest", str(work / "to_tag.parquet"), "--model", str(work / "train" / "model")]
+    log = run_entrypoint(*args, "--out", str(work / "eval"))
+    return {"dir": work / "eval", "log": log, "args": args}
 
 
 def test_eval_of_the_stored_table_matches_eval_of_the_model(pipeline, model_eval):
     """`mltag eval --tag-table --as-of` scores what the table holds; on the same split it must give
     what running the model gives."""
     work = pipeline["work"]
-    args = ["-m", "mltag.cli", "eval", "--manifest", str(work / "to_tag.parquet"), "--model", str(work / "train" / "model")]
-    run_entrypoint(*args, "--out", str(work / "eval-table"), "--tag-table", str(work / "tag_table"), "--as-of", "0")
+    run_entrypoint(*model_eval["args"], "--out", str(work / "eval-table"), "--tag-table", str(work / "tag_table"), "--as-of", "0")
     by_model = json.loads((model_eval["dir"] / "metrics.json").read_text())
     by_table = json.loads((work / "eval-table" / "metrics.json").read_text())
     assert by_table["table_version"] == 0 and by_table["images"] == by_model["images"] == 10
@@ -194,10 +191,10 @@ def test_eval_metrics_match_sklearn_on_the_pipelines_scores(pipeline, model_eval
 
     from mltag.tagger.embed import tag_images
 
-    work, log = pipeline["work"], model_eval["log"]
+    work, log, out = pipeline["work"], model_eval["log"], model_eval["dir"]
     assert "mAP" in log and "L1 accuracy" in log and "L2 accuracy" in log
-    metrics = json.loads((work / "eval" / "metrics.json").read_text())
-    scored = pq.read_table(work / "eval" / "scores.parquet")
+    metrics = json.loads((out / "metrics.json").read_text())
+    scored = pq.read_table(out / "scores.parquet")
     n_tags = metrics["tags"]
     y = np.asarray(scored.column("labels").combine_chunks().flatten()).reshape(-1, n_tags)
     s = np.asarray(scored.column("scores").combine_chunks().flatten()).reshape(-1, n_tags)
@@ -206,7 +203,7 @@ def test_eval_metrics_match_sklearn_on_the_pipelines_scores(pipeline, model_eval
     assert metrics["map_macro"] == pytest.approx(skm.average_precision_score(y[:, keep], s[:, keep], average="macro"))
     assert metrics["map_micro"] == pytest.approx(skm.average_precision_score(y, s, average="micro"))
     assert set(metrics["levels"]) == {"L1", "L2"} and metrics["levels"]["L1"]["classes"] == ["scene", "odd", "even"]
-    per_tag = pq.read_table(work / "eval" / "per_tag.parquet")
+    per_tag = pq.read_table(out / "per_tag.parquet")
     assert per_tag.num_rows == n_tags and set(per_tag.column_names) >= {"tag", "ap", "precision", "recall", "f1"}
 
     # The Ray Data pipeline's scores are the model's scores for those very listings.
@@ -238,16 +235,16 @@ def test_calibrate_saves_thresholds_as_a_new_model_version(pipeline, tmp_path):
 def test_report_renders_its_figures_in_a_headless_browser(pipeline, model_eval):
     import shutil
 
-    work = pipeline["work"]
+    work, evaluated = pipeline["work"], str(model_eval["dir"])
     run_entrypoint(
-        "-m", "mltag.cli", "report", "--model", str(work / "train" / "model"), "--eval", str(work / "eval"), "--out", str(work / "report"),
-        "--baseline-eval", str(work / "eval"), "--rare-below", "1000",
+        "-m", "mltag.cli", "report", "--model", str(work / "train" / "model"), "--eval", evaluated, "--out", str(work / "report"),
+        "--baseline-eval", evaluated, "--rare-below", "1000",
     )  # fmt: skip
     page = (work / "report" / "report.html").read_text()
     counts = json.loads((work / "train" / "model" / "tagger.json").read_text())["extra"]["train_tag_counts"]
     rare = [t for t, c in counts.items() if c < 1000]
     assert rare and 'id="rare-tags"' in page  # every tag is "rare" below 1000: each row with its AP twice
-    for row in pq.read_table(work / "eval" / "per_tag.parquet").to_pylist():
+    for row in pq.read_table(model_eval["dir"] / "per_tag.parquet").to_pylist():
         if row["support"] > 0 and row["tag"] in rare:
             assert (
                 f"<td>{row['tag']}</td><td>{counts[row['tag']]}</td><td>{row['support']}</td><td>{row['ap']:.3f}</td><td>{row['ap']:.3f}</td>"
