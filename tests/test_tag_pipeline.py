@@ -176,6 +176,26 @@ def test_decode_and_inference_are_separate_operators(ray_local, tiny_catalog, ti
     assert len(decode) == 1 and decode[0].startswith("TaskPoolMapOperator") and "TaggerActor" not in decode[0], plan
 
 
+def test_the_driver_plans_the_pipeline_without_torch_or_timm(tiny_catalog, tiny_model_dir):
+    """Only the actors run the model: a driver that imported torch and timm to name the actor's
+    class spent ~6 s of a core in every tagging job, beside the workers starting up."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ray\n"
+        "from mltag.data.catalog import read_manifest\n"
+        "from mltag.tagging.pipeline import TagConfig, build_pipeline, physical_plan\n"
+        "ray.init(address='local', num_cpus=2, include_dashboard=False)\n"
+        f"config = TagConfig(manifest={tiny_catalog['manifest']!r}, model={tiny_model_dir!r})\n"
+        "print(physical_plan(build_pipeline(config, read_manifest(config.manifest))).splitlines()[0])\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ActorPoolMapOperator[MapBatches(PooledTaggerActor)]" in out.stdout and "HEAVY []" in out.stdout, out.stdout
+
+
 def test_equal_decode_and_actor_cpus_are_refused():
     with pytest.raises(ValueError, match="decode_cpus must .* differ from cpus_per_actor"):
         TagConfig(manifest="m.parquet", model="m", decode_cpus=1, cpus_per_actor=1).validate()
