@@ -9,6 +9,7 @@ from pathlib import Path
 # Runnable from a plain checkout too (ray job submit --working-dir . ships the source, not an install).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mltag.cli import run_stage
 from mltag.config import parse_config
 from mltag.runtime import log
 from mltag.runtime.cluster import on_worker
@@ -17,4 +18,5 @@ from mltag.stages.index_build import IndexConfig, run
 if __name__ == "__main__":
     log.configure()
     # The driver stays small: the index (every embedding) is built on a worker.
-    on_worker(run, parse_config(IndexConfig, sys.argv[1:], prog="jobs/build_index.py"))
+    config = parse_config(IndexConfig, sys.argv[1:], prog="jobs/build_index.py")
+    sys.exit(run_stage("jobs/build_index.py", lambda c: on_worker(run, c), config))

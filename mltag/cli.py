@@ -183,6 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"mltag {args.stage}: {exc}", file=sys.stderr)
         return 2
+    return run_stage(f"mltag {args.stage}", run, config)
+
+
+def run_stage(prog: str, run: Callable, config) -> int:
+    """Runs a stage as a command does (``mltag`` and the ``jobs/`` scripts): an input to fix, or a
+    job-level failure with a message a person can act on, is one line on stderr and an exit code
+    (2 and 1), not a traceback that buries it."""
     from mltag.errors import InputError
     from mltag.stages.tag import ErrorGateError
     from mltag.table.delta_table import TableConflictError, TableNotFoundError
@@ -190,11 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(config)
     except InputError as exc:  # a manifest, vocabulary, model or URI to fix: like a bad flag
-        print(f"mltag {args.stage}: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except (ErrorGateError, TableConflictError, TableNotFoundError) as exc:
-        # Job-level failures with a message a person can act on: no traceback, a non-zero exit.
-        print(f"mltag {args.stage}: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -61,3 +61,26 @@ def test_an_input_to_fix_is_one_line_naming_it_and_exit_2_not_a_traceback(tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("mltag train: ") and str(broken) in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # stopped before any work
+
+
+def test_a_missing_or_modified_model_stops_tagging_before_ray_starts(tmp_path, tiny_catalog, tiny_model_dir, capsys):
+    """The driver checks the model's weights against its version before any work: one line, exit
+    2, no Ray started (a tampered file once failed in every actor, as a Ray traceback)."""
+    import shutil
+
+    import ray
+
+    from mltag.cli import main
+
+    was_running = ray.is_initialized()
+    missing = str(tmp_path / "no-model")
+    args = ["tag", "--manifest", tiny_catalog["manifest"], "--out", str(tmp_path / "table"), "--model"]
+    assert main([*args, missing]) == 2
+    assert capsys.readouterr().err.strip() == f"mltag tag: no trained tagger at {missing} (missing tagger.json)"
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "weights.pt").write_bytes((broken / "weights.pt").read_bytes()[:-8] + bytes(8))
+    assert main([*args, str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mltag tag: refusing to load the tagger at {broken}: weights.pt and tagger.json do not match")
+    assert "\n" not in err and ray.is_initialized() == was_running and not (tmp_path / "table").exists()

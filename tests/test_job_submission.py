@@ -148,8 +148,8 @@ def test_tagging_job_submitted_to_a_real_head(ray_head, tiny_catalog, tiny_model
     assert meta["rows"] == meta["manifest_rows"] == 48 and meta["errors"] == 0 and meta["snapshot"] == "2026-11-23"
 
 
-def test_a_failing_job_surfaces_its_logs(ray_head, tmp_path):
-    proc = ray_job_submit(ray_head, "python", "jobs/tag_catalog.py", "--manifest", str(tmp_path / "nope.csv"), "--model", "x")
+def test_a_failing_job_surfaces_its_logs(ray_head, tiny_model_dir, tmp_path):
+    proc = ray_job_submit(ray_head, "python", "jobs/tag_catalog.py", "--manifest", str(tmp_path / "nope.csv"), "--model", tiny_model_dir)
     logs = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "manifest not found" in logs and "failed" in logs.lower()

@@ -147,8 +147,9 @@ def test_tag_job_reads_and_writes_s3_and_a_failed_rerun_changes_nothing(s3_serve
     assert sum(e is None for e in errors.values()) == 10
     assert not storage.filesystem_for("s3://catalog/")[0].exists("catalog/tag_table/_mltag_runs")
 
-    # A re-run that fails inside the actors (a tampered model file, refused when each actor loads
-    # it) leaves the committed version readable and unchanged, row for row.
+    # A re-run with a tampered model file stops on the driver, before Ray starts, with one line
+    # naming the model (it once failed in every actor, a Ray traceback); the committed version is
+    # readable and unchanged, row for row, and nothing was staged beside it.
     import shutil
 
     broken = tmp_path / "broken-model"
@@ -178,7 +179,10 @@ def test_tag_job_reads_and_writes_s3_and_a_failed_rerun_changes_nothing(s3_serve
         text=True,
         timeout=600,
     )
-    assert failed.returncode != 0
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr and "Started a local Ray" not in failed.stderr
+    assert failed.stderr.strip() == failed.stderr.strip().splitlines()[-1]  # one line
+    assert f"refusing to load the tagger at {broken}: weights.pt and tagger.json do not match" in failed.stderr
+    assert not storage.filesystem_for("s3://catalog/")[0].exists("catalog/tag_table/_mltag_runs")
     assert delta_table.latest_version("s3://catalog/tag_table") == 0
     assert tag_table.read_rows("s3://catalog/tag_table").equals(table)
 

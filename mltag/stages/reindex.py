@@ -40,7 +40,7 @@ from mltag.table import delta_table, tag_table
 from mltag.table.row_errors import TRANSIENT
 from mltag.table.sharded_run import KEY_COLUMNS, Plan, Totals
 from mltag.table.tag_table import redact_uri_column
-from mltag.tagger.spec import load_spec
+from mltag.tagger.spec import load_checked_spec
 from mltag.tagging.commits import (
     check_error_gate,
     commit_metadata,
@@ -167,7 +167,7 @@ def _read_key_columns(batch: pa.Table, columns: list[str]) -> pa.Table:
 def run(config: ReindexConfig) -> dict:
     started = time.time()
     snapshot = config.snapshot_value()
-    spec = load_spec(config.model)
+    spec = load_checked_spec(config.model)  # a missing or modified model stops here, before Ray starts
     uri = delta_table.table_uri(config.table)
     init_ray()
     manifest, rows = catalog.manifest_dataset(config.manifest)  # a bad manifest stops here, before any work

@@ -25,7 +25,7 @@ from mltag.data.fingerprints import fingerprint_batch
 from mltag.runtime.cluster import init_ray
 from mltag.table import delta_table, tag_table
 from mltag.table.sharded_run import ShardedRun
-from mltag.tagger.spec import load_spec
+from mltag.tagger.spec import load_checked_spec
 from mltag.tagging.chain import SPECIALISTS_COLUMN
 from mltag.tagging.commits import (
     ErrorGateError,
@@ -52,6 +52,7 @@ def run(config: TagConfig) -> dict:
     if config.retry_errors:
         return retry_errors(config)
     started = time.time()
+    spec = load_checked_spec(config.model)  # a missing or modified model stops here, before Ray starts
     init_ray()
     manifest, rows = catalog.manifest_dataset(config.manifest)  # a bad manifest fails here, before any work
     if config.fingerprint != "none":  # so that a nightly re-index can tell what changed since this run
@@ -61,7 +62,6 @@ def run(config: TagConfig) -> dict:
             batch_format="pyarrow",
             udf_modifying_row_count=False,
         )
-    spec = load_spec(config.model)
     uri = delta_table.table_uri(config.out)
     run_id = config.run_id or derived_run_id("tag", manifest_signature(config.manifest), spec.version, config.result_fields())
     run, app_id, meta = open_run(uri, run_id)
@@ -100,7 +100,7 @@ def run(config: TagConfig) -> dict:
 def retry_errors(config: TagConfig) -> dict:
     """Re-tags the error rows of the table's current version; one MERGE commit updates them."""
     started = time.time()
-    spec = load_spec(config.model)
+    spec = load_checked_spec(config.model)
     uri = delta_table.table_uri(config.out)
     dt = delta_table.open_table(uri)
     failed = dt.to_pyarrow_dataset().to_table(filter=pc.field("error").is_valid())

@@ -36,6 +36,7 @@ from mltag.tagger.spec import (  # noqa: F401  (the spec's names, re-exported: c
     ModelIntegrityError,
     TaggerSpec,
     load_spec,
+    read_verified,
     verify_weights,
 )
 from mltag.tagger.weights import timm_pretrained_kwargs
@@ -140,12 +141,7 @@ def load_tagger(model_dir: str, device: str | torch.device = "cpu") -> tuple[Tag
     """Rebuilds the tagger (through timm.create_model, no download) and loads its weights, after
     checking they hash to the recorded version (ModelIntegrityError otherwise) and with
     ``weights_only=True``: the file is tensors, never code."""
-    spec = load_spec(model_dir)
-    try:
-        weights = storage.read_bytes(storage.join(model_dir, WEIGHTS_FILE))
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"the tagger at {model_dir} has no {WEIGHTS_FILE}") from exc
-    verify_weights(weights, spec, model_dir)
+    spec, weights = read_verified(model_dir)
     model = Tagger(spec.backbone, len(spec.vocabulary), spec.pooling, pretrained="none")
     state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     model.load_state_dict(state)

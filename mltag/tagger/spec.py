@@ -26,6 +26,10 @@ class ModelIntegrityError(InputError, ValueError):
     """A tagger directory whose weights do not match the version in its tagger.json."""
 
 
+class ModelNotFoundError(InputError, FileNotFoundError):
+    """No trained tagger (tagger.json and its weights) where a model was named."""
+
+
 @dataclass
 class TaggerSpec:
     """Everything except the weights that defines a trained tagger (``tagger.json``).
@@ -78,9 +82,28 @@ def load_spec(model_dir: str) -> TaggerSpec:
     try:
         meta = json.loads(storage.read_bytes(storage.join(model_dir, META_FILE)))
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"no trained tagger at {model_dir} (missing {META_FILE})") from exc
+        raise ModelNotFoundError(f"no trained tagger at {model_dir} (missing {META_FILE})") from exc
     meta["mean"], meta["std"] = tuple(meta["mean"]), tuple(meta["std"])
     return TaggerSpec(**meta)
+
+
+def read_verified(model_dir: str) -> tuple[TaggerSpec, bytes]:
+    """tagger.json and the weights' bytes, after checking they hash to the recorded version
+    (ModelIntegrityError otherwise)."""
+    spec = load_spec(model_dir)
+    try:
+        weights = storage.read_bytes(storage.join(model_dir, WEIGHTS_FILE))
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(f"the tagger at {model_dir} has no {WEIGHTS_FILE}") from exc
+    verify_weights(weights, spec, model_dir)
+    return spec, weights
+
+
+def load_checked_spec(model_dir: str) -> TaggerSpec:
+    """tagger.json, once the weights are checked against it: what a job's driver reads before any
+    work, so that a modified or half-written model stops the run with one line naming it there,
+    not as a traceback from every actor that tries to load it (one read of the weights; no torch)."""
+    return read_verified(model_dir)[0]
 
 
 def verify_weights(weights: bytes, spec: TaggerSpec, model_dir: str) -> None:

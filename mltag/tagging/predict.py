@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from mltag.data import catalog
 from mltag.runtime.cluster import init_ray
 from mltag.table.tag_table import list_matrix
-from mltag.tagger.spec import load_spec
+from mltag.tagger.spec import load_checked_spec
 
 
 def predict(manifest_uri: str, model_dir: str, split: str = "val", batch_size: int = 64, num_actors: int = 0):
@@ -55,7 +55,7 @@ def pipeline_rows(table: pa.Table, model_dir: str, batch_size: int, num_actors: 
     # The pipeline brings Ray Data, torch and timm: imported when it runs.
     from mltag.tagging.pipeline import TagConfig, build_pipeline
 
-    spec = load_spec(model_dir)
+    spec = load_checked_spec(model_dir)  # a modified model stops here, before Ray starts
     vocab = spec.vocab
     bad = vocab.unknown(t for tags in table.column("tags").to_pylist() for t in (tags or []))
     if bad:
