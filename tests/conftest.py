@@ -10,6 +10,10 @@ import torch
 # Every Ray the tests start (here and in the job scripts they run) is a fresh local one: never a
 # cluster some other process on this machine left behind in /tmp/ray/ray_current_cluster.
 os.environ["RAY_ADDRESS"] = "local"
+# Ray Train's controller polls its workers every 2 s, and a run ends (or notices a killed
+# worker) only at a poll: the tests' runs train for seconds, so they poll faster. A missed poll is
+# harmless (a worker is declared dead only after 10 minutes without an answer).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("MLTAG_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "mltag"))
 
 
