@@ -26,6 +26,14 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture()
+def state_api_of_this_cluster(ray_local, monkeypatch):
+    """The State API (``ray.util.state``) finds its server through RAY_ADDRESS, which the tests set
+    to "local" (and which overrides any address passed to it): where other Ray instances run on
+    the machine, it cannot tell which one is ours ("Found multiple active Ray instances"). Name ours."""
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://" + ray_local._private.worker.get_dashboard_url())
+
+
 @pytest.fixture(scope="session")
 def tiny_catalog(tmp_path_factory):
     """48 real sample-catalog JPEGs (64 px) with manifest and vocabulary."""

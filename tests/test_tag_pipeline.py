@@ -119,7 +119,7 @@ def test_both_decode_paths_agree_on_valid_images(ray_local, tiny_catalog, tiny_m
     np.testing.assert_allclose(results["cpu"], results["actor"], atol=0.05)
 
 
-def test_killed_inference_actor_loses_and_duplicates_nothing(ray_local, tiny_catalog, tiny_model_dir, tmp_path):
+def test_killed_inference_actor_loses_and_duplicates_nothing(ray_local, state_api_of_this_cluster, tiny_catalog, tiny_model_dir, tmp_path):
     from ray.util.state import list_actors
 
     base = read_manifest(tiny_catalog["manifest"])
@@ -142,8 +142,7 @@ def test_killed_inference_actor_loses_and_duplicates_nothing(ray_local, tiny_cat
     thread.start()
     killed, deadline = None, time.time() + 120
     while killed is None and time.time() < deadline and thread.is_alive():
-        # The address pins the state query to this test's Ray, whatever else runs on the machine.
-        actors = list_actors(address=ray_local.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+        actors = list_actors(filters=[("state", "=", "ALIVE")])
         workers = [a for a in actors if "TaggerActor" in (a.class_name or "")]
         if workers and workers[0].pid:
             time.sleep(1.0)  # let it tag a few batches first

@@ -20,14 +20,6 @@ def _alive_worker_pids() -> list[int]:
     return [a.pid for a in actors if a.pid]
 
 
-@pytest.fixture()
-def state_api_of_this_cluster(ray_local, monkeypatch):
-    """The State API finds its server through RAY_ADDRESS, which these tests set to "local" (and
-    which overrides any address passed to it): where other Ray instances run on the machine, it
-    cannot tell which one is ours ("Found multiple active Ray instances"). Name ours."""
-    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://" + ray_local._private.worker.get_dashboard_url())
-
-
 def test_killed_worker_resumes_from_checkpoint(ray_local, state_api_of_this_cluster, tiny_catalog, tmp_path):
     from mltag.stages.train import TrainConfig, build_trainer, export_best
 
