@@ -188,8 +188,9 @@ def test_tag_job_reads_and_writes_s3_and_a_failed_rerun_changes_nothing(s3_serve
 
 
 @pytest.mark.slow
-def test_two_concurrent_runs_into_one_s3_table(s3_server, tiny_catalog, tiny_model_dir, tmp_path):
-    """Conditional puts on the S3 server: two jobs racing into one table leave one whole run per version."""
+def test_two_concurrent_runs_into_one_s3_table(s3_server, s3_catalog, tiny_catalog, tiny_model_dir, tmp_path):
+    """Conditional puts on the S3 server: two jobs racing into one table leave one whole run per version
+    (s3_catalog: the bucket)."""
     from test_tag_transactions import check_one_whole_run_per_version, concurrent_runs
 
     out = "s3://catalog/concurrent"
