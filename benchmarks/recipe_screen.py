@@ -136,6 +136,8 @@ VARIANTS = {
     # the backbone at 0.3 of the rate and heavier augmentation)
     "cpu/asl": cpu("--loss", "asl"),  # the paper's gamma-=4, gamma+=0, clip 0.05
     "cpu/ema": cpu("--ema-decay", "0.99"),
+    # repeat-factor resampling (LVIS's rule, t = 0.1) on today's preset: the rare-tag goal's lever
+    "cpu/resample-0.1": cpu("--repeat-threshold", "0.1"),
 }
 
 # recipes run with three seeds (label, label/seed-1, label/seed-2): the table prints their mean and spread
