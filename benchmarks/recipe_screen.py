@@ -44,7 +44,7 @@ V1 = {
     **V5,
 }
 V2 = {"--backbone-lr-scale": "0.1", "--img-size": "224", **V5}
-V3 = {"--img-size": "224", **V5}
+V3 = {"--backbone-lr-scale": "0.3", "--img-size": "224", **V5}
 V4 = {"--backbone-lr-scale": "0.3", **V5}
 
 

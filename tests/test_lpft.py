@@ -17,6 +17,13 @@ def test_a_preset_sets_its_fields_under_the_yaml_and_flags():
     assert TrainConfig.img_size != TrainConfig.PRESETS["cpu"]["img_size"]
     assert (config.crop_scale, config.jitter) == (0.9, 0.1) != (TrainConfig.crop_scale, TrainConfig.jitter)
     assert config.epochs == 4  # the flag wins over the preset
+    # gpu: the same measured recipe on ResNeXt-50 at 224 px, one worker per GPU, images streamed
+    gpu = config_from_dict(TrainConfig, {"manifest": "m.parquet", "preset": "gpu"})
+    recipe = ("head_init", "epochs", "loss", "batch_norm", "backbone_lr_scale", "crop_scale", "jitter", "lr", "warmup_epochs", "ema_decay")
+    assert [getattr(gpu, f) for f in recipe] == [
+        getattr(config_from_dict(TrainConfig, {"manifest": "m", "preset": "cpu"}), f) for f in recipe
+    ]
+    assert (gpu.backbone, gpu.img_size, gpu.use_gpu, gpu.cache_decoded) == ("resnext50_32x4d", 224, "true", False)
     assert config_from_dict(TrainConfig, {"manifest": "m.parquet"}).head_init == "random"  # no preset: the defaults
     with pytest.raises(ConfigError, match="unknown preset 'tpu'.*cpu-fast, cpu, gpu"):
         config_from_dict(TrainConfig, {"manifest": "m.parquet", "preset": "tpu"})
