@@ -309,7 +309,7 @@ def main() -> None:
         "pipeline decodes with mltag's load_image (EXIF orientation included), same model, batch and threads. Steady state: "
         "images/s between the 10th and 90th percentile of per-batch timestamps at the consumer; start-up: process start to "
         "the first batch. End to end: the whole process (imports, Ray start-up, the table commit for mltag), memory as PSS "
-        "of the driver and the cgroup's peak. No GPU was lent to this session: the ResNeXt-50 bf16 / nvJPEG rows are still to be taken."
+        "of the driver and the cgroup's peak. CPU only: ResNeXt-50's bf16 and nvJPEG rates on one H200 (the actor alone, no Ray there) are in gpu_recipes."
     )
     save("tag_throughput", {"args": vars(args), **payload}, note + "\n\n" + "\n\n".join(tables))
 
