@@ -13,9 +13,8 @@ the vocabulary's tags, the rare tags' mean AP beside benchmarks/probe_baseline.p
 
 ResNeXt-50's ImageNet weights cannot reach that machine (timm's hub needs the network, and the
 file is larger than a call may carry), so the quality rows swap the preset's backbone for the
-one whose weights travel, EfficientNet-Lite0: they measure the preset's schedule (20 epochs,
-batch 64, backbone at 0.1 of the rate, EMA 0.999, batch-norm statistics, augmentation) one
-change at a time, not ResNeXt-50's accuracy. The speed rows use ResNeXt-50 itself (random
+one whose weights travel, EfficientNet-Lite0: they measure recipes (the first gpu preset's
+schedule and the cpu recipe, one change at a time), not ResNeXt-50's accuracy. The speed rows use ResNeXt-50 itself (random
 weights time the same).
 
     # here (CPU): ccp-fashion decoded at 224 px as mltag decodes it, re-encoded as JPEG (q90), and
@@ -143,16 +142,18 @@ def pack(out: str, data: str = DATA) -> None:
 # ---- run (the GPU machine) ------------------------------------------------------------------------
 class TableShard:
     """What the loop reads of Ray Train's dataset shard (``iter_batches``), over an in-memory
-    Arrow table: a full reshuffle per epoch where Ray Data shuffles blocks and a local buffer."""
+    Arrow table: a full reshuffle per epoch where Ray Data shuffles blocks and a local buffer.
+    The loop's ``local_shuffle_seed`` is seed + epoch, so the order also mixes in the run's
+    ``seed`` (as Ray Data's block order does): seed 1's epoch 0 must not be seed 0's epoch 1."""
 
-    def __init__(self, table):
-        self.table = table
+    def __init__(self, table, seed: int = 0):
+        self.table, self.seed = table, seed
 
     def iter_batches(self, batch_size, batch_format="pyarrow", local_shuffle_buffer_size=None, local_shuffle_seed=None, prefetch_batches=0):
         import pyarrow as pa
 
         n = self.table.num_rows
-        order = np.random.default_rng(local_shuffle_seed).permutation(n) if local_shuffle_buffer_size else np.arange(n)
+        order = np.random.default_rng([self.seed, local_shuffle_seed]).permutation(n) if local_shuffle_buffer_size else np.arange(n)
         for start in range(0, n, batch_size):
             yield self.table.take(pa.array(order[start : start + batch_size]))
 
@@ -302,7 +303,7 @@ def train_variant(label: str, flags: list[str], bundle: str, splits, vocab, rare
         MultiLabelLoss(loop.loss, loop.gamma_pos, loop.gamma_neg, loop.clip, loop.focal_gamma, pos_weight=pos_weight),
         StagingBuffers(device),
     )
-    shard, val_shard = TableShard(train), TableShard(splits["val"])
+    shard, val_shard = TableShard(train, loop.seed), TableShard(splits["val"])
     history, best_val, best_state, phase = [], -1.0, None, None
     for epoch in range(loop.epochs):
         head_only = epoch < loop.head_epochs
@@ -525,7 +526,7 @@ def table(results_path: str) -> None:
         "decoded at 224 px (re-encoded as JPEG q90 to travel), each row's best validation epoch kept (or the probe, when it "
         "scores higher on val) and judged on the test split as the 2-core screen is. ResNeXt-50's ImageNet weights cannot "
         "reach that machine, so the recipe rows run on EfficientNet-Lite0's; `gpu-v1/` rows spell out the first `gpu` "
-        "preset. `python benchmarks/gpu_recipes.py run` (about 8 minutes there, most of it the probe's fit on the CPU), "
+        "preset. `python benchmarks/gpu_recipes.py run` (about 10 minutes there, 2 of them the probe's fit on the CPU), "
         f"{r.get('runs', 'one call')}.\n\n"
         + "\n".join(lines)
         + "\n\n"
