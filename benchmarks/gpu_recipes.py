@@ -29,13 +29,13 @@ weights time the same).
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 
@@ -54,15 +54,16 @@ LITE0 = ["--backbone", "efficientnet_lite0"]
 # these rows): 20 epochs, batch 64, the backbone at 0.1 of the rate, EMA 0.999, batch-norm
 # statistics updated, crops >= 70%, jitter 0.2, warmup 0.5 epochs
 GPU_V1 = {
-    **{"--preset": "gpu", "--backbone": "efficientnet_lite0", "--epochs": "20", "--batch-size": "64", "--backbone-lr-scale": "0.1"},
+    **{"--backbone": "efficientnet_lite0", "--epochs": "20", "--batch-size": "64", "--backbone-lr-scale": "0.1"},
     **{"--ema-decay": "0.999", "--batch-norm": "train", "--crop-scale": "0.7", "--jitter": "0.2", "--warmup-epochs": "0.5"},
 }
 
 
 def gpu_v1(**changes: str) -> list[str]:
-    """The first gpu preset's flags with ``changes`` in place (``ema_decay="0"``: --ema-decay 0), each flag once."""
-    flags = {**GPU_V1, **{"--" + k.replace("_", "-"): v for k, v in changes.items()}}
-    return [x for pair in flags.items() for x in pair]
+    """The first gpu preset's flags with ``changes`` in place (``ema_decay="0"``: --ema-decay 0)."""
+    from recipe_screen import spelled
+
+    return spelled(GPU_V1, changes, preset="gpu")
 
 
 GPU = gpu_v1()
@@ -190,38 +191,23 @@ def parse_train_config(flags: list[str], bundle: str):
     return parse_config(TrainConfig, ["--manifest", "ccp-fashion", *flags, *weights])
 
 
-def scores_of(model, table, loop, device):
-    """Sigmoid scores of every row, in row order, as ``validate`` computes them."""
+def outputs_of(model, table, img_size: int, mean, std, device, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores and pooled embeddings of every row, in row order: in float32 as ``validate``
+    scores, or (``bf16``) as the tagging actor embeds on a GPU."""
     import torch
 
     from mltag.data.images import pixels_from_arrow
     from mltag.tagger.model import normalise
 
-    out = []
+    scores, embeddings = [], []
     model.eval()
-    with torch.inference_mode():
-        for start in range(0, table.num_rows, 128):
-            pixels = torch.from_numpy(pixels_from_arrow(table.column("pixels").slice(start, 128), loop.img_size).copy()).to(device)
-            logits, _ = model(normalise(pixels, loop.mean, loop.std))
-            out.append(torch.sigmoid(logits.float()).cpu().numpy())
-    return np.concatenate(out)
-
-
-def embeddings_of(model, table, img_size, mean, std, device):
-    """The frozen backbone's pooled embeddings, as the tagging actor computes them on a GPU (bf16)."""
-    import torch
-
-    from mltag.data.images import pixels_from_arrow
-    from mltag.tagger.model import normalise
-
-    out = []
-    model.eval()
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
         for start in range(0, table.num_rows, 128):
             pixels = torch.from_numpy(pixels_from_arrow(table.column("pixels").slice(start, 128), img_size).copy()).to(device)
-            _, emb = model(normalise(pixels, mean, std))
-            out.append(emb.float().cpu().numpy())
-    return np.concatenate(out)
+            logits, emb = model(normalise(pixels, mean, std))
+            scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+            embeddings.append(emb.float().cpu().numpy())
+    return np.concatenate(scores), np.concatenate(embeddings)
 
 
 def figures(vocab, table, scores, rare: list[str]) -> dict:
@@ -247,7 +233,7 @@ def fit_probe_start(config, vocab, splits, device, work: str) -> dict:
     started = time.time()
     model, spec = start_model(config, vocab)
     model = model.to(device)
-    x = {s: embeddings_of(model, splits[s], config.img_size, spec.mean, spec.std, device) for s in ("train", "val")}
+    x = {s: outputs_of(model, splits[s], config.img_size, spec.mean, spec.std, device, bf16=True)[1] for s in ("train", "val")}
     y = {s: vocab.encode(splits[s].column("tags").to_pylist()) for s in ("train", "val")}
     embedded = time.time() - started
     fit = fit_probe(x["train"], y["train"], x["val"], y["val"])
@@ -264,15 +250,11 @@ def fit_probe_start(config, vocab, splits, device, work: str) -> dict:
     }
 
 
-def train_variant(label: str, flags: list[str], bundle: str, splits, vocab, rare, probes: dict, work: str) -> dict:
+def train_variant(flags: list[str], bundle: str, splits, vocab, rare, probes: dict, work: str) -> dict:
     """One `mltag train` recipe on one GPU, then its test figures."""
     import torch
 
-    from mltag.data.staging import StagingBuffers
-    from mltag.data.vocabulary import Vocabulary
-    from mltag.maths.resampling import TagIndex
     from mltag.stages.train import label_counts, labelled_table, loop_config, probe_wins
-    from mltag.tagger.losses import MultiLabelLoss
     from mltag.tagger.model import load_tagger
     from mltag.tagger.train_loop import Worker, freeze_backbone, new_state, train_one_epoch, validate
 
@@ -292,17 +274,7 @@ def train_variant(label: str, flags: list[str], bundle: str, splits, vocab, rare
     np.random.seed(loop.seed)
     started = time.time()
     state = new_state(loop, device, 1)
-    pos_weight = torch.tensor(loop.pos_weight, device=device) if loop.pos_weight else None
-    tag_index = TagIndex(Vocabulary.from_dict(loop.vocabulary))
-    worker = Worker(
-        loop,
-        0,
-        1,
-        device,
-        tag_index,
-        MultiLabelLoss(loop.loss, loop.gamma_pos, loop.gamma_neg, loop.clip, loop.focal_gamma, pos_weight=pos_weight),
-        StagingBuffers(device),
-    )
+    worker = Worker.build(loop, 0, 1, device)
     shard, val_shard = TableShard(train, loop.seed), TableShard(splits["val"])
     history, best_val, best_state, phase = [], -1.0, None, None
     for epoch in range(loop.epochs):
@@ -311,10 +283,10 @@ def train_variant(label: str, flags: list[str], bundle: str, splits, vocab, rare
             freeze_backbone(state.model, head_only, loop.frozen_stages)
             phase = head_only
         m = train_one_epoch(worker, state.model, state, shard, epoch)
-        m.update(validate(state.scored_model, val_shard, loop, device, tag_index))
+        m.update(validate(state.scored_model, val_shard, loop, device, worker.tag_index))
         history.append({k: m[k] for k in ("epoch", "train_loss", "val_map", "samples_per_s", "train_s")})
         if m["val_map"] > best_val:  # Ray Train keeps the best checkpoint by val_map; the export takes it
-            best_val, best_state = m["val_map"], copy.deepcopy({k: v.detach().cpu() for k, v in state.scored_model.state_dict().items()})
+            best_val, best_state = m["val_map"], {k: v.detach().to("cpu", copy=True) for k, v in state.scored_model.state_dict().items()}
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.time() - started
@@ -325,7 +297,7 @@ def train_variant(label: str, flags: list[str], bundle: str, splits, vocab, rare
         state.scored_model.load_state_dict(best_state)
         model = state.scored_model
         kept = "fine-tuned"
-    test = figures(vocab, splits["test"], scores_of(model, splits["test"], loop, device), rare)
+    test = figures(vocab, splits["test"], outputs_of(model, splits["test"], loop.img_size, loop.mean, loop.std, device)[0], rare)
     return {
         "flags": flags,
         "val_map": probe["val_map"] if kept == "probe" else best_val,
@@ -395,12 +367,11 @@ def run(bundle: str, out: str, variants: list[str], speed: bool = True, smoke: b
     import torch
 
     from mltag.runtime import log
-    from mltag.tagger.model import load_tagger, save_tagger
+    from mltag.tagger.model import save_tagger
 
     log.configure()
     os.makedirs(out, exist_ok=True)
-    work = os.path.join(out, "..", "gpu-recipes-work") if out.startswith("/") else "gpu-recipes-work"
-    os.makedirs(work, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="mltag-gpu-recipes-")  # the probe's and the speed rows' models
     started = time.time()
     splits, vocab, rare = load_bundle(bundle, limit=160 if smoke else 0)
     more = ["--epochs", "1"] if smoke else []
@@ -424,16 +395,7 @@ def run(bundle: str, out: str, variants: list[str], speed: bool = True, smoke: b
             try:
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
-                row = train_variant(
-                    f"speed/{backbone}",
-                    ["--backbone", backbone, *flags] if backbone != "resnext50_32x4d" else flags,
-                    bundle,
-                    splits,
-                    vocab,
-                    rare,
-                    {},
-                    work,
-                )
+                row = train_variant([*flags, *more], bundle, splits, vocab, rare, {}, work)
                 results["speed"][f"train {backbone}"] = row["history"][-1]["samples_per_s"]
                 if torch.cuda.is_available():
                     results.setdefault("peak_gib", {})[f"train {backbone}"] = torch.cuda.max_memory_allocated() / 2**30
@@ -449,7 +411,6 @@ def run(bundle: str, out: str, variants: list[str], speed: bool = True, smoke: b
             model, spec = start_model(config, vocab)
             model_dir = os.path.join(work, "resnext50-random")
             save_tagger(model, spec, model_dir)
-            load_tagger(model_dir)  # the saved model loads
             for name, rate in tagging_speed(
                 model_dir, splits, pq.read_table(os.path.join(bundle, "originals.parquet")), 2 if smoke else 8
             ).items():
@@ -462,7 +423,7 @@ def run(bundle: str, out: str, variants: list[str], speed: bool = True, smoke: b
     probes: dict = {}
     for label in variants:
         try:
-            row = train_variant(label, [*VARIANTS[label], *more], bundle, splits, vocab, rare, probes, work)
+            row = train_variant([*VARIANTS[label], *more], bundle, splits, vocab, rare, probes, work)
         except Exception:
             results["errors"][label] = traceback.format_exc()
             print(traceback.format_exc(), flush=True)

@@ -48,11 +48,11 @@ V3 = {"--backbone-lr-scale": "0.3", "--img-size": "224", **V5}
 V4 = {"--backbone-lr-scale": "0.3", **V5}
 
 
-def spelled(base: dict[str, str], changes: dict[str, str]) -> list[str]:
-    """``--preset cpu`` with an earlier preset's flags (``base``), then ``changes``
+def spelled(base: dict[str, str], changes: dict[str, str], preset: str = "cpu") -> list[str]:
+    """``--preset PRESET`` with an earlier preset's flags (``base``), then ``changes``
     (``batch_norm="frozen"``: --batch-norm frozen) in place, each flag once."""
     flags = {**base, **{"--" + k.replace("_", "-"): v for k, v in changes.items()}}
-    return ["--preset", "cpu", *(x for pair in flags.items() for x in pair)]
+    return ["--preset", preset, *(x for pair in flags.items() for x in pair)]
 
 
 def v1(**changes: str) -> list[str]:

@@ -275,6 +275,13 @@ class Worker:
     loss_fn: MultiLabelLoss
     staging: StagingBuffers  # pinned host buffers on GPUs: asynchronous copies
 
+    @classmethod
+    def build(cls, loop: LoopConfig, rank: int, world: int, device: torch.device) -> Worker:
+        """The loss (with its per-tag positive weights), the tag index and the staging buffers of one worker."""
+        pos_weight = torch.tensor(loop.pos_weight, device=device) if loop.pos_weight else None
+        loss_fn = MultiLabelLoss(loop.loss, loop.gamma_pos, loop.gamma_neg, loop.clip, loop.focal_gamma, pos_weight=pos_weight)
+        return cls(loop, rank, world, device, TagIndex(Vocabulary.from_dict(loop.vocabulary)), loss_fn, StagingBuffers(device))
+
 
 def restore(state: TrainState, checkpoint) -> None:
     """Continues from Ray Train's latest checkpoint, if any: a restart after a failure, or a
@@ -421,16 +428,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     state = new_state(loop, device, world)
-    pos_weight = torch.tensor(loop.pos_weight, device=device) if loop.pos_weight else None
-    worker = Worker(
-        loop=loop,
-        rank=rank,
-        world=world,
-        device=device,
-        tag_index=TagIndex(Vocabulary.from_dict(loop.vocabulary)),
-        loss_fn=MultiLabelLoss(loop.loss, loop.gamma_pos, loop.gamma_neg, loop.clip, loop.focal_gamma, pos_weight=pos_weight),
-        staging=StagingBuffers(device),
-    )
+    worker = Worker.build(loop, rank, world, device)
     restore(state, ray.train.get_checkpoint())
 
     train_shard = ray.train.get_dataset_shard("train")
